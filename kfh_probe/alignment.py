@@ -1,0 +1,207 @@
+"""From characters to tokens: where each step and the final-answer span F sit in the model's input.
+
+Two entry points, both aligned on the token ids the model really sees (no re-tokenising of decoded
+text, a defect of the reference):
+
+- :func:`tokenize_trace` for trace files: the text ``prompt + response`` is tokenised once with
+  offsets, and each token belongs to the character span in which it starts.
+- :func:`align_generated` for responses the policy just generated: the character offsets of the
+  generated ids come from decoding them incrementally.
+
+A token that overlaps the end-of-thinking marker belongs to neither a step nor F. F runs from the
+first token after the marker to the end of the sequence, EOS included (method page, section 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .segmentation import SegmenterConfig, segment_spans
+
+
+@dataclass(frozen=True)
+class TokenizedTrace:
+    """Token ids of one trace and the token spans of its steps and final answer.
+
+    Attributes:
+        input_ids: prompt and response token ids, length T.
+        step_spans: ``[start, end)`` token span of each step (non-empty, in order).
+        answer_span: ``[start, end)`` token span of F.
+        prompt_len: number of tokens that belong to the prompt.
+    """
+
+    input_ids: list[int]
+    step_spans: list[tuple[int, int]]
+    answer_span: tuple[int, int]
+    prompt_len: int
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+class AlignmentError(ValueError):
+    """A trace whose steps or answer cannot be placed on tokens."""
+
+
+def _spans_from_offsets(
+    starts: list[int], step_chars: list[tuple[int, int]], marker_chars: tuple[int, int]
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Token spans of steps and F, given each token's first character (``-1`` for none)."""
+    marker_start, marker_end = marker_chars
+    n = len(starts)
+    step_spans = []
+    for k, (c0, c1) in enumerate(step_chars):
+        tokens = [i for i, s in enumerate(starts) if c0 <= s < c1 and s < marker_start]
+        if not tokens:
+            raise AlignmentError(
+                f"step {k} (characters {c0}..{c1}) maps to no token: every token that covers it starts "
+                "in a neighbouring step; merge it with a neighbour"
+            )
+        step_spans.append((tokens[0], tokens[-1] + 1))
+    answer_start = next((i for i, s in enumerate(starts) if s >= marker_end), n)
+    if answer_start >= n:
+        raise AlignmentError("no final-answer tokens after the end-of-thinking marker")
+    return step_spans, (answer_start, n)
+
+
+def tokenize_trace(
+    tokenizer,
+    prompt: str,
+    response: str,
+    step_texts: list[str] | None = None,
+    marker: str = "</think>",
+    segmenter: SegmenterConfig | None = None,
+    append_eos: bool = True,
+    add_special_tokens: bool = False,
+) -> TokenizedTrace:
+    """Tokenise ``prompt + response`` once and place the steps and F on the tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer that returns offsets (``return_offsets_mapping``).
+        step_texts: the steps as text (must concatenate to the reasoning); segmented with
+            ``segmenter`` when None.
+        append_eos: add the EOS id when the response text does not already end with the EOS text
+            (generated responses end in EOS; F includes it).
+        add_special_tokens: whether the tokenizer adds BOS etc. (False: the prompt already holds
+            the chat template's special text).
+
+    Raises:
+        AlignmentError: the marker is missing or repeated, a step covers no token, F is empty.
+    """
+    if response.count(marker) != 1:
+        raise AlignmentError(f"the response must contain the marker {marker!r} exactly once")
+    reasoning = response.split(marker)[0]
+    if step_texts is None:
+        local = segment_spans(reasoning, segmenter)
+    else:
+        if "".join(step_texts) != reasoning:
+            raise AlignmentError("step texts do not concatenate to the reasoning")
+        local, pos = [], 0
+        for text in step_texts:
+            local.append((pos, pos + len(text)))
+            pos += len(text)
+    base = len(prompt)
+    text = prompt + response
+    try:
+        encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError as err:
+        raise AlignmentError(f"tokenizer {type(tokenizer).__name__} cannot return offsets: {err}") from err
+    ids = list(encoded["input_ids"])
+    starts = [s if e > s else -1 for s, e in encoded["offset_mapping"]]
+    eos_text = tokenizer.eos_token
+    if append_eos and tokenizer.eos_token_id is not None and not (eos_text and response.endswith(eos_text)):
+        ids.append(tokenizer.eos_token_id)
+        starts.append(len(text))
+    marker_start = base + len(reasoning)
+    step_chars = [(base + a, base + b) for a, b in local]
+    step_spans, answer_span = _spans_from_offsets(starts, step_chars, (marker_start, marker_start + len(marker)))
+    prompt_len = sum(1 for s in starts if 0 <= s < base)
+    return TokenizedTrace(ids, step_spans, answer_span, prompt_len)
+
+
+def generated_char_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """Decode ``ids`` and give the character where each token's text starts.
+
+    Decoding runs incrementally over a short window, so tokens that only form characters together
+    (a byte-level piece of a multi-byte character) get the offset of the character they complete.
+
+    Returns:
+        ``(text, starts)`` with ``len(starts) == len(ids)``; a token that adds no text gets the
+        offset of the next character.
+    """
+    starts: list[int] = []
+    text = ""
+    window_start = 0
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(ids[window_start:i], skip_special_tokens=False)
+        full = tokenizer.decode(ids[window_start:i + 1], skip_special_tokens=False)
+        if full.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            starts.append(len(text))
+            continue
+        starts.append(len(text))
+        text += full[len(prefix):]
+        if i - window_start > 4:
+            window_start = i - 4 + 1
+    return text, starts
+
+
+def align_generated(
+    tokenizer,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    marker: str = "</think>",
+    segmenter: SegmenterConfig | None = None,
+) -> TokenizedTrace | None:
+    """Steps and F of a generated response, on its generated ids.
+
+    Returns None when the response does not contain the marker exactly once, or when its steps or
+    F cannot be placed (such responses keep a uniform advantage in training).
+    """
+    text, starts = generated_char_offsets(tokenizer, response_ids)
+    if text.count(marker) != 1:
+        return None
+    reasoning = text.split(marker)[0]
+    local = segment_spans(reasoning, segmenter)
+    marker_start = len(reasoning)
+    try:
+        step_spans, answer_span = _spans_from_offsets(starts, local, (marker_start, marker_start + len(marker)))
+    except AlignmentError:
+        return None
+    p = len(prompt_ids)
+    return TokenizedTrace(
+        list(prompt_ids) + list(response_ids),
+        [(a + p, b + p) for a, b in step_spans],
+        (answer_span[0] + p, answer_span[1] + p),
+        p,
+    )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded batch of tokenized traces.
+
+    Attributes:
+        input_ids: ``[batch, T]`` long.
+        attention_mask: ``[batch, T]`` long, 1 on real tokens.
+        answer_mask: ``[batch, T]`` bool, True on the rows of F.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_mask: torch.Tensor
+
+
+def collate(traces: list[TokenizedTrace], pad_id: int) -> Batch:
+    """Pad on the right, so every trace keeps its positions (padding never shifts rotary phases)."""
+    width = max(t.length for t in traces)
+    input_ids = torch.full((len(traces), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(traces), width), dtype=torch.long)
+    answer_mask = torch.zeros((len(traces), width), dtype=torch.bool)
+    for b, t in enumerate(traces):
+        input_ids[b, : t.length] = torch.tensor(t.input_ids, dtype=torch.long)
+        attention_mask[b, : t.length] = 1
+        answer_mask[b, t.answer_span[0] : t.answer_span[1]] = True
+    return Batch(input_ids, attention_mask, answer_mask)

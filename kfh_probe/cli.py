@@ -1,0 +1,222 @@
+"""``kfh-probe``: sweep traces for Key-Focus Heads and look at the result.
+
+Every command returns an exit code: 0 success, 1 a failed check (validate), 2 bad input, 130 interrupted.
+Errors are one readable message on stderr, never a traceback, for anything the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _layers(text: str) -> list[int]:
+    """``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]``."""
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-")
+            layers += range(int(lo), int(hi) + 1)
+        elif part:
+            layers.append(int(part))
+    return layers
+
+
+def _default_inputs(args) -> None:
+    """Fill in the embedded organism and its labeled traces when --model/--traces are not given."""
+    if args.model is not None and args.traces is not None:
+        return
+    if args.model is None and args.traces is not None:
+        raise SystemExit("kfh-probe sweep: --traces was given without --model; give both, or neither to use the embedded organism")
+    try:
+        from .organism import default_model_dir, default_traces_path
+    except ImportError:
+        raise SystemExit("kfh-probe sweep: the embedded organism is not available in this installation; pass --model DIR --traces F") from None
+    if args.model is None:
+        args.model = str(default_model_dir())
+        args.model_name = "kfh-organism"
+    if args.traces is None:
+        if args.model_name != "kfh-organism":
+            raise SystemExit("kfh-probe sweep: --model was given without --traces; pass the labeled traces of that model with --traces F")
+        args.traces = str(default_traces_path())
+
+
+def cmd_sweep(args) -> int:
+    from .io import atomic_write_json, file_sha256
+    from .loading import load_model, load_tokenizer, pad_token_id
+    from .manifest import model_record
+    from .segmentation import SegmenterConfig
+    from .sweep import SweepConfig, build_manifest, collect_step_scores, prepare_traces, probed_layers
+    from .traces import read_traces
+
+    args.model_name = None
+    _default_inputs(args)
+    if args.backend != "hf":
+        print(f"kfh-probe sweep: backend {args.backend!r} is not available yet; use --backend hf", file=sys.stderr)
+        return 2
+    config = SweepConfig(
+        layers=_layers(args.layers) if args.layers else None,
+        batch_size=args.batch_size,
+        top_n=args.top_n,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+        marker=args.marker,
+        segmenter=SegmenterConfig(),
+        skip_invalid=args.skip_invalid,
+    )
+    traces, skipped = read_traces(args.traces, config.marker, config.skip_invalid)
+    tokenizer = load_tokenizer(args.model)
+    prepared = prepare_traces(traces, tokenizer, config, source=args.traces)
+    skipped += prepared.skipped
+    tokenized, labels = prepared.tokenized, prepared.labels
+    if args.max_traces is not None:
+        tokenized, labels = tokenized[: args.max_traces], labels[: args.max_traces]
+    if not tokenized:
+        print(f"kfh-probe sweep: no usable trace in {args.traces}", file=sys.stderr)
+        return 2
+    print(f"{len(tokenized)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
+    model = load_model(args.model, args.dtype, args.device)
+    config.layers = probed_layers(model, config.layers)
+    scores = collect_step_scores(model, tokenized, config, pad_token_id(tokenizer), progress=not args.quiet)
+    model_block = model_record(model, args.model_name or args.model)
+    probe_block = {
+        "trace_file": Path(args.traces).name,
+        "trace_file_sha256": file_sha256(args.traces),
+        "traces_skipped": {"count": len(skipped), "reasons": [s.to_dict() for s in skipped]},
+        "labeler": "given",
+        "dtype": args.dtype,
+        "backend": args.backend,
+        "max_traces": args.max_traces,
+    }
+    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config)
+    atomic_write_json(args.out, manifest)
+    best = manifest["heads"][0]
+    print(
+        f"wrote {args.out}: {len(manifest['heads'])} heads ranked on {manifest['probe']['traces_with_pairs']} traces; "
+        f"best head (layer {best['layer']}, head {best['head']}) SRA {best['sra']:.3f}; top_n = {manifest['top_n']}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .manifest import load_manifest
+    from .views import format_table
+
+    print(format_table(load_manifest(args.manifest), rows=args.rows))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .manifest import load_manifest
+    from .views import plot_heatmap
+
+    plot_heatmap(load_manifest(args.manifest), args.out, args.top_n)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .manifest import load_manifest
+    from .views import compare_manifests
+
+    result = compare_manifests(load_manifest(args.a), load_manifest(args.b), args.top_n)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['heads']} heads in common: Spearman {result['spearman']:.3f}, Kendall {result['kendall']:.3f}, "
+            f"Pearson {result['pearson']:.3f}; top-{result['top_n']} overlap {result['top_overlap']}/{result['top_n']}"
+        )
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .manifest import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(args.manifest)
+    except ManifestError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(f"{args.manifest}: valid KFH manifest (version {manifest['version']}, {len(manifest['heads'])} heads)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kfh-probe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kfh-probe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sweep = sub.add_parser("sweep", help="rank every head by Step Ranking Accuracy and write a KFH manifest")
+    sweep.add_argument("--model", help="Hugging Face model folder (default: the embedded organism)")
+    sweep.add_argument("--traces", help="labeled trace JSONL (default: the organism's labeled traces)")
+    sweep.add_argument("--out", required=True, help="manifest path (written atomically)")
+    sweep.add_argument("--layers", help="layers to probe, e.g. '0-3,8' (default: all)")
+    sweep.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
+    sweep.add_argument("--batch-size", type=int, default=8, help="traces per forward (default 8)")
+    sweep.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16 (rows are float32)")
+    sweep.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    sweep.add_argument("--top-n", type=int, help="recommended heads for training (default: from the ensemble curve)")
+    sweep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    sweep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    sweep.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    sweep.add_argument("--backend", default="hf", choices=["hf", "nnsight", "lens"], help="attention capture backend")
+    sweep.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the manifest)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=cmd_sweep)
+
+    show = sub.add_parser("show", help="ranked table of a manifest")
+    show.add_argument("manifest")
+    show.add_argument("--rows", type=int, default=20)
+    show.set_defaults(func=cmd_show)
+
+    plot = sub.add_parser("plot", help="layer x head SRA heatmap (PNG)")
+    plot.add_argument("manifest")
+    plot.add_argument("--out", required=True)
+    plot.add_argument("--top-n", type=int, help="heads to outline (default: the manifest's top_n)")
+    plot.set_defaults(func=cmd_plot)
+
+    compare = sub.add_parser("compare", help="rank agreement of two manifests")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--top-n", type=int)
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(func=cmd_compare)
+
+    validate = sub.add_parser("validate", help="check a manifest against the schema")
+    validate.add_argument("manifest")
+    validate.set_defaults(func=cmd_validate)
+
+    try:
+        from .organism.cli import register as register_organism
+    except ImportError:
+        pass
+    else:
+        register_organism(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .capture import UnsupportedModelError
+    from .manifest import ManifestError, ManifestMismatchError
+    from .traces import TraceFileError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (TraceFileError, ManifestError, ManifestMismatchError, UnsupportedModelError, FileNotFoundError, ValueError) as err:
+        print(f"kfh-probe {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The KFH manifest (design page): reading, checking, and matching it to a model.
+
+The manifest is what training runs, notebooks and other tools consume: every head's SRA with a
+bootstrap interval, sorted, the top-k ensemble curve, and enough about the model to refuse the wrong
+one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .capture import model_shape
+
+FORMAT = "kfh-manifest"
+VERSION = 1
+_MODEL_KEYS = ("name_or_path", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "fingerprint")
+_SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+
+
+class ManifestError(ValueError):
+    """A manifest that is unreadable or breaks the schema."""
+
+
+class ManifestMismatchError(ValueError):
+    """A manifest made for another model than the one given."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order.
+
+    Changes whenever any weight changes; independent of device.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        flat = tensor.detach().contiguous().reshape(-1)
+        for start in range(0, flat.numel(), 1 << 24):
+            digest.update(flat[start : start + (1 << 24)].view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_record(model: nn.Module, name_or_path: str) -> dict:
+    """The manifest's ``model`` block for ``model``."""
+    return {"name_or_path": name_or_path, "architecture": type(model).__name__, **model_shape(model), "fingerprint": model_fingerprint(model)}
+
+
+def validate_manifest(data: object) -> list[str]:
+    """Every schema problem of a decoded manifest, as readable sentences (empty when valid)."""
+    if not isinstance(data, dict):
+        return ["the manifest must be a JSON object"]
+    problems = []
+    if data.get("format") != FORMAT:
+        problems.append(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
+    if data.get("version") != VERSION:
+        problems.append(f"'version' must be {VERSION}, got {data.get('version')!r}")
+    for key in ("model", "probe", "heads", "top_n", "ensemble"):
+        if key not in data:
+            problems.append(f"missing field {key!r}")
+    model = data.get("model")
+    if isinstance(model, dict):
+        problems += [f"model: missing {k!r}" for k in _MODEL_KEYS if k not in model]
+        problems += [f"model.{k} must be a positive integer" for k in _SHAPE_KEYS if k in model and not (isinstance(model[k], int) and model[k] > 0)]
+    elif "model" in data:
+        problems.append("'model' must be an object")
+    heads = data.get("heads")
+    if isinstance(heads, list) and isinstance(model, dict) and all(isinstance(model.get(k), int) for k in ("num_layers", "num_heads")):
+        problems += _validate_heads(heads, model["num_layers"], model["num_heads"], set(data.get("probe", {}).get("layers") or range(model["num_layers"])))
+    elif "heads" in data and not isinstance(heads, list):
+        problems.append("'heads' must be a list")
+    top_n = data.get("top_n")
+    if "top_n" in data and not (isinstance(top_n, int) and top_n >= 1):
+        problems.append(f"'top_n' must be a positive integer, got {top_n!r}")
+    ensemble = data.get("ensemble")
+    if "ensemble" in data and not (isinstance(ensemble, list) and all(isinstance(e, dict) and {"k", "sra"} <= e.keys() for e in ensemble)):
+        problems.append("'ensemble' must be a list of {k, sra, ...} objects")
+    return problems
+
+
+def _validate_heads(heads: list, num_layers: int, num_heads: int, layers: set[int]) -> list[str]:
+    problems = []
+    seen = set()
+    previous = math.inf
+    for i, head in enumerate(heads):
+        if not isinstance(head, dict) or not {"layer", "head", "sra", "ci95", "traces"} <= head.keys():
+            problems.append(f"heads[{i}] must have layer, head, sra, ci95, traces")
+            continue
+        key = (head["layer"], head["head"])
+        if not (0 <= head["layer"] < num_layers and 0 <= head["head"] < num_heads):
+            problems.append(f"heads[{i}]: ({key[0]}, {key[1]}) is outside {num_layers} layers x {num_heads} heads")
+        if key in seen:
+            problems.append(f"heads[{i}]: ({key[0]}, {key[1]}) appears twice")
+        seen.add(key)
+        sra = head["sra"]
+        if sra is not None:
+            if not 0.0 <= sra <= 1.0:
+                problems.append(f"heads[{i}]: sra {sra} is outside [0, 1]")
+            if sra > previous + 1e-12:
+                problems.append(f"heads[{i}]: not sorted by SRA (descending)")
+            previous = sra
+    expected = len(layers) * num_heads
+    if len(seen) != expected:
+        problems.append(f"'heads' has {len(seen)} distinct heads; {len(layers)} probed layers x {num_heads} heads = {expected}")
+    return problems
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Read and check a manifest.
+
+    Raises:
+        ManifestError: naming the file and every problem.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    problems = validate_manifest(data)
+    if problems:
+        raise ManifestError(f"{path} is not a valid KFH manifest:\n" + "\n".join(f"  - {p}" for p in problems))
+    return data
+
+
+def top_heads(manifest: dict, n: int | None = None) -> list[tuple[int, int]]:
+    """The ``n`` best heads as ``(layer, head)`` (the manifest's ``top_n`` when None)."""
+    n = manifest["top_n"] if n is None else n
+    if n < 1 or n > len(manifest["heads"]):
+        raise ValueError(f"asked for {n} heads; the manifest ranks {len(manifest['heads'])}")
+    return [(h["layer"], h["head"]) for h in manifest["heads"][:n]]
+
+
+def check_model_matches(manifest: dict, model: nn.Module, allow_finetuned: bool = False) -> None:
+    """Refuse a manifest made for another model.
+
+    The shape must always match; the weight fingerprint too unless ``allow_finetuned`` (the policy
+    descends from the probed model, so its weights differ by design).
+
+    Raises:
+        ManifestMismatchError: naming each field that differs.
+    """
+    expected = manifest["model"]
+    actual = model_shape(model)
+    differences = [f"{k}: manifest {expected[k]}, model {actual[k]}" for k in _SHAPE_KEYS if expected[k] != actual[k]]
+    if differences:
+        raise ManifestMismatchError(
+            f"the manifest was made for {expected['name_or_path']} ({expected['architecture']}), whose shape differs "
+            f"from this {type(model).__name__}: " + "; ".join(differences)
+        )
+    if not allow_finetuned:
+        fingerprint = model_fingerprint(model)
+        if fingerprint != expected["fingerprint"]:
+            raise ManifestMismatchError(
+                f"weight fingerprint mismatch: the manifest was made on {expected['name_or_path']} "
+                f"(fingerprint {expected['fingerprint'][:12]}...), this model has {fingerprint[:12]}...; "
+                "if this policy is a fine-tune of the probed model, pass --allow-finetuned"
+            )

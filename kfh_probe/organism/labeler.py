@@ -1,0 +1,125 @@
+"""Ground-truth labels for traces written in the organism's grammar (teacher or model-sampled).
+
+Rules (they are the definition of the organism's ground truth):
+
+* The question is parsed back from the prompt; the answer's dependency chain is the asked person
+  and, recursively, the person each fact refers to.
+* The reasoning (everything before the single ``</think>``) is split into lines; each line is a
+  step, the ``<think>\\n`` opener belongs to the first step, and a blank line joins the step before.
+* A step is **essential** when it contains a computation claim (``so X has V ITEM right from the
+  start`` or ``so X has A op B = V ITEM``) for a chain quantity that no earlier step computed, and
+  **redundant** otherwise. Wrong arithmetic does not change the label (the answer still depends on
+  the step); it is counted in ``wrong_claims``.
+* A step that matches none of the task's step forms (compute, recheck, restate) computes nothing
+  recognisable: it is labelled redundant and counted in ``unknown_steps``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from kfh_probe.organism.task import THINK_CLOSE, Fact, Problem
+
+_PROMPT = re.compile(r"^Question: (?P<facts>.*) How many (?P<item>\w+) does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
+_FACT = re.compile(r"(\w+) has (\d+) (?:(more|fewer) )?(\w+)(?: than (\w+))?\.")
+_CLAIM_CONST = re.compile(r"so (\w+) has (\d+) (\w+) right from the start")
+_CLAIM_OP = re.compile(r"so (\w+) has (\d+) ([+-]) (\d+) = (\d+) (\w+)")
+_RECHECK = re.compile(r"^(?:<think>\n)?(?:Wait, let me double-check|Hmm, let me double-check|Let me verify) \w+:")
+_RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+class TraceFormatError(ValueError):
+    """A prompt or response that the organism's grammar cannot describe."""
+
+
+def parse_prompt(prompt: str) -> Problem:
+    """The :class:`Problem` behind an organism prompt; raises :class:`TraceFormatError` otherwise."""
+    m = _PROMPT.match(prompt)
+    if not m:
+        raise TraceFormatError(f"not an organism prompt: {prompt[:80]!r}")
+    values: dict[str, int] = {}
+    facts = []
+    for name, num, word, item, base in _FACT.findall(m["facts"]):
+        if base:
+            if base not in values:
+                raise TraceFormatError(f"fact about {name} refers to unknown {base!r}")
+            op = "+" if word == "more" else "-"
+            value = values[base] + int(num) if op == "+" else values[base] - int(num)
+            facts.append(Fact(name, item, value, base, op, int(num)))
+        else:
+            value = int(num)
+            facts.append(Fact(name, item, value))
+        values[name] = value
+    if m["target"] not in values:
+        raise TraceFormatError(f"question asks about unknown {m['target']!r}")
+    return Problem(tuple(facts), m["target"], m["item"])
+
+
+def extract_answer(response: str) -> int | None:
+    """The integer in the last ``\\boxed{}`` after exactly one ``</think>``, else ``None``."""
+    if response.count(THINK_CLOSE) != 1:
+        return None
+    boxed = _BOXED.findall(response.split(THINK_CLOSE, 1)[1])
+    if not boxed:
+        return None
+    try:
+        return int(boxed[-1].strip())
+    except ValueError:
+        return None
+
+
+def split_steps(reasoning: str) -> list[str]:
+    """Line steps whose concatenation is exactly ``reasoning`` (opener and blank lines joined)."""
+    lines = re.findall(r"[^\n]*\n|[^\n]+$", reasoning)
+    steps: list[str] = []
+    pending = ""
+    for line in lines:
+        if not line.strip() or line == "<think>\n":
+            if steps and line != "<think>\n":
+                steps[-1] += line
+            else:
+                pending += line
+            continue
+        steps.append(pending + line)
+        pending = ""
+    if pending:
+        if steps:
+            steps[-1] += pending
+        else:
+            steps.append(pending)
+    return steps
+
+
+@dataclass
+class LabeledTrace:
+    """Steps with labels plus what the labeler noticed about the trace."""
+
+    steps: list[dict] = field(default_factory=list)  # [{"text", "label"}]
+    kinds: list[str] = field(default_factory=list)  # compute / recheck / restate / unknown
+    unknown_steps: int = 0
+    wrong_claims: int = 0
+    predicted: int | None = None
+
+
+def label_trace(prompt: str, response: str) -> LabeledTrace:
+    """Label every step of ``response`` (exactly one ``</think>`` required)."""
+    if response.count(THINK_CLOSE) != 1:
+        raise TraceFormatError(f"response has {response.count(THINK_CLOSE)} {THINK_CLOSE} markers, need exactly 1")
+    problem = parse_prompt(prompt)
+    facts, chain = problem.by_name, set(problem.chain())
+    out = LabeledTrace(predicted=extract_answer(response))
+    computed: set[str] = set()
+    for text in split_steps(response.split(THINK_CLOSE, 1)[0]):
+        claims = [(n, int(v)) for n, v, _ in _CLAIM_CONST.findall(text)]
+        claims += [(n, int(v)) for n, _, _, _, v, _ in _CLAIM_OP.findall(text)]
+        essential = any(n in chain and n not in computed for n, _ in claims)
+        out.wrong_claims += sum(n not in facts or facts[n].value != v for n, v in claims)
+        computed.update(n for n, _ in claims)
+        kind = ("compute" if claims else "recheck" if _RECHECK.match(text)
+                else "restate" if _RESTATE.match(text) else "unknown")
+        out.unknown_steps += kind == "unknown"
+        out.kinds.append(kind)
+        out.steps.append({"text": text, "label": "essential" if essential else "redundant"})
+    return out

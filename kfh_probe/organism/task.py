@@ -1,0 +1,233 @@
+"""The organism's task: chained counting problems with teacher traces that overthink by design.
+
+A problem is a short story of facts about named people and two kinds of items. The facts about
+the *asked* item form one dependency chain in question order (``Ava has 7 apples. Ben has 3 more
+apples than Ava. ...``); the facts about the other item are distractors the answer does not need.
+All values stay in 1..20 and every difference is 1..9, so a tiny model learns the arithmetic.
+
+Text layout (all fixed here; the labeler in :mod:`kfh_probe.organism.labeler` parses it back):
+
+* prompt: ``"Question: <facts> How many <item> does <target> have?\\nAnswer:\\n"``
+* response: ``"<think>\\n" + step lines + "</think>\\n" + summary + " So the answer is \\\\boxed{N}." + EOS``
+
+Every step is one line of at least 80 characters ending in ``"\\n"`` that starts with a transition
+phrase; the first step also carries the ``"<think>\\n"`` opener, so the default segmenter (which
+splits progression phrases at line starts and merges pieces under 80 characters) reproduces the
+steps exactly. The response ends with the tokenizer's EOS text (:data:`EOS`), so the final-answer
+span F includes the EOS token as in the method page.
+
+Step kinds: ``compute`` (works out one quantity; essential when the quantity is on the answer's
+chain and has not been computed before, the teacher only writes such steps once), ``recheck``
+(verifies a value already computed by its inverse operation), ``restate`` (lists what is known).
+The summary after ``</think>`` repeats the essential computations verbatim, as reasoning models
+restate their solution, so the answer rows have a reason to look at the essential steps.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+NAMES = (
+    "Ava", "Ben", "Cal", "Dana", "Eli", "Finn", "Gus", "Hana", "Ivy", "Jack", "Kai", "Lena",
+    "Mia", "Noah", "Omar", "Pia", "Rosa", "Sam", "Tara", "Uma", "Vera", "Zoe",
+)
+ITEMS = ("apples", "coins", "marbles", "stickers", "pencils", "cards", "books", "shells")
+MAX_VALUE = 20
+MAX_DIFF = 9
+
+_PROGRESSION = ("Then,", "Next,", "Now,")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One sentence of the question: ``name`` has ``value`` items, given directly or as ``base`` +/- ``diff``."""
+
+    name: str
+    item: str
+    value: int
+    base: str | None = None
+    op: str | None = None  # "+" or "-" when ``base`` is set
+    diff: int = 0
+
+    def sentence(self) -> str:
+        if self.base is None:
+            return f"{self.name} has {self.value} {self.item}."
+        word = "more" if self.op == "+" else "fewer"
+        return f"{self.name} has {self.diff} {word} {self.item} than {self.base}."
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A question: ``facts`` in question order, the asked ``target`` and ``item``, the integer ``answer``."""
+
+    facts: tuple[Fact, ...]
+    target: str
+    item: str
+
+    @property
+    def by_name(self) -> dict[str, Fact]:
+        return {f.name: f for f in self.facts}
+
+    @property
+    def answer(self) -> int:
+        return self.by_name[self.target].value
+
+    def chain(self) -> list[str]:
+        """Names on the answer's dependency chain, root first."""
+        by_name, names, name = self.by_name, [], self.target
+        while name is not None:
+            names.append(name)
+            name = by_name[name].base
+        return names[::-1]
+
+    def prompt(self) -> str:
+        facts = " ".join(f.sentence() for f in self.facts)
+        return f"Question: {facts} How many {self.item} does {self.target} have?\nAnswer:\n"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One teacher step: its text line, its kind and the quantity it is about (if any)."""
+
+    text: str
+    kind: str  # "compute", "recheck" or "restate"
+    name: str | None
+    essential: bool
+
+
+def _chain_facts(rng: random.Random, names: list[str], item: str) -> list[Fact]:
+    facts = [Fact(names[0], item, rng.randint(1, MAX_VALUE))]
+    for name in names[1:]:
+        prev = facts[-1]
+        options = [(op, d) for op in "+-" for d in range(1, MAX_DIFF + 1)
+                   if 1 <= (prev.value + d if op == "+" else prev.value - d) <= MAX_VALUE]
+        op, d = rng.choice(options)
+        value = prev.value + d if op == "+" else prev.value - d
+        facts.append(Fact(name, item, value, prev.name, op, d))
+    return facts
+
+
+def generate_problem(rng: random.Random) -> Problem:
+    """Draw one problem: a chain of 2-4 quantities of the asked item and 1-3 distractor quantities."""
+    item, other = rng.sample(ITEMS, 2)
+    n_chain, n_distract = rng.randint(2, 4), rng.randint(1, 3)
+    names = rng.sample(NAMES, n_chain + n_distract)
+    chain = _chain_facts(rng, names[:n_chain], item)
+    distract = _chain_facts(rng, names[n_chain:], other)
+    order = [0] * n_chain + [1] * n_distract
+    rng.shuffle(order)
+    sources = [iter(chain), iter(distract)]
+    facts = tuple(next(sources[i]) for i in order)
+    return Problem(facts, chain[-1].name, item)
+
+
+def generate_problems(n: int, seed: int) -> list[Problem]:
+    """``n`` problems, a pure function of ``seed``."""
+    rng = random.Random(seed)
+    return [generate_problem(rng) for _ in range(n)]
+
+
+def compute_text(fact: Fact, values: dict[str, int], opener: str) -> str:
+    """The line that works out ``fact`` (``values`` holds the base's value)."""
+    if fact.base is None:
+        return (f"{opener} the question says that {fact.name} has {fact.value} {fact.item}, "
+                f"so {fact.name} has {fact.value} {fact.item} right from the start.\n")
+    word = "more" if fact.op == "+" else "fewer"
+    return (f"{opener} the question says that {fact.name} has {fact.diff} {word} {fact.item} than {fact.base}, "
+            f"so {fact.name} has {values[fact.base]} {fact.op} {fact.diff} = {fact.value} {fact.item}.\n")
+
+
+def recheck_text(fact: Fact, values: dict[str, int], opener: str) -> str:
+    """A line that re-verifies the already computed ``fact`` by the inverse operation."""
+    if fact.base is None:
+        return (f"{opener} {fact.name}: the question gives {fact.name} exactly {fact.value} "
+                f"{fact.item} at the start, so that value is right.\n")
+    inverse = "-" if fact.op == "+" else "+"
+    return (f"{opener} {fact.name}: {fact.value} {inverse} {fact.diff} = {values[fact.base]}, "
+            f"which matches {fact.base}, so the value {fact.value} for {fact.name} is right.\n")
+
+
+def restate_text(problem: Problem, values: dict[str, int]) -> str:
+    """A line that restates the question or the values known so far."""
+    if not values:
+        return (f"Okay, so the question asks how many {problem.item} {problem.target} has, "
+                f"and I will go through the facts one by one.\n")
+    known = " and ".join(f"{name} = {v}" for name, v in values.items())
+    return (f"Okay, so far I have worked out {known}, and I still need to find "
+            f"the number of {problem.item} that {problem.target} has.\n")
+
+
+_RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let me verify")
+
+
+def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 5) -> list[Step]:
+    """Teacher steps: the chain computed in order, with 0..``max_redundant`` redundant steps mixed in.
+
+    Redundant steps are re-checks of values computed earlier (never of the answer itself), work on
+    the distractor item (in its own dependency order) and restatements.
+    """
+    chain = [problem.by_name[n] for n in problem.chain()]
+    pending = [f for f in problem.facts if f.item != problem.item]
+    values: dict[str, int] = {}
+    steps: list[Step] = []
+    if rng.random() < 0.3:
+        steps.append(Step(restate_text(problem, values), "restate", None, False))
+    n_redundant, done = rng.randint(0, max_redundant), 0
+    while chain or done < n_redundant:
+        left = n_redundant - done
+        if chain and rng.random() < len(chain) / (len(chain) + left):
+            fact = chain.pop(0)
+            opener = "First," if not values else ("Finally," if not chain and rng.random() < 0.5
+                                                 else rng.choice(_PROGRESSION))
+            steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, True))
+            values[fact.name] = fact.value
+            continue
+        done += 1
+        checkable = [problem.by_name[n] for n in values if n != problem.target]
+        kinds = ["restate"] + ["recheck"] * bool(checkable) * 2 + ["distract"] * bool(pending) * 2
+        kind = rng.choice(kinds)
+        if kind == "recheck":
+            fact = rng.choice(checkable)
+            steps.append(Step(recheck_text(fact, values, rng.choice(_RECHECK_OPENERS)), "recheck", fact.name, False))
+        elif kind == "distract":
+            fact = pending.pop(0)
+            opener = rng.choice(("Alternatively, I could also work out the other item:",) + _PROGRESSION)
+            if not values:
+                opener = "First,"
+            steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, False))
+            values[fact.name] = fact.value
+        else:
+            steps.append(Step(restate_text(problem, values), "restate", None, False))
+    return steps
+
+
+def summary_text(problem: Problem) -> str:
+    """The final answer after ``</think>``: the essential computations restated, then the boxed answer."""
+    parts = []
+    by_name = problem.by_name
+    for name in problem.chain():
+        fact = by_name[name]
+        if fact.base is None:
+            parts.append(f"{name} has {fact.value} {fact.item}.")
+        else:
+            parts.append(f"{name} has {by_name[fact.base].value} {fact.op} {fact.diff} = {fact.value} {fact.item}.")
+    return " ".join(parts) + f" So the answer is \\boxed{{{problem.answer}}}."
+
+
+def teacher_response(problem: Problem, steps: list[Step]) -> str:
+    """The full response text for ``steps``: reasoning, ``</think>``, summary, EOS."""
+    reasoning = THINK_OPEN + "\n" + "".join(s.text for s in steps)
+    return reasoning + THINK_CLOSE + "\n" + summary_text(problem) + EOS
+
+
+def step_texts(steps: list[Step]) -> list[str]:
+    """Step texts as segments of the reasoning: the first carries the ``<think>\\n`` opener."""
+    texts = [s.text for s in steps]
+    texts[0] = THINK_OPEN + "\n" + texts[0]
+    return texts

@@ -1,0 +1,63 @@
+"""Write ground-truth labeled organism traces as JSONL in the design page's trace format."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from kfh_probe.organism.task import generate_problem, step_texts, teacher_response, teacher_steps
+
+
+def teacher_traces(n: int, seed: int) -> list[dict]:
+    """``n`` teacher traces with ground-truth step labels (a pure function of ``seed``)."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        problem = generate_problem(rng)
+        steps = teacher_steps(problem, rng)
+        labels = ["essential" if s.essential else "redundant" for s in steps]
+        records.append({
+            "id": f"organism-teacher-{seed}-{i}",
+            "prompt": problem.prompt(),
+            "response": teacher_response(problem, steps),
+            "answer": str(problem.answer),
+            "steps": [{"text": t, "label": lab} for t, lab in zip(step_texts(steps), labels)],
+        })
+    return records
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Write ``records`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_organism_traces(path: str | Path, n: int, seed: int, source: str = "teacher",
+                          model_dir: str | Path | None = None) -> int:
+    """Write ``n`` labeled traces from the teacher or sampled from the model; return how many were written.
+
+    Model samples without exactly one ``</think>`` are left out, so ``source="model"`` can write fewer.
+    """
+    if source == "teacher":
+        records = teacher_traces(n, seed)
+    elif source == "model":
+        from kfh_probe.organism import default_model_dir
+        from kfh_probe.organism.report import sample_labeled_traces
+
+        records = sample_labeled_traces(model_dir or default_model_dir(), n, seed)
+    else:
+        raise ValueError(f"source must be 'teacher' or 'model', got {source!r}")
+    write_jsonl(path, records)
+    return len(records)

@@ -1,0 +1,134 @@
+"""Train the organism from scratch: a small Qwen2ForCausalLM on fresh teacher traces.
+
+Plain PyTorch: AdamW, linear warm-up then cosine decay, loss on response tokens only (prompt and
+padding are masked with -100). Every batch is a new set of problems, so the model never sees the
+same problem twice. Deterministic for a seed: Python and torch RNGs are seeded, deterministic
+algorithms are requested, and the intra-op thread count is pinned to :data:`THREADS` for the run,
+because the order of floating-point reductions (and so the last bits of the weights) can depend on
+the number of threads; on the same CPU type and library versions a build is bit-for-bit
+repeatable whatever the machine's core count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+from kfh_probe.organism.task import generate_problem, teacher_response, teacher_steps
+from kfh_probe.organism.tokenizer import EXTRA_TOKENS, save_tokenizer, train_bpe
+
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a build (the defaults make the shipped model)."""
+
+    seed: int = 0
+    steps: int = 450
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.05
+    tokenizer_traces: int = 2000
+
+
+def model_config(vocab_size: int) -> Qwen2Config:
+    """4 layers, hidden 128, 4 query heads sharing 2 KV heads (head_dim 32), RoPE, tied embeddings."""
+    eos, pad = EXTRA_TOKENS.index("<|endoftext|>"), EXTRA_TOKENS.index("<|pad|>")
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=pad,
+        bos_token_id=None, attention_dropout=0.0,
+    )
+
+
+def _teacher_text(rng: random.Random) -> tuple[str, str]:
+    problem = generate_problem(rng)
+    return problem.prompt(), teacher_response(problem, teacher_steps(problem, rng))
+
+
+def make_batch(tok: Tokenizer, pairs: list[tuple[str, str]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels``, each ``(B, T)``; labels only on responses."""
+    prompts = tok.encode_batch([p for p, _ in pairs])
+    responses = tok.encode_batch([r for _, r in pairs])
+    width = max(len(p.ids) + len(r.ids) for p, r in zip(prompts, responses))
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n_p, n = len(p.ids), len(p.ids) + len(r.ids)
+        ids[i, :n] = torch.tensor(p.ids + r.ids)
+        labels[i, n_p:n] = torch.tensor(r.ids)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build(out_dir: Path, cfg: TrainConfig = TrainConfig()) -> Path:
+    """Train tokenizer and model, write an HF folder at ``out_dir`` (replaced atomically), return it."""
+    out_dir = Path(out_dir)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    try:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _train(tmp, cfg)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    return out_dir
+
+
+def _train(out: Path, cfg: TrainConfig) -> None:
+    rng = random.Random(cfg.seed)
+    tok = train_bpe(p + r for p, r in (_teacher_text(rng) for _ in range(cfg.tokenizer_traces)))
+    torch.manual_seed(cfg.seed)
+    config = model_config(tok.get_vocab_size())
+    model = Qwen2ForCausalLM(config)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    model.train()
+    bar = tqdm(range(cfg.steps), desc="organism", file=sys.stderr, dynamic_ncols=True)
+    tokens, start = 0, time.perf_counter()
+    for step in bar:
+        batch = make_batch(tok, [_teacher_text(rng) for _ in range(cfg.batch_size)], config.pad_token_id)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    model.eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False)
+    model.save_pretrained(out, safe_serialization=True)
+    save_tokenizer(tok, out)

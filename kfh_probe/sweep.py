@@ -1,0 +1,211 @@
+"""The sweep: step scores of every head on every labeled trace, then SRA, intervals, ensembles and the
+manifest. Traces are checked and tokenised before any model work, so a bad file fails in a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
+from .capture import capture_answer_attention, model_shape
+from .manifest import FORMAT, VERSION
+from .scoring import bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, step_scores
+from .segmentation import SegmenterConfig
+from .traces import SkippedTrace, Trace, TraceFileError
+
+QUERY_SPAN = "final-answer tokens: every token after the end-of-thinking marker, EOS included"
+ENSEMBLE_SIZES = 10
+TOP_N_TOLERANCE = 0.005  # top_n: the smallest k whose ensemble SRA is within this of the best k
+
+
+@dataclass
+class SweepConfig:
+    """Settings of a sweep (recorded in the manifest).
+
+    Attributes:
+        layers: layers to probe (all when None).
+        batch_size: traces per forward (right-padded; results do not depend on it).
+        top_n: heads recommended for training; chosen from the ensemble curve when None.
+        seed: seed of the bootstrap.
+        bootstrap: bootstrap resamples for the 95% intervals.
+        marker: end-of-thinking marker.
+        segmenter: how traces without steps are segmented (labeled files carry their steps).
+        skip_invalid: leave out broken traces (counted in the manifest) instead of failing.
+    """
+
+    layers: list[int] | None = None
+    batch_size: int = 8
+    top_n: int | None = None
+    seed: int = 0
+    bootstrap: int = 1000
+    marker: str = "</think>"
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    skip_invalid: bool = False
+
+
+@dataclass
+class PreparedTraces:
+    """Traces ready for the model: tokenised, with the labels of their steps."""
+
+    traces: list[Trace]
+    tokenized: list[TokenizedTrace]
+    labels: list[list[str | None]]
+    skipped: list[SkippedTrace]
+
+
+def prepare_traces(traces: list[Trace], tokenizer, config: SweepConfig, source: str = "<memory>") -> PreparedTraces:
+    """Check that every trace is labeled and maps onto tokens.
+
+    Raises:
+        TraceFileError: some trace cannot be used and ``config.skip_invalid`` is False.
+    """
+    kept, tokenized, labels, problems = [], [], [], []
+    for trace in traces:
+        try:
+            if trace.steps is None:
+                raise ValueError("no 'steps' with labels: label the file first (kfh-probe label)")
+            if not any(s.label for s in trace.steps):
+                raise ValueError("no step has a label")
+            tokenized.append(
+                tokenize_trace(tokenizer, trace.prompt, trace.response, [s.text for s in trace.steps], config.marker)
+            )
+        except (ValueError, AlignmentError) as err:
+            problems.append(SkippedTrace(trace.line, trace.id, str(err)))
+            continue
+        kept.append(trace)
+        labels.append([s.label for s in trace.steps])
+    if problems and not config.skip_invalid:
+        raise TraceFileError(source, problems)
+    return PreparedTraces(kept, tokenized, labels, problems)
+
+
+def collect_step_scores(
+    model: nn.Module,
+    tokenized: list[TokenizedTrace],
+    config: SweepConfig,
+    pad_id: int,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Step scores of every probed head on every trace.
+
+    Returns:
+        per trace, ``[layers, heads, K]`` float32 (layers as in ``config.layers``, all by default).
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(tokenized)), key=lambda i: tokenized[i].length)  # similar lengths pad less
+    results: list[torch.Tensor | None] = [None] * len(tokenized)
+    bar = tqdm(total=len(tokenized), unit="trace", desc="sweep", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for start in range(0, len(order), config.batch_size):
+        chunk = order[start : start + config.batch_size]
+        batch = collate([tokenized[i] for i in chunk], pad_id)
+        captured = capture_answer_attention(
+            model,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            batch.answer_mask.to(device),
+            layers=config.layers,
+        )
+        values = captured.values.float().cpu()  # [batch, layers, heads, T]
+        for b, i in enumerate(chunk):
+            results[i] = step_scores(values[b], tokenized[i].step_spans)
+        bar.update(len(chunk))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def build_manifest(
+    step_score_list: list[torch.Tensor],
+    labels: list[list[str | None]],
+    layers: list[int],
+    model_block: dict,
+    probe_block: dict,
+    config: SweepConfig,
+) -> dict:
+    """Rank every probed head by SRA and assemble the manifest (design page).
+
+    Args:
+        step_score_list: per trace, ``[layers, heads, K]``.
+    """
+    num_heads = model_block["num_heads"]
+    flat = [s.reshape(len(layers) * num_heads, -1) for s in step_score_list]  # row = layer_pos * H + head
+    auc, used, pairs = per_trace_auc(flat, labels)
+    if auc.shape[0] == 0:
+        raise ValueError(
+            "no trace has both an essential and a redundant step, so no head can be ranked; "
+            "check the labels (kfh-probe label) or use more traces"
+        )
+    sra = auc.mean(dim=0)
+    ci = bootstrap_ci(auc, config.bootstrap, config.seed)
+    order = sorted(range(len(sra)), key=lambda r: (-float(sra[r]), r))
+    heads = [
+        {
+            "layer": layers[r // num_heads],
+            "head": r % num_heads,
+            "sra": round(float(sra[r]), 6),
+            "ci95": [round(float(ci[r, 0]), 6), round(float(ci[r, 1]), 6)],
+            "traces": len(used),
+        }
+        for r in order
+    ]
+    with_pairs = [flat[i] for i in used]
+    used_labels = [labels[i] for i in used]
+    ensemble = []
+    for k in range(1, min(ENSEMBLE_SIZES, len(order)) + 1):
+        members = order[:k]
+        ensemble.append({
+            "k": k,
+            "sra": round(ensemble_sra(with_pairs, used_labels, members), 6),
+            "heads": [[layers[r // num_heads], r % num_heads] for r in members],
+        })
+    greedy = [
+        {"head": [layers[r // num_heads], r % num_heads], "sra": round(value, 6)}
+        for r, value in greedy_ensemble(with_pairs, used_labels, max_size=ENSEMBLE_SIZES)
+    ]
+    if config.top_n is not None:
+        top_n = config.top_n
+    else:
+        best = max(e["sra"] for e in ensemble)
+        top_n = next(e["k"] for e in ensemble if e["sra"] >= best - TOP_N_TOLERANCE)
+    probe = {
+        **probe_block,
+        "traces_used": len(step_score_list),
+        "traces_with_pairs": len(used),
+        "traces_without_pairs": len(step_score_list) - len(used),
+        "pairs": pairs,
+        "layers": layers,
+        "seed": config.seed,
+        "bootstrap_resamples": config.bootstrap,
+        "segmenter": config.segmenter.to_dict(),
+        "marker": config.marker,
+        "query_span": QUERY_SPAN,
+        "package_version": __version__,
+        "top_n_rule": "given by --top-n" if config.top_n is not None else
+        f"smallest k whose top-k ensemble SRA is within {TOP_N_TOLERANCE} of the best k <= {ENSEMBLE_SIZES}",
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_block,
+        "probe": probe,
+        "heads": heads,
+        "top_n": top_n,
+        "ensemble": ensemble,
+        "greedy_ensemble": greedy,
+    }
+
+
+def probed_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
+    """The sorted layers a sweep covers, checked against the model."""
+    num_layers = model_shape(model)["num_layers"]
+    if layers is None:
+        return list(range(num_layers))
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{num_layers - 1}")
+    return sorted(set(layers))

@@ -1,0 +1,183 @@
+"""Reading and checking trace files (JSONL, one trace per line; format in the design page).
+
+Every broken record is reported with its file, line number and id. By default a file with any broken
+record is refused as a whole (:class:`TraceFileError` lists them all); with ``skip_invalid=True`` the
+broken records are returned separately as :class:`SkippedTrace` so the caller can count and report them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+LABELS = ("essential", "redundant")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One reasoning step: its exact text and its label (None: unlabelled, kept out of SRA pairs)."""
+
+    text: str
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One model input and its response.
+
+    Attributes:
+        id: unique id within the file.
+        prompt: the exact model input before the response (chat template already applied).
+        response: reasoning, the end-of-thinking marker, the final answer.
+        answer: reference final answer, if known.
+        steps: the segmentation and labels, if given; texts concatenate to the reasoning part.
+        line: 1-based line number in the file it came from (0 when built in memory).
+    """
+
+    id: str
+    prompt: str
+    response: str
+    answer: str | None = None
+    steps: tuple[Step, ...] | None = None
+    line: int = 0
+
+    def to_record(self) -> dict:
+        """The trace as a JSON-able record of the design page's format."""
+        record: dict = {"id": self.id, "prompt": self.prompt, "response": self.response}
+        if self.answer is not None:
+            record["answer"] = self.answer
+        if self.steps is not None:
+            record["steps"] = [{"text": s.text, "label": s.label} for s in self.steps]
+        return record
+
+
+@dataclass(frozen=True)
+class SkippedTrace:
+    """A record left out, with where it was and why."""
+
+    line: int
+    id: str | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"line": self.line, "id": self.id, "reason": self.reason}
+
+
+class TraceFileError(ValueError):
+    """A trace file with broken records; the message lists each with its line number and id."""
+
+    def __init__(self, path: str | Path, problems: list[SkippedTrace]):
+        self.path = str(path)
+        self.problems = problems
+        shown = "\n".join(f"  {self.path}:{p.line} (id {p.id!r}): {p.reason}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(
+            f"{len(problems)} invalid trace record(s) in {self.path}:\n{shown}{more}\n"
+            "Fix them, or pass --skip-invalid to leave them out (the manifest then records how many "
+            "and why)."
+        )
+
+
+def parse_record(record: object, line: int, marker: str = "</think>") -> Trace:
+    """Check one decoded JSON value against the trace format and return it as a :class:`Trace`.
+
+    Raises:
+        ValueError: with a message saying what is wrong (the caller adds file, line and id).
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    for key in ("id", "prompt", "response"):
+        if key not in record:
+            raise ValueError(f"missing required field {key!r}")
+    trace_id = record["id"]
+    if not isinstance(trace_id, str) or not trace_id:
+        raise ValueError(f"field 'id' must be a non-empty string, got {trace_id!r}")
+    for key in ("prompt", "response"):
+        if not isinstance(record[key], str):
+            raise ValueError(f"field {key!r} must be a string")
+    answer = record.get("answer")
+    if answer is not None and not isinstance(answer, (str, int)):
+        raise ValueError("field 'answer' must be a string")
+    response = record["response"]
+    count = response.count(marker)
+    if count != 1:
+        what = "no" if count == 0 else f"{count}"
+        raise ValueError(f"response has {what} end-of-thinking marker {marker!r}; exactly one is needed")
+    reasoning = response.split(marker)[0]
+    steps = None
+    if record.get("steps") is not None:
+        steps = _parse_steps(record["steps"], reasoning)
+    return Trace(
+        id=trace_id,
+        prompt=record["prompt"],
+        response=response,
+        answer=None if answer is None else str(answer),
+        steps=steps,
+        line=line,
+    )
+
+
+def _parse_steps(raw: object, reasoning: str) -> tuple[Step, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("field 'steps' must be a non-empty list")
+    steps = []
+    for k, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise ValueError(f"step {k} must be an object with a string 'text'")
+        if not item["text"]:
+            raise ValueError(f"step {k} has empty text")
+        label = item.get("label")
+        if label is not None and label not in LABELS:
+            raise ValueError(f"step {k} has label {label!r}; expected 'essential', 'redundant' or null")
+        steps.append(Step(item["text"], label))
+    joined = "".join(s.text for s in steps)
+    if joined != reasoning:
+        at = next((i for i, (a, b) in enumerate(zip(joined, reasoning)) if a != b), min(len(joined), len(reasoning)))
+        raise ValueError(
+            "step texts do not concatenate to the reasoning (the response before the marker): "
+            f"they differ at character {at} (steps give {joined[at:at + 20]!r}, reasoning has "
+            f"{reasoning[at:at + 20]!r})"
+        )
+    return tuple(steps)
+
+
+def read_traces(
+    path: str | Path, marker: str = "</think>", skip_invalid: bool = False
+) -> tuple[list[Trace], list[SkippedTrace]]:
+    """Read a JSONL trace file.
+
+    Returns:
+        ``(traces, skipped)``. ``skipped`` is empty unless ``skip_invalid``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        TraceFileError: some record is broken and ``skip_invalid`` is False.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    traces: list[Trace] = []
+    problems: list[SkippedTrace] = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            trace_id = None
+            try:
+                record = json.loads(line)
+                if isinstance(record, dict) and isinstance(record.get("id"), str):
+                    trace_id = record["id"]
+                trace = parse_record(record, line_no, marker)
+                if trace.id in seen:
+                    raise ValueError(f"duplicate id (first seen on line {seen[trace.id]})")
+                seen[trace.id] = line_no
+                traces.append(trace)
+            except json.JSONDecodeError as err:
+                problems.append(SkippedTrace(line_no, trace_id, f"not valid JSON ({err.msg} at column {err.colno})"))
+            except ValueError as err:
+                problems.append(SkippedTrace(line_no, trace_id, str(err)))
+    if problems and not skip_invalid:
+        raise TraceFileError(path, problems)
+    return traces, problems

@@ -1,0 +1,114 @@
+"""Checks of attnpo_train.config: defaults, YAML loading, overrides and validation."""
+
+import dataclasses
+import inspect
+
+import pytest
+
+from attnpo_train import config
+from attnpo_train.config import TrainConfig, load_config
+
+
+def test_defaults_match_the_method_page():
+    cfg = TrainConfig()
+    assert (cfg.method, cfg.estimator, cfg.group_size) == ("attnpo", "rloo", 8)
+    assert (cfg.alpha_len, cfg.alpha, cfg.beta, cfg.delta, cfg.horizon) == (0.2, 2.0, 2.0, 0.0, 1000)
+    assert (cfg.clip_eps, cfg.dual_clip, cfg.kl_coef) == (0.2, 3.0, 0.0)
+    assert cfg.pos_attenuation and cfg.neg_attenuation and cfg.use_difficulty
+    assert cfg.marker == "</think>" and cfg.top_n_heads is None and not cfg.allow_finetuned
+
+
+def test_every_field_is_documented():
+    source = inspect.getsource(config)
+    for field in dataclasses.fields(TrainConfig):
+        declaration = f"    {field.name}: "
+        start = source.index(declaration)
+        following = source[start:].splitlines()[1].strip()
+        assert following.startswith('"""'), f"field {field.name} has no docstring"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: tlmre\nlr: 1e-5\ngroup_size: 4\nneg_attenuation: false\nmodel: /m\n")
+    cfg = load_config(path, {"group_size": "6", "top_n_heads": 3})
+    assert cfg.method == "tlmre"
+    assert cfg.lr == 1e-5  # PyYAML reads "1e-5" as a string; it is converted
+    assert cfg.group_size == 6  # the override wins and is converted from a string
+    assert cfg.neg_attenuation is False
+    assert cfg.top_n_heads == 3 and cfg.model == "/m"
+
+
+def test_no_file_no_overrides_gives_defaults():
+    assert load_config() == TrainConfig()
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == TrainConfig()
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lrr: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown config key 'lrr' \(did you mean 'lr'\?\)"):
+        load_config(path)
+    with pytest.raises(ValueError, match="overrides: unknown config key 'bogus'"):
+        load_config(None, {"bogus": 1})
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"group_size": 1}, "group_size"),
+        ({"delta": 1.5}, "delta"),
+        ({"method": "ppo"}, "method"),
+        ({"estimator": "gae"}, "estimator"),
+        ({"dual_clip": 1.0}, "dual_clip"),
+        ({"clip_eps": 0.0}, "clip_eps"),
+        ({"alpha_len": -0.1}, "alpha_len"),
+        ({"top_n_heads": 0}, "top_n_heads"),
+        ({"temperature": 0}, "temperature"),
+        ({"marker": ""}, "marker"),
+    ],
+)
+def test_ranges_are_validated(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**override)
+
+
+def test_range_error_names_the_file(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("group_size: 1\n")
+    with pytest.raises(ValueError, match=r"g\.yaml: config 'group_size' must be >= 2"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"pos_attenuation": 1}, "bool"),
+        ({"group_size": 2.5}, "int"),
+        ({"group_size": True}, "int"),
+        ({"lr": "fast"}, "float"),
+        ({"device": 0}, "str"),
+        ({"steps": None}, "null"),
+    ],
+)
+def test_types_are_checked(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)
+
+
+def test_string_booleans_and_nulls_from_the_command_line():
+    cfg = load_config(None, {"use_difficulty": "False", "manifest": "none", "allow_finetuned": "yes"})
+    assert cfg.use_difficulty is False and cfg.manifest is None and cfg.allow_finetuned is True
