@@ -134,17 +134,14 @@ def generated_char_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
     """
     starts: list[int] = []
     text = ""
-    window_start = 0
+    prefix_offset = read_offset = 0  # decode ids[prefix_offset:] for context; ids[:read_offset] are in text
     for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[window_start:i], skip_special_tokens=False)
-        full = tokenizer.decode(ids[window_start:i + 1], skip_special_tokens=False)
-        if full.endswith("\ufffd"):  # an incomplete character: wait for the next token
-            starts.append(len(text))
-            continue
         starts.append(len(text))
-        text += full[len(prefix):]
-        if i - window_start > 4:
-            window_start = i - 4 + 1
+        prefix = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=False)
+        full = tokenizer.decode(ids[prefix_offset:i + 1], skip_special_tokens=False)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            text += full[len(prefix):]
+            prefix_offset, read_offset = read_offset, i + 1
     return text, starts
 
 

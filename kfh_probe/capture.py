@@ -54,8 +54,11 @@ def model_shape(model: nn.Module) -> dict:
     }
 
 
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """The self-attention module of each decoder layer, by layer index.
+def attention_modules(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """The modules of each decoder layer that may call the attention interface, by layer index.
+
+    Every module with an integer ``layer_idx`` is a candidate; the one that calls the interface
+    reports (attention modules are the ones that carry a layer index in transformers).
 
     Raises:
         UnsupportedModelError: the architecture does not route attention through the interface.
@@ -67,12 +70,12 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
             "(its class does not declare `_supports_attention_backend`), so its answer-row "
             "attention cannot be captured exactly"
         )
-    found: dict[int, nn.Module] = {}
+    found: dict[int, list[nn.Module]] = {}
     for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "scaling") and hasattr(module, "head_dim"):
-            found.setdefault(module.layer_idx, module)
+        if isinstance(getattr(module, "layer_idx", None), int):
+            found.setdefault(module.layer_idx, []).append(module)
     if not found:
-        raise UnsupportedModelError(f"{arch}: no attention modules with a layer index were found")
+        raise UnsupportedModelError(f"{arch}: no modules with a layer index were found")
     return found
 
 
@@ -208,7 +211,7 @@ class _Recorder:
         row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
         scaling = kwargs.get("scaling")
         if scaling is None:
-            scaling = getattr(module, "scaling", None) or module.head_dim ** -0.5
+            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         probs = answer_row_probabilities(
             query, key, rows, row_mask, scaling,
             softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), position_bias=kwargs.get("position_bias"),
@@ -297,7 +300,8 @@ def capture_answer_attention(
     with _wrap_implementation(name):
         with _LOCK:
             for layer in wanted:
-                _ACTIVE[id(modules[layer])] = recorder
+                for module in modules[layer]:
+                    _ACTIVE[id(module)] = recorder
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_forward_kwargs(model))
         except _StopForward:
@@ -305,7 +309,8 @@ def capture_answer_attention(
         finally:
             with _LOCK:
                 for layer in wanted:
-                    _ACTIVE.pop(id(modules[layer]), None)
+                    for module in modules[layer]:
+                        _ACTIVE.pop(id(module), None)
     silent = [layer for layer in wanted if layer not in recorder.results]
     if silent:
         raise UnsupportedModelError(

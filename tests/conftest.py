@@ -78,9 +78,10 @@ def tiny_config(family: str, vocab_size: int = 400, **overrides):
         "phi3": {"partial_rotary_factor": 0.5},
         "mistral": {"sliding_window": 8},
         "gpt_neox": {"rotary_pct": 0.25, "num_key_value_heads": None},
+        "gpt2": {"num_key_value_heads": None, "intermediate_size": None, "n_inner": 96, "scale_attn_by_inverse_layer_idx": True},
     }[family]
     names = {"qwen2": "Qwen2Config", "llama": "LlamaConfig", "qwen3": "Qwen3Config", "gemma2": "Gemma2Config",
-             "phi3": "Phi3Config", "mistral": "MistralConfig", "gpt_neox": "GPTNeoXConfig"}
+             "phi3": "Phi3Config", "mistral": "MistralConfig", "gpt_neox": "GPTNeoXConfig", "gpt2": "GPT2Config"}
     kwargs = {**common, **extra, **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return getattr(transformers, names[family])(**kwargs)

@@ -1,0 +1,89 @@
+"""The organism's task: problems, teacher traces and their compatibility with the default segmenter."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+
+import pytest
+
+from kfh_probe.organism.labeler import extract_answer, parse_prompt
+from kfh_probe.organism.task import MAX_VALUE, generate_problems, teacher_steps
+from kfh_probe.organism.traces import teacher_traces
+
+TRACES = teacher_traces(400, seed=7)
+TRANSITIONS = ("First,", "Then,", "Next,", "Now,", "Finally,", "Okay, so", "Wait, let me double-check",
+               "Hmm, let me double-check", "Let me verify", "Alternatively,")
+SPLIT_ANYWHERE = ("Wait", "But", "However", "Hold on", "Looking back", "Let me double-check", "Let me verify",
+                  "Let me check", "Let me make sure", "Let's verify", "Just to confirm", "Is that right?",
+                  "Alternatively", "Another approach", "Another way", "Or maybe", "**Final Answer")
+
+
+def test_problems_are_a_pure_function_of_the_seed():
+    assert generate_problems(20, 3) == generate_problems(20, 3)
+    assert generate_problems(20, 3) != generate_problems(20, 4)
+
+
+def test_every_value_stays_small_and_the_answer_follows_the_chain():
+    for problem in generate_problems(500, 1):
+        assert all(1 <= f.value <= MAX_VALUE for f in problem.facts)
+        chain = problem.chain()
+        assert chain[-1] == problem.target and 2 <= len(chain) <= 4
+        assert all(problem.by_name[n].item == problem.item for n in chain)
+        assert len(problem.facts) > len(chain)  # there is always something the answer does not need
+
+
+def test_prompt_parses_back_to_the_same_problem():
+    for problem in generate_problems(200, 2):
+        assert parse_prompt(problem.prompt()) == problem
+
+
+def test_steps_concatenate_to_the_reasoning_and_the_answer_is_boxed_after_one_think_close():
+    for record in TRACES:
+        reasoning, rest = record["response"].split("</think>")
+        assert "".join(s["text"] for s in record["steps"]) == reasoning
+        assert reasoning.startswith("<think>\nFirst, ") or reasoning.startswith("<think>\nOkay, so ")
+        assert rest.endswith("<|endoftext|>")
+        assert extract_answer(record["response"]) == int(record["answer"])
+
+
+def test_each_step_is_one_long_line_opened_by_a_transition_phrase():
+    for record in TRACES:
+        for i, step in enumerate(record["steps"]):
+            text = step["text"].removeprefix("<think>\n") if i == 0 else step["text"]
+            assert len(text) >= 80 and text.endswith("\n") and text.count("\n") == 1
+            assert text.startswith(TRANSITIONS), text
+            body = text.split(" ", 2)[-1]  # no split-anywhere phrase after the opener
+            assert not any(re.search(rf"\b{re.escape(p)}", body) for p in SPLIT_ANYWHERE), text
+
+
+def test_teacher_marks_one_essential_step_per_chain_quantity_and_varies_redundancy():
+    rng = random.Random(0)
+    redundant_counts = set()
+    for problem in generate_problems(300, 5):
+        steps = teacher_steps(problem, rng)
+        essential = [s.name for s in steps if s.essential]
+        assert essential == problem.chain()
+        redundant_counts.add(sum(not s.essential for s in steps))
+    assert redundant_counts >= set(range(0, 6))
+
+
+def test_final_answer_restates_the_essential_computations_verbatim():
+    for record in TRACES[:100]:
+        summary = record["response"].split("</think>")[1]
+        for step in record["steps"]:
+            if step["label"] == "essential":
+                claim = re.search(r"so (\w+ has \d+ [a-z]+) right from the start|so (\w+ has \d+ [+-] \d+ = \d+ [a-z]+)\.",
+                                  step["text"])
+                assert (claim.group(1) or claim.group(2)) + "." in summary
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kfh_probe.segmentation") is None,
+                    reason="kfh_probe.segmentation (the default segmenter) is not written yet")
+def test_default_segmenter_splits_teacher_traces_exactly_at_step_boundaries():
+    from kfh_probe.segmentation import segment_reasoning
+
+    for record in TRACES:
+        reasoning = record["response"].split("</think>")[0]
+        assert segment_reasoning(reasoning) == [s["text"] for s in record["steps"]]
