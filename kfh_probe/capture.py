@@ -32,6 +32,7 @@ from transformers import AttentionInterface
 _LOCK = threading.Lock()
 _ACTIVE: dict[int, "_Recorder"] = {}  # id(attention module) -> recorder of the capture it belongs to
 _WRAPPED: dict[str, object] = {}  # implementation name -> original entry (None where there was none)
+_USERS: dict[str, int] = {}  # implementation name -> captures in progress that use it
 
 
 class UnsupportedModelError(RuntimeError):
@@ -107,12 +108,25 @@ def _dispatcher(name: str):
 
 @contextlib.contextmanager
 def _wrap_implementation(name: str):
+    """Route ``name`` through the dispatcher while any capture uses it; restore the entry after."""
     with _LOCK:
         if name not in _WRAPPED:
-            original = AttentionInterface._global_mapping.get(name)
-            _WRAPPED[name] = original
+            _WRAPPED[name] = AttentionInterface._global_mapping.get(name)
+            _USERS[name] = 0
             AttentionInterface.register(name, _dispatcher(name))
-    yield
+        _USERS[name] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _USERS[name] -= 1
+            if _USERS[name] == 0:
+                original = _WRAPPED.pop(name)
+                del _USERS[name]
+                if original is None:
+                    del AttentionInterface._global_mapping[name]
+                else:
+                    AttentionInterface._global_mapping[name] = original
 
 
 def answer_row_logits_mask(

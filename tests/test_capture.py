@@ -75,6 +75,11 @@ def test_capture_does_not_change_the_model_output():
         after = model(input_ids=ids, attention_mask=attention_mask).logits
     assert torch.equal(before, after)
     assert model.config._attn_implementation == "sdpa"
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward  # the wrapper is gone
+    assert "eager" not in AttentionInterface._global_mapping
 
 
 def test_padded_batch_equals_one_trace_at_a_time():
