@@ -67,6 +67,11 @@ class TrainConfig:
     """AdamW weight decay (verl's actor default)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clipping threshold."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many steps, then constant (0: constant from the start)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass in scoring and the update; gradients are accumulated so the
+    optimiser step and the token-mean loss are those of the whole batch (memory only, not the maths)."""
     prompts_per_step: int = 8
     """Prompts sampled per training step (128 in the reference)."""
     max_new_tokens: int = 256
@@ -111,6 +116,8 @@ class TrainConfig:
         _check(self.lr > 0.0, "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0.0, "weight_decay", self.weight_decay, ">= 0")
         _check(self.max_grad_norm > 0.0, "max_grad_norm", self.max_grad_norm, "> 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, ">= 1")
         _check(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, ">= 1")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
         _check(self.temperature > 0.0, "temperature", self.temperature, "> 0")

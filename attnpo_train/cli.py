@@ -1,0 +1,237 @@
+"""``attnpo-train``: train a policy with GRPO / TLMRE / AttnPO, and evaluate the result.
+
+    attnpo-train run [--config Y] [--model DIR] [--manifest M] [--data F] [--out DIR] [--method ...]
+                     [--steps N] [--resume] [--allow-finetuned] [--device ...] [--set key=value ...]
+    attnpo-train eval --model DIR [--data F] [--base DIR] [--n N] [--json]
+
+Exit codes: 0 success, 2 bad input (one readable message on stderr, no traceback), 130 interrupted
+(a checkpoint of the last completed step is saved first; continue with the same command and --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from attnpo_train.evaluate import efficiency, evaluate
+
+ORGANISM_EVAL_SEED = 7_000_001
+"""Seed of the organism problems ``eval`` draws when no --data is given (apart from the build seeds)."""
+
+_EFFICIENCY_HELP = (
+    "efficiency = length_reduction + accuracy_change_points / 100, with length_reduction = "
+    "(L_base - L) / L_base (mean response tokens) and accuracy_change_points = 100 * (acc - acc_base): "
+    "the paper's two headline numbers with equal weight (1 point of accuracy = 1%% of length); "
+    "0 for the base itself, > 0 better on balance"
+)
+
+
+class InputError(Exception):
+    """Bad input the user can fix; reported in one message with exit code 2."""
+
+
+def _organism_model_dir() -> Path:
+    from kfh_probe.organism import default_model_dir
+
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"the embedded organism model is not built (no {path / 'config.json'}): pass --model DIR, "
+            "or build it with `kfh-probe organism build`"
+        )
+    return path
+
+
+def _organism_manifest() -> Path:
+    import kfh_probe
+    from kfh_probe import organism
+
+    helper = getattr(organism, "default_manifest_path", None)
+    path = Path(helper()) if helper is not None else Path(kfh_probe.__file__).parent / "data" / "organism_manifest.json"
+    if not path.is_file():
+        raise InputError(
+            f"the organism's KFH manifest is missing ({path}): pass --manifest M "
+            "(make one with `kfh-probe sweep --out M`)"
+        )
+    return path
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--set key=value`` pairs, then the named flags that were given (they win)."""
+    values: dict[str, object] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        values[key.strip()] = value.strip()
+    for name in ("model", "manifest", "data", "out", "method", "steps", "device"):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    if args.allow_finetuned:
+        values["allow_finetuned"] = True
+    return values
+
+
+def _run_config(args: argparse.Namespace):
+    """The run's TrainConfig with the embedded organism filled in where no path was given."""
+    from attnpo_train.config import load_config
+
+    if args.config is not None and not Path(args.config).is_file():
+        raise InputError(f"--config: no such file {args.config}")
+    try:
+        config = load_config(args.config, _overrides(args))
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    updates: dict[str, object] = {}
+    is_organism = config.model is None
+    if is_organism:
+        updates["model"] = str(_organism_model_dir())
+    if config.method == "attnpo" and config.manifest is None:
+        if not is_organism:
+            raise InputError("method 'attnpo' needs the KFH manifest of --model: pass --manifest M (make one with `kfh-probe sweep`)")
+        updates["manifest"] = str(_organism_manifest())
+    if config.data is None and not is_organism:
+        raise InputError("--model was given without --data: pass the training prompts with --data F (JSONL with prompt, answer)")
+    return dataclasses.replace(config, **updates)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kfh_probe.manifest import ManifestError, ManifestMismatchError
+
+    from attnpo_train.loop import DataError, ResumeError, latest_checkpoint, prepare_run, train
+
+    config = _run_config(args)
+    if args.resume and latest_checkpoint(config.out) is None:
+        raise InputError(f"--resume: no checkpoint in {Path(config.out) / 'checkpoints'}")
+    try:
+        inputs = prepare_run(config)
+    except (DataError, ManifestError, ManifestMismatchError, FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from None
+    try:
+        metrics = train(inputs, config, resume=args.resume, progress=not args.no_progress)
+    except (ResumeError, FileNotFoundError) as err:
+        raise InputError(str(err)) from None
+    except KeyboardInterrupt:
+        saved = latest_checkpoint(config.out)
+        where = f"checkpoint {saved}" if saved is not None else "no checkpoint (no step had completed)"
+        print(f"attnpo-train run: interrupted; {where}; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    last = metrics[-1] if metrics else {}
+    print(
+        f"trained {config.steps} steps ({config.method}); last step: reward {last.get('reward_mean', 0):.3f}, "
+        f"accuracy {last.get('accuracy', 0):.3f}, tokens {last.get('response_tokens_mean', 0):.1f}; "
+        f"metrics in {Path(config.out) / 'metrics.jsonl'}, final model in {Path(config.out) / 'final'}"
+    )
+    return 0
+
+
+def _eval_prompts(args: argparse.Namespace):
+    from attnpo_train.loop import DataError, Prompt, load_prompts
+
+    if args.data is None:
+        from kfh_probe.organism.task import generate_problems
+
+        problems = generate_problems(args.n or 100, ORGANISM_EVAL_SEED)
+        return [Prompt(f"organism-eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
+    try:
+        prompts = load_prompts(args.data)
+    except DataError as err:
+        raise InputError(str(err)) from None
+    return prompts[: args.n] if args.n else prompts
+
+
+def _evaluate_dir(path: str, prompts, args: argparse.Namespace) -> dict:
+    from kfh_probe.loading import load_model, load_tokenizer
+
+    from attnpo_train.loop import require_model_dir
+
+    try:
+        require_model_dir(path)
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, "float32", args.device)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load {path}: {err}") from None
+    return evaluate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.marker)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    for name in ("n", "max_new_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    prompts = _eval_prompts(args)
+    report: dict = {"model": args.model, "data": args.data or "organism task", "result": _evaluate_dir(args.model, prompts, args)}
+    if args.base is not None:
+        report["base"] = _evaluate_dir(args.base, prompts, args)
+        report["base_model"] = args.base
+        report.update(efficiency(report["result"], report["base"]))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = [("model", report["result"])] + ([("base", report["base"])] if "base" in report else [])
+    print(f"{'':6} {'n':>5} {'accuracy':>9} {'tokens':>8} {'truncated':>10}")
+    for name, r in rows:
+        print(f"{name:6} {r['n']:>5} {r['accuracy']:>9.3f} {r['response_tokens_mean']:>8.1f} {r['truncated_frac']:>10.3f}")
+    if "efficiency" in report:
+        print(
+            f"length reduction {report['length_reduction']:+.1%}, accuracy change {report['accuracy_change_points']:+.1f} "
+            f"points, efficiency {report['efficiency']:+.3f}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnpo-train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="train a policy (checkpoints, resume, metrics.jsonl, final model in OUT/final)",
+        description="Train with GRPO, TLMRE or AttnPO. Settings: the YAML of --config, then --set key=value, "
+        "then the named flags. Without --model the embedded model organism is trained on its own task, with "
+        "its shipped KFH manifest.",
+    )
+    run.add_argument("--config", help="YAML file of TrainConfig settings")
+    run.add_argument("--model", help="policy model folder (default: the embedded model organism)")
+    run.add_argument("--manifest", help="KFH manifest (required for attnpo unless the organism is trained)")
+    run.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: the organism's task generator)")
+    run.add_argument("--out", help="output folder (default: runs/attnpo)")
+    run.add_argument("--method", choices=("grpo", "tlmre", "attnpo"))
+    run.add_argument("--steps", type=int)
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    run.add_argument("--allow-finetuned", action="store_true",
+                     help="accept a manifest whose weight fingerprint differs (the policy is a fine-tune of the probed model)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any TrainConfig setting")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser(
+        "eval",
+        help="greedy accuracy, mean response tokens, efficiency against a base model",
+        description="Greedy evaluation. With --base, also: " + _EFFICIENCY_HELP + ".",
+    )
+    ev.add_argument("--model", required=True, help="model folder (e.g. OUT/final of a run)")
+    ev.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: organism task problems)")
+    ev.add_argument("--base", help="base model folder to compare with (adds the efficiency score)")
+    ev.add_argument("--n", type=int, help="first N prompts of --data (default all; 100 organism problems)")
+    ev.add_argument("--max-new-tokens", type=int, default=512)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--marker", default="</think>", help="end-of-thinking marker")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"attnpo-train {args.command}: {err}", file=sys.stderr)
+        return 2
