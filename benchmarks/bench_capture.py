@@ -10,7 +10,9 @@ answer rows. For each T it measures, each in a fresh process so that peak memory
   (c) eager:  ``output_attentions=True`` with eager attention (every T x T map),
 
 and prints time (median of --repeats) and peak memory above the loaded model, with the ratios b/a
-and c/a. Run:  python benchmarks/bench_capture.py [--device cuda] [--lengths 512 1024 2048 4096]
+and c/a. ``--backends nnsight lens`` adds columns for those capture backends (``kfh_probe.backends``:
+every layer, answer rows summed, built on the model before the measurement), each against (a).
+Run:  python benchmarks/bench_capture.py [--device cuda] [--lengths 512 1024 2048 4096] [--backends nnsight lens]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 
 ANSWER_ROWS = 64
 METHODS = ("plain", "rows", "eager")
+BACKENDS = ("nnsight", "lens")
 
 
 def _rss_bytes() -> int:
@@ -54,6 +57,15 @@ def _build_model(vocab: int, device: str):
     return model.eval()
 
 
+def _stub_tokenizer():
+    """A two-word tokenizer: the nnsight and lens wrappers want one, and the benchmark feeds token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
 def child(method: str, length: int, repeats: int, vocab: int, device: str) -> dict:
     """One measurement in this process: peak memory of one forward, then the median time of ``repeats``."""
     import torch
@@ -68,6 +80,10 @@ def child(method: str, length: int, repeats: int, vocab: int, device: str) -> di
     mask = torch.ones_like(ids)
     answer = torch.zeros_like(ids, dtype=torch.bool)
     answer[:, -ANSWER_ROWS:] = True
+    if method in BACKENDS:
+        from kfh_probe.backends import get_backend
+
+        backend = get_backend(method)(model, _stub_tokenizer())
 
     def run():
         with torch.no_grad():
@@ -75,6 +91,8 @@ def child(method: str, length: int, repeats: int, vocab: int, device: str) -> di
                 model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
             elif method == "rows":
                 capture_answer_attention(model, ids, mask, answer, reduce="rows", stop_early=False)
+            elif method in BACKENDS:
+                backend(ids, mask, answer)
             else:
                 out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, output_attentions=True)
                 assert out.attentions[0].shape[-1] == length
@@ -106,18 +124,21 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936, help="vocabulary (DeepSeek-R1-Distill-Qwen's by default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=[], help="capture backends to add as columns")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.repeats, args.vocab, args.device)))
         return
     rows = []
+    methods = (*METHODS, *args.backends)
     print(f"device {args.device}; 4 layers, 12 heads (2 KV), head dim 128; {ANSWER_ROWS} answer rows; median of {args.repeats}")
     print(f"{'T':>5} | {'plain s':>8} {'rows s':>8} {'eager s':>8} | {'plain MiB':>9} {'rows MiB':>9} {'eager MiB':>9} | "
-          f"{'b/a time':>8} {'b/a mem':>8} | {'c/a time':>8} {'c/a mem':>8}")
+          f"{'b/a time':>8} {'b/a mem':>8} | {'c/a time':>8} {'c/a mem':>8}"
+          + "".join(f" | {n + ' s':>9} {n + ' MiB':>11} {n + '/a time':>14} {n + '/a mem':>13}" for n in args.backends))
     for length in args.lengths:
         result = {}
-        for method in METHODS:
+        for method in methods:
             command = [sys.executable, __file__, "--child", method, str(length), "--repeats", str(args.repeats),
                        "--vocab", str(args.vocab), "--device", args.device]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -125,11 +146,13 @@ def main() -> None:
                 sys.exit(f"{method} at T={length} failed:\n{done.stderr[-2000:]}")
             result[method] = json.loads(done.stdout.strip().splitlines()[-1])
         rows.extend(result.values())
-        t = {m: result[m]["seconds"] for m in METHODS}
-        mem = {m: result[m]["peak_bytes"] / 2**20 for m in METHODS}
+        t = {m: result[m]["seconds"] for m in methods}
+        mem = {m: result[m]["peak_bytes"] / 2**20 for m in methods}
         print(f"{length:>5} | {t['plain']:8.3f} {t['rows']:8.3f} {t['eager']:8.3f} | {mem['plain']:9.1f} {mem['rows']:9.1f} "
               f"{mem['eager']:9.1f} | {t['rows'] / t['plain']:8.3f} {mem['rows'] / mem['plain']:8.3f} | "
-              f"{t['eager'] / t['plain']:8.3f} {mem['eager'] / mem['plain']:8.3f}", flush=True)
+              f"{t['eager'] / t['plain']:8.3f} {mem['eager'] / mem['plain']:8.3f}"
+              + "".join(f" | {t[n]:9.3f} {mem[n]:11.1f} {t[n] / t['plain']:14.3f} {mem[n] / mem['plain']:13.3f}" for n in args.backends),
+              flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

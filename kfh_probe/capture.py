@@ -204,6 +204,44 @@ def answer_row_probabilities(
     return torch.softmax(logits, dim=-1)
 
 
+def interface_call_rows(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict,
+    rows: torch.Tensor,
+    row_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Answer-row probabilities of one call of an attention-interface function, from its arguments.
+
+    Args:
+        module, query, key, attention_mask, kwargs: what the model passed to its attention function
+            (``fn(module, query, key, value, attention_mask, **kwargs)``); query ``[batch, heads, T, head_dim]``,
+            key ``[batch, kv_heads, T, head_dim]``; ``kwargs`` may carry ``scaling``, ``sliding_window``,
+            ``softcap``, ``s_aux`` (sinks) and ``position_bias``.
+        rows: ``[batch, R]`` long query positions; row_valid: ``[batch, R]`` bool.
+
+    Returns:
+        ``[batch, heads, R, T]`` float32, zero on padded rows.
+
+    Raises:
+        UnsupportedModelError: the call used a KV cache (query and key lengths differ).
+    """
+    if query.shape[2] != key.shape[2]:
+        raise UnsupportedModelError("answer-row capture needs a forward without a KV cache (query and key lengths differ)")
+    rows = rows.to(query.device)
+    row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    probs = answer_row_probabilities(
+        query, key, rows, row_mask, scaling,
+        softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), position_bias=kwargs.get("position_bias"),
+    )
+    return probs * row_valid.to(probs.device)[:, None, :, None]
+
+
 class _Recorder:
     """Collects, per layer, the answer-row attention of the heads asked for."""
 
@@ -219,18 +257,7 @@ class _Recorder:
         layer = module.layer_idx
         if layer not in self.layers:
             return
-        if query.shape[2] != key.shape[2]:
-            raise UnsupportedModelError("answer-row capture needs a forward without a KV cache (query and key lengths differ)")
-        rows = self.rows.to(query.device)
-        row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        probs = answer_row_probabilities(
-            query, key, rows, row_mask, scaling,
-            softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), position_bias=kwargs.get("position_bias"),
-        )
-        probs = probs * self.row_valid.to(probs.device)[:, None, :, None]
+        probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows, self.row_valid)
         self.results[layer] = probs.sum(dim=2) if self.reduce == "sum" else probs
         if self.stop_after is not None and layer == self.stop_after:
             raise _StopForward
@@ -256,7 +283,8 @@ class AnswerAttention:
     row_valid: torch.Tensor
 
 
-def _answer_rows(answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_rows(answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[batch, T]`` bool answer mask -> query positions ``[batch, R]`` (padded with 0) and their validity ``[batch, R]``."""
     counts = answer_mask.sum(dim=1)
     width = max(int(counts.max().item()), 1)
     rows = torch.zeros((answer_mask.shape[0], width), dtype=torch.long, device=answer_mask.device)
@@ -308,7 +336,7 @@ def capture_answer_attention(
     missing = [layer for layer in wanted if layer not in modules]
     if missing:
         raise ValueError(f"{type(model).__name__} has no attention layer(s) {missing}; it has layers 0..{max(modules)}")
-    rows, row_valid = _answer_rows(answer_mask.bool())
+    rows, row_valid = answer_rows(answer_mask.bool())
     recorder = _Recorder(rows, row_valid, wanted, reduce, wanted[-1] if stop_early else None)
     name = _implementation(model)
     with _wrap_implementation(name):

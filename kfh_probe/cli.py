@@ -47,6 +47,7 @@ def _default_inputs(args) -> None:
 
 
 def cmd_sweep(args) -> int:
+    from .backends import get_backend
     from .io import atomic_write_json, file_sha256
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
@@ -56,9 +57,7 @@ def cmd_sweep(args) -> int:
 
     args.model_name = None
     _default_inputs(args)
-    if args.backend != "hf":
-        print(f"kfh-probe sweep: backend {args.backend!r} is not available yet; use --backend hf", file=sys.stderr)
-        return 2
+    get_backend(args.backend)  # a missing backend package fails here, before any work
     config = SweepConfig(
         layers=_layers(args.layers) if args.layers else None,
         batch_size=args.batch_size,
@@ -68,6 +67,7 @@ def cmd_sweep(args) -> int:
         marker=args.marker,
         segmenter=SegmenterConfig(),
         skip_invalid=args.skip_invalid,
+        backend=args.backend,
     )
     traces, skipped = read_traces(args.traces, config.marker, config.skip_invalid)
     tokenizer = load_tokenizer(args.model)
@@ -82,7 +82,7 @@ def cmd_sweep(args) -> int:
     print(f"{len(tokenized)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
     model = load_model(args.model, args.dtype, args.device)
     config.layers = probed_layers(model, config.layers)
-    scores = collect_step_scores(model, tokenized, config, pad_token_id(tokenizer), progress=not args.quiet)
+    scores = collect_step_scores(model, tokenized, config, pad_token_id(tokenizer), progress=not args.quiet, tokenizer=tokenizer)
     model_block = model_record(model, args.model_name or args.model)
     probe_block = {
         "trace_file": Path(args.traces).name,
@@ -199,10 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_organism(sub)
+    from .labelers.cli import register as register_labelers
+
+    register_labelers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends import BackendNotInstalledError
     from .capture import UnsupportedModelError
     from .manifest import ManifestError, ManifestMismatchError
     from .traces import TraceFileError
@@ -213,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (TraceFileError, ManifestError, ManifestMismatchError, UnsupportedModelError, FileNotFoundError, ValueError) as err:
+    except (
+        TraceFileError, ManifestError, ManifestMismatchError, UnsupportedModelError, BackendNotInstalledError,
+        FileNotFoundError, ValueError,
+    ) as err:
         print(f"kfh-probe {args.command}: {err}", file=sys.stderr)
         return 2
 

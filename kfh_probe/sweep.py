@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
-from .capture import capture_answer_attention, model_shape
+from .backends import get_backend
+from .capture import model_shape
 from .manifest import FORMAT, VERSION
 from .scoring import bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, step_scores
 from .segmentation import SegmenterConfig
@@ -37,6 +38,7 @@ class SweepConfig:
         marker: end-of-thinking marker.
         segmenter: how traces without steps are segmented (labeled files carry their steps).
         skip_invalid: leave out broken traces (counted in the manifest) instead of failing.
+        backend: how attention is captured: ``hf`` (default), ``nnsight`` or ``lens`` (``kfh_probe.backends``).
     """
 
     layers: list[int] | None = None
@@ -47,6 +49,7 @@ class SweepConfig:
     marker: str = "</think>"
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     skip_invalid: bool = False
+    backend: str = "hf"
 
 
 @dataclass
@@ -91,21 +94,24 @@ def collect_step_scores(
     config: SweepConfig,
     pad_id: int,
     progress: bool = True,
+    tokenizer=None,
 ) -> list[torch.Tensor]:
-    """Step scores of every probed head on every trace.
+    """Step scores of every probed head on every trace, captured by ``config.backend``.
+
+    ``tokenizer`` is the model's; the ``nnsight`` and ``lens`` backends need it to wrap the model.
 
     Returns:
         per trace, ``[layers, heads, K]`` float32 (layers as in ``config.layers``, all by default).
     """
     device = next(model.parameters()).device
+    capture = get_backend(config.backend)(model, tokenizer)
     order = sorted(range(len(tokenized)), key=lambda i: tokenized[i].length)  # similar lengths pad less
     results: list[torch.Tensor | None] = [None] * len(tokenized)
     bar = tqdm(total=len(tokenized), unit="trace", desc="sweep", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for start in range(0, len(order), config.batch_size):
         chunk = order[start : start + config.batch_size]
         batch = collate([tokenized[i] for i in chunk], pad_id)
-        captured = capture_answer_attention(
-            model,
+        captured = capture(
             batch.input_ids.to(device),
             batch.attention_mask.to(device),
             batch.answer_mask.to(device),
