@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def cmd_sweep(args) -> int:
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
     from .segmentation import SegmenterConfig
-    from .sweep import SweepConfig, build_manifest, collect_step_scores, prepare_traces, probed_layers
+    from .partials import PartStore
+    from .sweep import SweepConfig, build_manifest, collect_step_scores_resumable, prepare_traces, probed_layers
     from .traces import read_traces
 
     args.model_name = None
@@ -80,13 +82,33 @@ def cmd_sweep(args) -> int:
         print(f"kfh-probe sweep: no usable trace in {args.traces}", file=sys.stderr)
         return 2
     print(f"{len(tokenized)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     model = load_model(args.model, args.dtype, args.device)
     config.layers = probed_layers(model, config.layers)
-    scores = collect_step_scores(model, tokenized, config, pad_token_id(tokenizer), progress=not args.quiet, tokenizer=tokenizer)
+    trace_sha = file_sha256(args.traces)
+    model_block = model_record(model, args.model_name or args.model)
+    run_key = {
+        "trace_file_sha256": trace_sha, "fingerprint": model_block["fingerprint"], "layers": config.layers,
+        "batch_size": config.batch_size, "marker": config.marker, "backend": config.backend, "dtype": args.dtype,
+        "max_traces": args.max_traces, "skip_invalid": config.skip_invalid, "world_size": world_size,
+    }
+    store = PartStore(args.work_dir or f"{args.out}.parts", run_key)
+    try:
+        scores = collect_step_scores_resumable(
+            model, tokenized, config, pad_token_id(tokenizer), store, rank, world_size,
+            progress=not args.quiet, tokenizer=tokenizer,
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are kept in {store.directory}; run the same command again to "
+              "continue where it stopped", file=sys.stderr)
+        return 130
+    if scores is None:
+        print(f"rank {rank}: my share of the sweep is saved in {store.directory}; rank 0 writes {args.out}", file=sys.stderr)
+        return 0
     model_block = model_record(model, args.model_name or args.model)
     probe_block = {
         "trace_file": Path(args.traces).name,
-        "trace_file_sha256": file_sha256(args.traces),
+        "trace_file_sha256": trace_sha,
         "traces_skipped": {"count": len(skipped), "reasons": [s.to_dict() for s in skipped]},
         "labeler": "given",
         "dtype": args.dtype,
@@ -95,6 +117,8 @@ def cmd_sweep(args) -> int:
     }
     manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config)
     atomic_write_json(args.out, manifest)
+    if not args.keep_parts:
+        store.remove()
     best = manifest["heads"][0]
     print(
         f"wrote {args.out}: {len(manifest['heads'])} heads ranked on {manifest['probe']['traces_with_pairs']} traces; "
@@ -168,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
     sweep.add_argument("--backend", default="hf", choices=["hf", "nnsight", "lens"], help="attention capture backend")
     sweep.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the manifest)")
+    sweep.add_argument("--work-dir", help="where finished batches are kept so an interrupted sweep resumes "
+                       "(default: OUT.parts; removed after the manifest is written)")
+    sweep.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=cmd_sweep)
 

@@ -5,6 +5,7 @@ manifest. Traces are checked and tokenised before any model work, so a bad file 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from .alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
 from .backends import get_backend
 from .capture import model_shape
 from .manifest import FORMAT, VERSION
+from .partials import PartStore, plan_batches
 from .scoring import bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, step_scores
 from .segmentation import SegmenterConfig
 from .traces import SkippedTrace, Trace, TraceFileError
@@ -88,6 +90,43 @@ def prepare_traces(traces: list[Trace], tokenizer, config: SweepConfig, source: 
     return PreparedTraces(kept, tokenized, labels, problems)
 
 
+def score_batches(
+    model: nn.Module,
+    tokenized: list[TokenizedTrace],
+    batches: list[list[int]],
+    config: SweepConfig,
+    pad_id: int,
+    tokenizer=None,
+    progress: bool = True,
+    already_done: int = 0,
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """Capture and score the given batches one at a time, captured by ``config.backend``.
+
+    ``tokenizer`` is the model's; the ``nnsight`` and ``lens`` backends need it to wrap the model.
+
+    Yields:
+        ``(trace_indices, step_scores)`` per batch, each score ``[layers, heads, K]`` float32.
+    """
+    device = next(model.parameters()).device
+    capture = get_backend(config.backend)(model, tokenizer)
+    total = already_done + sum(len(b) for b in batches)
+    bar = tqdm(total=total, initial=already_done, unit="trace", desc="sweep", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for chunk in batches:
+            batch = collate([tokenized[i] for i in chunk], pad_id)
+            captured = capture(
+                batch.input_ids.to(device),
+                batch.attention_mask.to(device),
+                batch.answer_mask.to(device),
+                layers=config.layers,
+            )
+            values = captured.values.float().cpu()  # [batch, layers, heads, T]
+            yield chunk, [step_scores(values[b], tokenized[i].step_spans) for b, i in enumerate(chunk)]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
 def collect_step_scores(
     model: nn.Module,
     tokenized: list[TokenizedTrace],
@@ -96,33 +135,51 @@ def collect_step_scores(
     progress: bool = True,
     tokenizer=None,
 ) -> list[torch.Tensor]:
-    """Step scores of every probed head on every trace, captured by ``config.backend``.
-
-    ``tokenizer`` is the model's; the ``nnsight`` and ``lens`` backends need it to wrap the model.
+    """Step scores of every probed head on every trace, in memory (batches as :func:`plan_batches`).
 
     Returns:
         per trace, ``[layers, heads, K]`` float32 (layers as in ``config.layers``, all by default).
     """
-    device = next(model.parameters()).device
-    capture = get_backend(config.backend)(model, tokenizer)
-    order = sorted(range(len(tokenized)), key=lambda i: tokenized[i].length)  # similar lengths pad less
     results: list[torch.Tensor | None] = [None] * len(tokenized)
-    bar = tqdm(total=len(tokenized), unit="trace", desc="sweep", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for start in range(0, len(order), config.batch_size):
-        chunk = order[start : start + config.batch_size]
-        batch = collate([tokenized[i] for i in chunk], pad_id)
-        captured = capture(
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            batch.answer_mask.to(device),
-            layers=config.layers,
-        )
-        values = captured.values.float().cpu()  # [batch, layers, heads, T]
-        for b, i in enumerate(chunk):
-            results[i] = step_scores(values[b], tokenized[i].step_spans)
-        bar.update(len(chunk))
-    bar.close()
+    batches = plan_batches([t.length for t in tokenized], config.batch_size)
+    for chunk, scores in score_batches(model, tokenized, batches, config, pad_id, tokenizer, progress):
+        for i, score in zip(chunk, scores):
+            results[i] = score
     return results  # type: ignore[return-value]
+
+
+def collect_step_scores_resumable(
+    model: nn.Module,
+    tokenized: list[TokenizedTrace],
+    config: SweepConfig,
+    pad_id: int,
+    store: PartStore,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    tokenizer=None,
+) -> list[torch.Tensor] | None:
+    """Step scores with every finished batch saved in ``store``; batch ``j`` runs on rank ``j % world_size``.
+
+    A rerun skips the batches already saved. Rank 0 waits for every rank, then returns all traces'
+    scores (in trace order); other ranks return None once their share is saved.
+    """
+    batches = plan_batches([t.length for t in tokenized], config.batch_size)
+    store.open(rank)
+    done = store.done()
+    mine = [j for j in range(len(batches)) if j % world_size == rank]
+    todo = [j for j in mine if j not in done]
+    finished = sum(len(batches[j]) for j in mine if j in done)
+    if finished:
+        print(f"resuming: {finished} traces already scored in {store.directory}", file=sys.stderr)
+    scored = score_batches(model, tokenized, [batches[j] for j in todo], config, pad_id, tokenizer, progress, finished)
+    for j, (chunk, scores) in zip(todo, scored):
+        store.save(j, chunk, scores)
+    store.mark_done(rank)
+    if rank != 0:
+        return None
+    store.wait_for_ranks(world_size)
+    return store.load(len(tokenized))
 
 
 def build_manifest(

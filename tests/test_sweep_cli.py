@@ -83,17 +83,53 @@ def test_unlabeled_traces_are_refused_with_a_hint(tiny_model_dir, tmp_path, caps
     assert "kfh-probe label" in capsys.readouterr().err
 
 
-def test_interrupted_sweep_leaves_no_file(tiny_model_dir, labeled_trace_file, tmp_path, monkeypatch):
+def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
+    tiny_model_dir, labeled_trace_file, tmp_path, monkeypatch
+):
     import kfh_probe.sweep as sweep_module
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    reference = tmp_path / "reference.json"
+    assert _sweep(tiny_model_dir, labeled_trace_file, reference, "--batch-size", "1") == 0
+    assert not (tmp_path / "reference.json.parts").exists()  # the work folder goes once the manifest is written
 
-    monkeypatch.setattr(sweep_module, "collect_step_scores", interrupted)
+    real_step_scores, calls = sweep_module.step_scores, []
+
+    def dies_on_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step_scores(*args)
+
+    monkeypatch.setattr(sweep_module, "step_scores", dies_on_second_batch)
     out = tmp_path / "m.json"
     out.write_text("previous manifest")
-    assert _sweep(tiny_model_dir, labeled_trace_file, out) == 130
+    assert _sweep(tiny_model_dir, labeled_trace_file, out, "--batch-size", "1") == 130
     assert out.read_text() == "previous manifest"
+    assert len(list((tmp_path / "m.json.parts").glob("batch-*.pt"))) == 1
+
+    calls.clear()
+    monkeypatch.setattr(sweep_module, "step_scores", lambda *a: (calls.append(1), real_step_scores(*a))[1])
+    assert _sweep(tiny_model_dir, labeled_trace_file, out, "--batch-size", "1") == 0
+    assert len(calls) == 1  # only the trace that was not finished was scored again
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_two_processes_give_the_same_manifest_as_one(tiny_model_dir, labeled_trace_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    single = tmp_path / "single.json"
+    assert _sweep(tiny_model_dir, labeled_trace_file, single, "--batch-size", "1") == 0
+    sharded = tmp_path / "sharded.json"
+    command = [sys.executable, "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir), "--traces",
+               str(labeled_trace_file), "--out", str(sharded), "--batch-size", "1", "--quiet"]
+    ranks = [subprocess.Popen(command, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}, stderr=subprocess.PIPE, text=True)
+             for r in (1, 0)]
+    errors = [p.communicate(timeout=300)[1] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], errors
+    assert "rank 1: my share" in errors[0]
+    assert sharded.read_bytes() == single.read_bytes()
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -148,3 +184,22 @@ def test_manifest_refuses_another_model(tiny_model_dir, labeled_trace_file, tmp_
     other = tiny_model("qwen2", vocab_size=400, num_hidden_layers=2)
     with pytest.raises(ManifestMismatchError, match="num_layers: manifest 3, model 2"):
         check_model_matches(manifest, other, allow_finetuned=True)
+
+
+def test_accelerate_launch_with_two_cpu_processes_gives_the_same_manifest(tiny_model_dir, labeled_trace_file, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate is not installed (pip install 'kfh-attnpo[trl]')")
+    single = tmp_path / "single.json"
+    assert _sweep(tiny_model_dir, labeled_trace_file, single, "--batch-size", "1") == 0
+    launched = tmp_path / "launched.json"
+    done = subprocess.run(
+        ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir), "--traces",
+         str(labeled_trace_file), "--out", str(launched), "--batch-size", "1", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert launched.read_bytes() == single.read_bytes()
