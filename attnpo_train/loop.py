@@ -42,7 +42,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,14 +230,33 @@ def generate_rollouts(
             **sampling,
         )
         responses += out[:, width:].tolist()
-    trimmed, texts, finished = [], [], []
-    for generated in responses:
-        done = eos in generated
-        ids = generated[: generated.index(eos) + 1] if done else generated
-        trimmed.append(ids)
-        finished.append(done)
-        texts.append(tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=False))
+    trimmed, texts, finished = decode_responses(tokenizer, responses, {eos})
     return Rollouts(group_size, rows, trimmed, texts, finished)
+
+
+def decode_responses(
+    tokenizer, generated: list[list[int]], eos_ids: Collection[int]
+) -> tuple[list[list[int]], list[str], list[bool]]:
+    """Trim generated ids at the first end-of-sequence id and decode them, as ``Rollouts`` holds them.
+
+    Args:
+        generated: one list of generated ids per response (padding after EOS allowed).
+        eos_ids: the ids that end a response (the tokenizer's EOS; an engine may add the generation
+            config's other end ids).
+    Returns:
+        (ids up to and including the first id in ``eos_ids``, all ids when there is none;
+         texts decoded with special tokens kept, so the marker survives, and the EOS text removed;
+         finished flags, True when the response ended with an EOS id).
+    """
+    trimmed, texts, finished = [], [], []
+    for ids in generated:
+        end = next((i for i, token in enumerate(ids) if token in eos_ids), None)
+        done = end is not None
+        kept = ids[: end + 1] if done else list(ids)
+        trimmed.append(kept)
+        finished.append(done)
+        texts.append(tokenizer.decode(kept[:-1] if done else kept, skip_special_tokens=False))
+    return trimmed, texts, finished
 
 
 def rollout_rewards(rollouts: Rollouts, prompts: list[Prompt], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,34 +359,43 @@ def kfh_step_scores(
     return scores
 
 
-def attnpo_token_advantages(
+@dataclass(frozen=True)
+class StepRating:
+    """The steps of one correct response and their Key-Focus-Head scores.
+
+    Attributes:
+        spans: K response-relative token spans [start, end) of the reasoning steps.
+        scores: [K] float32 step scores (mean over the top-N heads).
+        answer_len: |F|, tokens from after the end-of-thinking marker to the end (EOS included).
+    """
+
+    spans: list[tuple[int, int]]
+    scores: torch.Tensor
+    answer_len: int
+
+
+def rate_steps(
     model: nn.Module,
     tokenizer,
     rollouts: Rollouts,
     correct: torch.Tensor,
-    advantages: torch.Tensor,
     heads: list[tuple[int, int]],
-    step: int,
     config: TrainConfig,
     pad_id: int,
-) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """AttnPO per-token advantages of one step's rollouts (method page section 6).
+) -> list[StepRating | None]:
+    """Segment and score the steps of every correct response with the current policy's top-N heads.
 
     Each correct response is aligned on its generated ids (``align_generated``: steps and the answer
-    span F); its steps are scored with the current policy's top-N heads (``kfh_step_scores``); then
-    each group goes through ``rescale_group``. Incorrect responses, and correct ones whose marker or
-    steps cannot be placed, keep a uniform advantage.
+    span F) and, when it has at least two steps, scored with ``kfh_step_scores`` in batches of
+    ``config.micro_batch_size``. Only ``rollouts.prompt_ids`` and ``rollouts.response_ids`` are read, so
+    any slice of a step's rollouts can be rated on its own (a distributed engine rates each rank's share).
 
     Args:
-        correct: [P, G] 0/1.
-        advantages: [P, G] outcome advantages.
-        step: 0-based training step (for the attenuation schedule).
+        correct: [N] (or [P, G]) 0/1 correctness of the N rollouts.
     Returns:
-        (P*G float32 tensors [response_len_i],
-         stats: "rescaled_responses", "steps", "attenuated_steps" summed over groups,
-         "frac_attenuated" = attenuated_steps / steps (0 without steps), "mean_gamma" (1 without steps)).
+        N entries: a ``StepRating``, or None for a response that is incorrect, has no single marker, or
+        has fewer than two steps (such responses keep a uniform advantage).
     """
-    g = rollouts.group_size
     flat_correct = correct.reshape(-1)
     aligned: dict[int, TokenizedTrace] = {}
     for i in range(len(rollouts.response_ids)):
@@ -376,29 +404,59 @@ def attnpo_token_advantages(
             if trace is not None and len(trace.step_spans) >= 2:
                 aligned[i] = trace
     order = sorted(aligned)
-    scores = dict(zip(order, kfh_step_scores(model, [aligned[i] for i in order], heads, pad_id, config.micro_batch_size)))
+    scores = kfh_step_scores(model, [aligned[i] for i in order], heads, pad_id, config.micro_batch_size)
+    ratings: list[StepRating | None] = [None] * len(rollouts.response_ids)
+    for i, score in zip(order, scores):
+        trace = aligned[i]
+        prompt_len = len(rollouts.prompt_ids[i])
+        ratings[i] = StepRating(
+            [(a - prompt_len, b - prompt_len) for a, b in trace.step_spans],
+            score,
+            trace.answer_span[1] - trace.answer_span[0],
+        )
+    return ratings
 
+
+def rescale_rollouts(
+    rollouts: Rollouts,
+    correct: torch.Tensor,
+    advantages: torch.Tensor,
+    ratings: list[StepRating | None],
+    step: int,
+    config: TrainConfig,
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Per-token advantages of one step's rollouts from their step ratings (``rescale_group`` per group).
+
+    Pure: no model. Responses without a rating keep a uniform advantage.
+
+    Args:
+        correct: [P, G] 0/1.
+        advantages: [P, G] outcome advantages.
+        ratings: P*G entries from ``rate_steps`` (None where a response is not rescaled).
+        step: 0-based training step (for the attenuation schedule).
+    Returns:
+        (P*G float32 tensors [response_len_i],
+         stats: "rescaled_responses", "steps", "attenuated_steps" summed over groups,
+         "frac_attenuated" = attenuated_steps / steps (0 without steps), "mean_gamma" (1 without steps)).
+    """
+    g = rollouts.group_size
+    if len(ratings) != len(rollouts.response_ids):
+        raise ValueError(
+            f"need one rating (or None) per rollout: {len(ratings)} ratings, {len(rollouts.response_ids)} rollouts"
+        )
     p = group_accuracy(correct)
     outputs: list[torch.Tensor] = []
     totals = {"rescaled_responses": 0.0, "steps": 0.0, "attenuated_steps": 0.0}
     gamma_sum = 0.0
     for group in range(correct.shape[0]):
         members = range(group * g, (group + 1) * g)
-        spans, group_scores, answer_lens, total_lens = [], [], [], []
-        for i in members:
-            trace = aligned.get(i)
-            prompt_len = len(rollouts.prompt_ids[i])
-            spans.append(None if trace is None else [(a - prompt_len, b - prompt_len) for a, b in trace.step_spans])
-            group_scores.append(scores.get(i))
-            answer_lens.append(1 if trace is None else trace.answer_span[1] - trace.answer_span[0])
-            total_lens.append(prompt_len + len(rollouts.response_ids[i]))
         token_advantages, stats = rescale_group(
             correct[group].bool(),
             advantages[group],
-            step_scores=group_scores,
-            step_spans=spans,
-            answer_lens=answer_lens,
-            total_lens=total_lens,
+            step_scores=[None if ratings[i] is None else ratings[i].scores for i in members],
+            step_spans=[None if ratings[i] is None else ratings[i].spans for i in members],
+            answer_lens=[1 if ratings[i] is None else ratings[i].answer_len for i in members],
+            total_lens=[len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]) for i in members],
             response_lens=[len(rollouts.response_ids[i]) for i in members],
             p=float(p[group]),
             step=step,
@@ -414,6 +472,34 @@ def attnpo_token_advantages(
         "frac_attenuated": totals["attenuated_steps"] / steps if steps else 0.0,
         "mean_gamma": gamma_sum / steps if steps else 1.0,
     }
+
+
+def attnpo_token_advantages(
+    model: nn.Module,
+    tokenizer,
+    rollouts: Rollouts,
+    correct: torch.Tensor,
+    advantages: torch.Tensor,
+    heads: list[tuple[int, int]],
+    step: int,
+    config: TrainConfig,
+    pad_id: int,
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """AttnPO per-token advantages of one step's rollouts (method page section 6).
+
+    ``rate_steps`` (alignment on the generated ids and the top-N heads' step scores under the current
+    policy), then ``rescale_rollouts`` (``rescale_group`` per prompt group). Incorrect responses, and
+    correct ones whose marker or steps cannot be placed, keep a uniform advantage.
+
+    Args:
+        correct: [P, G] 0/1.
+        advantages: [P, G] outcome advantages.
+        step: 0-based training step (for the attenuation schedule).
+    Returns:
+        see ``rescale_rollouts``.
+    """
+    ratings = rate_steps(model, tokenizer, rollouts, correct, heads, config, pad_id)
+    return rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
 
 
 # ---------------------------------------------------------------------------------------------------

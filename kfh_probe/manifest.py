@@ -7,9 +7,12 @@ one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -22,6 +25,9 @@ VERSION = 1
 _MODEL_KEYS = ("name_or_path", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "fingerprint")
 _SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
+GatherParams = Callable[[list[nn.Parameter]], AbstractContextManager]
+"""A context-manager factory that makes sharded parameters readable in full (see ``model_fingerprint``)."""
+
 
 class ManifestError(ValueError):
     """A manifest that is unreadable or breaks the schema."""
@@ -31,17 +37,27 @@ class ManifestMismatchError(ValueError):
     """A manifest made for another model than the one given."""
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, gather_params: GatherParams | None = None) -> str:
     """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order.
 
     Changes whenever any weight changes; independent of device.
+
+    Args:
+        gather_params: for sharded parameters (DeepSpeed ZeRO-3), a context-manager factory that makes
+            the full values of the parameters it is given readable inside the block (TRL's
+            ``DistributedBackend.gather_params``, ``deepspeed.zero.GatheredParameters``). Parameters are
+            gathered one at a time, so no rank holds the whole model; the digest equals the unsharded one.
     """
     digest = hashlib.sha256()
+    params = dict(model.named_parameters(remove_duplicate=False)) if gather_params is not None else {}
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.detach().contiguous().reshape(-1)
-        for start in range(0, flat.numel(), 1 << 24):
-            digest.update(flat[start : start + (1 << 24)].view(torch.uint8).cpu().numpy().tobytes())
+        param = params.get(name)
+        with gather_params([param]) if param is not None else contextlib.nullcontext():
+            value = tensor if param is None else param.data
+            digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+            flat = value.detach().contiguous().reshape(-1)
+            for start in range(0, flat.numel(), 1 << 24):
+                digest.update(flat[start : start + (1 << 24)].view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -136,11 +152,14 @@ def top_heads(manifest: dict, n: int | None = None) -> list[tuple[int, int]]:
     return [(h["layer"], h["head"]) for h in manifest["heads"][:n]]
 
 
-def check_model_matches(manifest: dict, model: nn.Module, allow_finetuned: bool = False) -> None:
+def check_model_matches(
+    manifest: dict, model: nn.Module, allow_finetuned: bool = False, gather_params: GatherParams | None = None
+) -> None:
     """Refuse a manifest made for another model.
 
     The shape must always match; the weight fingerprint too unless ``allow_finetuned`` (the policy
-    descends from the probed model, so its weights differ by design).
+    descends from the probed model, so its weights differ by design). ``gather_params``: see
+    ``model_fingerprint`` (sharded models).
 
     Raises:
         ManifestMismatchError: naming each field that differs.
@@ -154,7 +173,7 @@ def check_model_matches(manifest: dict, model: nn.Module, allow_finetuned: bool 
             f"from this {type(model).__name__}: " + "; ".join(differences)
         )
     if not allow_finetuned:
-        fingerprint = model_fingerprint(model)
+        fingerprint = model_fingerprint(model, gather_params)
         if fingerprint != expected["fingerprint"]:
             raise ManifestMismatchError(
                 f"weight fingerprint mismatch: the manifest was made on {expected['name_or_path']} "

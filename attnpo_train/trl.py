@@ -1,0 +1,355 @@
+"""AttnPO inside TRL: a ``GRPOTrainer`` whose advantages are the lightweight trainer's, per token.
+
+Users who train on many GPUs keep TRL's engine (accelerate multi-process, DeepSpeed ZeRO, vLLM
+generation in colocate or server mode) and swap two classes::
+
+    from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer
+
+    args = AttnPOConfig(output_dir="out", attnpo_manifest="manifest.json", num_generations=8)
+    trainer = AttnPOGRPOTrainer(model="path/to/policy", args=args, train_dataset=dataset)  # columns: prompt, answer
+    trainer.train()
+
+What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
+
+- ``_generate_and_score_completions`` calls TRL's, then replaces its ``advantages`` [B] with per-token
+  advantages [B, T_completion] computed by the functions of the single-machine trainer
+  (``attnpo_train.loop``): ``decode_responses`` of TRL's completion ids, ``rollout_rewards``
+  (correctness and the TLMRE length-penalised reward), ``group_advantages`` (RLOO by default),
+  ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's top-N Key-Focus Heads
+  in one no-grad forward per micro-batch that records answer rows only) and ``rescale_rollouts``
+  (``rescale_group``: difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same
+  prompts, completions and weights the advantages are therefore exactly the lightweight trainer's.
+  TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
+  and every TRL loss type multiplies them elementwise with the per-token ratio.
+- ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
+  produced them: ``model.generate``, transformers continuous batching, vLLM colocate or server), so
+  nothing here assumes a local HF generate.
+- The reward functions: TRL's reward is the 0/1 correctness (``attnpo_correct``), kept only for TRL's
+  own ``reward`` metrics; the reward that drives the advantages is logged as ``attnpo/reward``.
+
+Distributed data: a prompt group of ``num_generations`` completions may span ranks. Every rank gathers
+the ids and answers of the whole generation batch (``gather_object``), computes rewards and group
+advantages of all of it, rates the steps of its own correct completions (the expensive forward is
+split across ranks), gathers the ratings, rescales the whole batch and keeps its slice. All ranks hold
+the same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
+
+The KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
+``unwrap_model_for_generation`` (which gathers ZeRO-3 shards into full weights on each rank, as TRL's
+own generation does by default) in eval mode; the training mode and gradient checkpointing are
+restored afterwards. A PEFT policy is scored with its adapters active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from attnpo_train.advantages import group_advantages
+from attnpo_train.config import TrainConfig
+from attnpo_train.loop import Prompt, Rollouts, decode_responses, rate_steps, rescale_rollouts, rollout_rewards
+from attnpo_train.rewards import correctness
+from kfh_probe.capture import attention_modules
+from kfh_probe.loading import pad_token_id
+from kfh_probe.manifest import ManifestMismatchError, check_model_matches, load_manifest, top_heads
+
+ANSWER_COLUMN = "answer"
+"""Dataset column with each prompt's reference final answer."""
+PREFIX = "attnpo_"
+"""Every AttnPO field of ``AttnPOConfig`` is a ``TrainConfig`` field with this prefix."""
+
+
+@dataclass
+class AttnPOConfig(GRPOConfig):
+    r"""Configuration of [`AttnPOGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus AttnPO's settings.
+
+    Each AttnPO field is the field of ``attnpo_train.config.TrainConfig`` named without the ``attnpo_``
+    prefix, with the same default and the same range check (the prefix keeps them apart from
+    ``GRPOConfig.beta``, the KL coefficient, and ``GRPOConfig.delta``, the two-sided clip). The group
+    size G is ``num_generations``. TRL's defaults already match the method page's policy loss: PPO clip
+    ``epsilon=0.2``, token-mean ``loss_type="dapo"``, no KL (``beta=0.0``), no entropy bonus; TRL has no
+    dual clip, which only acts off-policy (``num_iterations > 1`` or asynchronous generation).
+
+    Parameters:
+        attnpo_manifest (`str`):
+            KFH manifest (JSON) of the policy's base model; required. Checked against the model at init.
+        attnpo_top_n_heads (`int` or `None`, *optional*, defaults to `None`):
+            Number of top Key-Focus Heads whose mean score rates steps; `None` uses the manifest's `top_n`.
+        attnpo_estimator (`str`, *optional*, defaults to `"rloo"`):
+            Group baseline: `"rloo"` (leave-one-out, the reference) or `"grpo"` (mean/std normalisation).
+        attnpo_alpha_len (`float`, *optional*, defaults to `0.2`):
+            Length-penalty strength of the TLMRE reward, in [0, 1].
+        attnpo_alpha (`float`, *optional*, defaults to `2.0`):
+            Exponent of p in the difficulty-aware baseline S_base = p^alpha |F| / |o|.
+        attnpo_beta (`float`, *optional*, defaults to `2.0`):
+            Exponent of p in the Pos-Adv attenuation magnitude.
+        attnpo_delta (`float`, *optional*, defaults to `0.0`):
+            Floor of the Pos-Adv gamma, in [0, 1].
+        attnpo_horizon (`int`, *optional*, defaults to `1000`):
+            T of the schedule: prompt i is attenuated from optimizer step T (1 - p_i) on (0: from the start).
+        attnpo_pos_attenuation (`bool`, *optional*, defaults to `True`):
+            Apply Pos-Adv Attenuation (ablation switch).
+        attnpo_neg_attenuation (`bool`, *optional*, defaults to `True`):
+            Apply Neg-Adv Attenuation (ablation switch).
+        attnpo_use_difficulty (`bool`, *optional*, defaults to `True`):
+            Use p in the baseline and the attenuation magnitude; `False` takes p = 1 there (ablation).
+        attnpo_marker (`str`, *optional*, defaults to `"</think>"`):
+            End-of-thinking marker that separates reasoning from the final answer.
+        attnpo_allow_finetuned (`bool`, *optional*, defaults to `False`):
+            Accept a manifest whose weight fingerprint differs (the policy is a fine-tune of the probed
+            model, or is loaded in another dtype than the probe used). The shape must match regardless.
+        attnpo_micro_batch_size (`int`, *optional*, defaults to `8`):
+            Sequences per KFH scoring forward on each rank (memory only, not the maths).
+    """
+
+    attnpo_manifest: str | None = field(
+        default=None, metadata={"help": "KFH manifest (JSON) of the policy's base model; required."}
+    )
+    attnpo_top_n_heads: int | None = field(
+        default=None, metadata={"help": "Number of top Key-Focus Heads to use; None uses the manifest's top_n."}
+    )
+    attnpo_estimator: str = field(
+        default="rloo", metadata={"help": "Group baseline: 'rloo' (leave-one-out) or 'grpo' (mean/std)."}
+    )
+    attnpo_alpha_len: float = field(default=0.2, metadata={"help": "Length-penalty strength of the TLMRE reward."})
+    attnpo_alpha: float = field(default=2.0, metadata={"help": "Exponent of p in the difficulty-aware baseline."})
+    attnpo_beta: float = field(default=2.0, metadata={"help": "Exponent of p in the Pos-Adv attenuation magnitude."})
+    attnpo_delta: float = field(default=0.0, metadata={"help": "Floor of the Pos-Adv gamma, in [0, 1]."})
+    attnpo_horizon: int = field(
+        default=1000, metadata={"help": "Schedule T: prompt i is attenuated from step T * (1 - p_i) on."}
+    )
+    attnpo_pos_attenuation: bool = field(default=True, metadata={"help": "Apply Pos-Adv Attenuation."})
+    attnpo_neg_attenuation: bool = field(default=True, metadata={"help": "Apply Neg-Adv Attenuation."})
+    attnpo_use_difficulty: bool = field(
+        default=True, metadata={"help": "Use the group accuracy p in the baseline and magnitude (False: p = 1)."}
+    )
+    attnpo_marker: str = field(default="</think>", metadata={"help": "End-of-thinking marker."})
+    attnpo_allow_finetuned: bool = field(
+        default=False, metadata={"help": "Accept a manifest whose weight fingerprint differs from the policy's."}
+    )
+    attnpo_micro_batch_size: int = field(
+        default=8, metadata={"help": "Sequences per KFH scoring forward on each rank."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.attnpo_manifest is None:
+            raise ValueError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
+        if self.num_generations_eval is not None and self.num_generations_eval < 2:
+            raise ValueError(
+                f"AttnPO's group baseline needs num_generations_eval >= 2 (or None); got {self.num_generations_eval}"
+            )
+        self.to_train_config(self.num_generations)  # the range checks of the lightweight trainer
+
+    def to_train_config(self, group_size: int) -> TrainConfig:
+        """The ``TrainConfig`` whose AttnPO settings these are (method "attnpo", G = ``group_size``)."""
+        values = {
+            f.name[len(PREFIX) :]: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(PREFIX)
+        }
+        try:
+            return TrainConfig(method="attnpo", group_size=group_size, **values)
+        except ValueError as err:  # name the field as it is spelled here
+            message = str(err)
+            for name in values:
+                message = message.replace(f"config '{name}'", f"config '{PREFIX}{name}'")
+            raise ValueError(message) from None
+
+
+class AttnPOGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with AttnPO's rewards and per-token advantages (see the module docstring).
+
+    Args:
+        model: a local model path or a loaded causal LM (``GRPOTrainer``'s ``model``).
+        args: an ``AttnPOConfig``.
+        train_dataset: rows with a ``prompt`` (text or conversation) and an ``answer`` column.
+        eval_dataset, processing_class, callbacks, optimizers, peft_config: as in ``GRPOTrainer``.
+    Raises:
+        kfh_probe.manifest.ManifestError: an unreadable or invalid manifest.
+        kfh_probe.manifest.ManifestMismatchError: a manifest made for another model.
+        kfh_probe.capture.UnsupportedModelError: an architecture whose attention cannot be captured.
+        ValueError: a dataset without an ``answer`` column, more heads asked for than ranked.
+        NotImplementedError: FSDP (use DeepSpeed ZeRO).
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        args: AttnPOConfig,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        peft_config: Any = None,
+    ) -> None:
+        if not isinstance(args, AttnPOConfig):
+            raise TypeError(f"args must be an AttnPOConfig; got {type(args).__name__}")
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            columns = getattr(dataset, "column_names", None)
+            if isinstance(columns, list) and ANSWER_COLUMN not in columns:
+                raise ValueError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
+        manifest = load_manifest(args.attnpo_manifest)  # refuse a bad file before loading any weights
+        self._attnpo_heads = top_heads(manifest, args.attnpo_top_n_heads)
+        super().__init__(
+            model=model,
+            reward_funcs=[self.attnpo_correct],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        if self._dist.is_fsdp:
+            raise NotImplementedError(
+                "AttnPOGRPOTrainer does not support FSDP yet (the per-rank KFH forward would need FSDP's collective "
+                "parameter gathering in lockstep); use DeepSpeed ZeRO-2 or ZeRO-3"
+            )
+        policy = _base_model(self.accelerator.unwrap_model(self.model))
+        attention_modules(policy)  # UnsupportedModelError, by name, for attention the probe cannot capture
+        try:
+            check_model_matches(manifest, policy, args.attnpo_allow_finetuned, gather_params=self._dist.gather_params)
+        except ManifestMismatchError as err:
+            raise ManifestMismatchError(f"{err} (AttnPOConfig: attnpo_allow_finetuned=True)") from None
+        self._attnpo_pad_id = pad_token_id(self._tokenizer)
+        self._attnpo_generated: tuple[list[list[int]], list[list[int]]] | None = None
+
+    def attnpo_correct(self, completion_ids: list[list[int]], answer: list[Any], **_: Any) -> list[float]:
+        """TRL reward function: 1.0 when a completion ended with EOS and its boxed answer after the marker
+        matches the reference (``attnpo_train.rewards.correctness``), else 0.0. Feeds only TRL's own
+        ``reward`` metrics; the advantages come from ``attnpo_advantages``."""
+        _, texts, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
+        marker = self.args.attnpo_marker
+        return [
+            float(done) * float(correctness([text], str(ref), marker)[0])
+            for text, done, ref in zip(texts, finished, answer, strict=True)
+        ]
+
+    def _generate(self, prompts: list) -> tuple:
+        """TRL's ``_generate``, keeping the unpadded prompt and completion ids of this rank."""
+        result = super()._generate(prompts)
+        prompt_ids, completion_ids = result[0], result[1]
+        self._attnpo_generated = (
+            [list(map(int, ids)) for ids in prompt_ids],
+            [list(map(int, ids)) for ids in completion_ids],
+        )
+        return result
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's generation and scoring, then ``advantages`` [B] -> AttnPO per-token advantages [B, T_completion]."""
+        self._attnpo_generated = None
+        output = super()._generate_and_score_completions(inputs)
+        if self._attnpo_generated is None:
+            raise RuntimeError("TRL's _generate_and_score_completions did not call _generate; unsupported TRL version")
+        prompt_ids, completion_ids = self._attnpo_generated
+        self._attnpo_generated = None
+        if not len(prompt_ids) == len(completion_ids) == len(inputs):
+            raise RuntimeError(
+                f"expected one completion per input row; got {len(inputs)} rows, {len(prompt_ids)} prompts, "
+                f"{len(completion_ids)} completions (tools and rollout functions are not supported)"
+            )
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        token_advantages, sequence_advantages, metrics = self.attnpo_advantages(
+            prompt_ids, completion_ids, [row[ANSWER_COLUMN] for row in inputs], group_size, self.state.global_step
+        )
+        width = output["completion_ids"].shape[1]
+        advantages = torch.zeros((len(token_advantages), width), dtype=torch.float32)
+        for b, values in enumerate(token_advantages):
+            advantages[b, : len(values)] = values
+        output["advantages"] = advantages.to(output["completion_ids"].device)
+        for name, value in metrics.items():
+            self._metrics[mode][f"attnpo/{name}"].append(value)
+        logged = self._logs["advantages"]  # the completions table shows the advantages that are used
+        for _ in range(min(len(sequence_advantages), len(logged))):
+            logged.pop()
+        logged.extend(sequence_advantages)
+        return output
+
+    def attnpo_advantages(
+        self,
+        prompt_ids: list[list[int]],
+        completion_ids: list[list[int]],
+        answers: list[Any],
+        group_size: int,
+        step: int,
+    ) -> tuple[list[torch.Tensor], list[float], dict[str, float]]:
+        """AttnPO per-token advantages of this rank's completions; every rank must call it (collective).
+
+        Args:
+            prompt_ids, completion_ids, answers: this rank's B rows, unpadded, in TRL's order (the global
+                batch is the ranks' rows in rank order, each prompt's G completions consecutive).
+            group_size: G.
+            step: completed optimizer steps (the attenuation schedule's step).
+        Returns:
+            (B float32 tensors [len(completion_ids[b])], the outcome advantages A_i of the whole batch
+             (for TRL's completions table), metrics of the whole batch: "reward", "accuracy",
+             "advantage_abs_mean", "rescaled_responses", "frac_attenuated", "mean_gamma").
+        """
+        config = self.args.to_train_config(group_size)
+        all_prompt_ids = gather_object(prompt_ids)
+        all_completion_ids = gather_object(completion_ids)
+        all_answers = gather_object([str(a) for a in answers])
+        if len(all_completion_ids) % group_size:
+            raise RuntimeError(f"{len(all_completion_ids)} completions do not form groups of {group_size}")
+        trimmed, texts, finished = decode_responses(self._tokenizer, all_completion_ids, set(self.eos_token_ids))
+        rollouts = Rollouts(group_size, all_prompt_ids, trimmed, texts, finished)
+        prompts = [Prompt(str(i), "", all_answers[i * group_size]) for i in range(len(trimmed) // group_size)]
+        correct, rewards = rollout_rewards(rollouts, prompts, config)
+        advantages = group_advantages(rewards, config.estimator)
+
+        start = self.accelerator.process_index * len(completion_ids)
+        local = slice(start, start + len(completion_ids))
+        local_rollouts = Rollouts(group_size, all_prompt_ids[local], trimmed[local], texts[local], finished[local])
+        with self._scoring_model() as model:
+            ratings = rate_steps(
+                model, self._tokenizer, local_rollouts, correct.reshape(-1)[local], self._attnpo_heads, config,
+                self._attnpo_pad_id,
+            )
+        ratings = gather_object(ratings)
+        token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
+        metrics = {
+            "reward": float(rewards.mean()),
+            "accuracy": float(correct.mean()),
+            "advantage_abs_mean": float(advantages.abs().mean()),
+            "rescaled_responses": stats["rescaled_responses"],
+            "frac_attenuated": stats["frac_attenuated"],
+            "mean_gamma": stats["mean_gamma"],
+        }
+        return token_advantages[local], advantages.reshape(-1).tolist(), metrics
+
+    @contextlib.contextmanager
+    def _scoring_model(self) -> Iterator[nn.Module]:
+        """The current policy as a plain module in eval mode, for the no-grad KFH forward.
+
+        TRL's ``unwrap_model_for_generation`` removes the accelerate/DeepSpeed wrapper, gathers ZeRO-3
+        shards into full weights (always: per-rank forwards of different lengths cannot use ZeRO-3's
+        collective per-layer gathering) and turns gradient checkpointing off for the block.
+        """
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=True,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as unwrapped:
+            model = _base_model(unwrapped)
+            was_training = model.training
+            model.eval()
+            try:
+                yield model
+            finally:
+                model.train(was_training)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside a PEFT wrapper (adapters stay injected and active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,208 @@
+"""Checks of attnpo_train.trl: the TRL path's per-token advantages equal the lightweight trainer's (in one
+process, and with prompt groups split across two processes), and a two-process `accelerate launch` run of the
+example script trains and logs the AttnPO metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is not installed (pip install 'kfh-attnpo[trl]')")
+
+from attnpo_train import loop  # noqa: E402
+from attnpo_train.advantages import group_advantages  # noqa: E402
+from attnpo_train.config import TrainConfig  # noqa: E402
+from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
+from conftest import R1_TRACES  # noqa: E402
+from test_attnpo_loop import SHORT_55, WRONG_54, write_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = R1_TRACES[0]["prompt"]
+# Two groups of G = 4: all correct with two lengths (p = 1: both attenuation branches act), then two correct, a
+# wrong one and a truncated one (no EOS; incorrect).
+RESPONSES = [R1_TRACES[0]["response"], SHORT_55] * 3 + [WRONG_54, SHORT_55]
+TRUNCATED = 7
+
+
+@pytest.fixture(scope="module")
+def manifest_file(tmp_path_factory, tiny_model_dir):
+    path = tmp_path_factory.mktemp("trl-manifest") / "manifest.json"
+    write_manifest(path, tiny_model_dir)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trl-data") / "data.jsonl"
+    rows = [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def trl_args(tmp_path, manifest_file, **changes) -> AttnPOConfig:
+    base = dict(output_dir=str(tmp_path / "out"), attnpo_manifest=str(manifest_file), num_generations=4,
+                per_device_train_batch_size=8, max_completion_length=16, report_to="none", use_cpu=True,
+                logging_steps=1, save_strategy="no", attnpo_horizon=0)
+    return AttnPOConfig(**{**base, **changes})
+
+
+def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
+    args = trl_args(tmp_path, manifest_file, attnpo_horizon=1000)
+    train = args.to_train_config(args.num_generations)
+    defaults = TrainConfig(group_size=args.num_generations)
+    prefixed = [f.name for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
+    assert len(prefixed) == 14
+    for name in prefixed:
+        if name != "attnpo_manifest":
+            assert getattr(args, name) == getattr(defaults, name[len("attnpo_"):]), name
+    assert train.method == "attnpo" and train.manifest == str(manifest_file)
+    with pytest.raises(ValueError, match="config 'attnpo_delta' must be in \\[0, 1\\]"):
+        trl_args(tmp_path, manifest_file, attnpo_delta=1.5)
+    with pytest.raises(ValueError, match="needs 'attnpo_manifest'"):
+        trl_args(tmp_path, manifest_file, attnpo_manifest=None)
+
+
+def test_trl_advantages_equal_the_lightweight_trainers(tmp_path, tiny_model_dir, manifest_file, byte_tokenizer,
+                                                       monkeypatch):
+    """A fixed group through TRL's real _generate_and_score_completions gives the loop's per-token advantages."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    args = trl_args(tmp_path, manifest_file)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
+    trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=byte_tokenizer)
+
+    eos = byte_tokenizer.eos_token_id
+    completions = [byte_tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in RESPONSES]
+    completions[TRUNCATED] = completions[TRUNCATED][:-1]  # cut before EOS: counts as incorrect
+    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: ([list(c) for c in completions], None))
+    trainer.model.train()
+    output = trainer._generate_and_score_completions([{"prompt": PROMPT, "answer": "55"} for _ in RESPONSES])
+
+    # the lightweight trainer's functions on the same ids
+    prompt_ids = byte_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    for b in range(len(RESPONSES)):
+        assert output["prompt_ids"][b][output["prompt_mask"][b].bool()].tolist() == prompt_ids
+    rollouts = loop.Rollouts(4, [list(prompt_ids)] * 8, *loop.decode_responses(byte_tokenizer, completions, {eos}))
+    config = TrainConfig(method="attnpo", group_size=4, horizon=0)
+    correct, rewards = loop.rollout_rewards(rollouts, [loop.Prompt("p", PROMPT, "55")] * 2, config)
+    assert correct.tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    advantages = group_advantages(rewards, "rloo")
+    heads = [(2, 0), (2, 1), (2, 2)]  # the manifest's top 3
+    expected, stats = loop.attnpo_token_advantages(
+        trainer.model.eval(), byte_tokenizer, rollouts, correct, advantages, heads, 0, config, eos
+    )
+    assert stats["rescaled_responses"] == 6 and 0 < stats["frac_attenuated"] < 1
+
+    got = output["advantages"]
+    assert got.shape == output["completion_ids"].shape and got.dtype == torch.float32
+    for b, values in enumerate(expected):
+        assert torch.equal(got[b, : len(values)], values), b
+        assert not got[b, len(values):].any()
+    assert any(len(set(v.tolist())) > 1 for v in expected), "no step was rescaled: the check would be vacuous"
+    metrics = trainer._metrics["train"]
+    assert metrics["attnpo/frac_attenuated"] == [stats["frac_attenuated"]]
+    assert metrics["attnpo/mean_gamma"] == [stats["mean_gamma"]]
+    assert metrics["attnpo/reward"] == [float(rewards.mean())]
+    assert list(trainer._logs["advantages"]) == advantages.reshape(-1).tolist()
+
+
+def test_trainer_refuses_a_manifest_of_another_model(tmp_path, tiny_model_dir, byte_tokenizer):
+    from datasets import Dataset
+
+    from kfh_probe.manifest import ManifestMismatchError
+
+    other = tmp_path / "other.json"
+    write_manifest(other, tiny_model_dir, fingerprint="0" * 64)
+    dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
+    with pytest.raises(ManifestMismatchError, match="attnpo_allow_finetuned=True"):
+        AttnPOGRPOTrainer(model=str(tiny_model_dir), args=trl_args(tmp_path, other), train_dataset=dataset,
+                          processing_class=byte_tokenizer)
+    with pytest.raises(ValueError, match="needs an 'answer' column"):
+        AttnPOGRPOTrainer(model=str(tiny_model_dir), args=trl_args(tmp_path, other),
+                          train_dataset=Dataset.from_list([{"prompt": PROMPT}]), processing_class=byte_tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_accelerate_run_logs_attnpo_metrics(tmp_path, tiny_model_dir, manifest_file, data_file):
+    out = tmp_path / "run"
+    # `accelerate launch --cpu` starts a single process unless it is given an MPI hostfile; `--multi_gpu` starts
+    # the processes through torch.distributed, and the script's `--use_cpu` makes them a gloo (MULTI_CPU) group.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(REPO / "examples" / "train_attnpo_trl.py"),
+        "--model", str(tiny_model_dir), "--data", str(data_file), "--attnpo_manifest", str(manifest_file),
+        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "2",
+        "--max_completion_length", "16", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", "1e-3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "attnpo/frac_attenuated" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    for h in steps:
+        assert 0.0 <= h["attnpo/frac_attenuated"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0
+        assert {"attnpo/reward", "attnpo/accuracy", "attnpo/rescaled_responses", "loss"} <= h.keys()
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_path, tiny_model_dir, manifest_file,
+                                                                         ):
+    """Three groups of 4 over 2 ranks of 6 rows: the middle group has two rows on each rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # what the launched script loads
+    eos = tokenizer.eos_token_id
+    responses = RESPONSES + [SHORT_55, R1_TRACES[0]["response"], R1_TRACES[0]["response"], WRONG_54]
+    completions = [tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in responses]
+    completions[TRUNCATED] = completions[TRUNCATED][:-1]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"prompt": PROMPT, "answer": "55", "group_size": 4, "completions": completions}))
+    out = tmp_path / "ranks.json"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(REPO / "tests" / "trl_rank_check.py"),
+        str(tiny_model_dir), str(manifest_file), str(out), "6", str(spec),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    got = json.loads(out.read_text())
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    assert got["prompt_ids"] == [prompt_ids] * 12
+    rollouts = loop.Rollouts(4, [list(prompt_ids)] * 12, *loop.decode_responses(tokenizer, completions, {eos}))
+    config = TrainConfig(method="attnpo", group_size=4, horizon=0)
+    correct, rewards = loop.rollout_rewards(rollouts, [loop.Prompt("p", PROMPT, "55")] * 3, config)
+    assert correct.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
+    advantages = group_advantages(rewards, "rloo")
+    expected, stats = loop.attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages,
+                                                   [(2, 0), (2, 1), (2, 2)], 0, config, eos)
+    assert stats["attenuated_steps"] > 0
+    assert len(got["advantages"]) == 12
+    for b, values in enumerate(expected):  # other processes, other thread counts: equal up to float rounding
+        torch.testing.assert_close(torch.tensor(got["advantages"][b]), values, rtol=1e-5, atol=1e-6)
+    assert got["metrics"]["attnpo/rescaled_responses"] == [stats["rescaled_responses"]]
+    assert got["metrics"]["attnpo/frac_attenuated"] == [pytest.approx(stats["frac_attenuated"])]
+    assert got["metrics"]["attnpo/mean_gamma"] == [pytest.approx(stats["mean_gamma"])]
