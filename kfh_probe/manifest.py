@@ -38,9 +38,11 @@ class ManifestMismatchError(ValueError):
 
 
 def model_fingerprint(model: nn.Module, gather_params: GatherParams | None = None) -> str:
-    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order.
+    """SHA-256 over every parameter and buffer (name, shape, values as float32 bytes), in name order.
 
-    Changes whenever any weight changes; independent of device.
+    Changes whenever any weight changes; independent of device, and of the dtype the weights were
+    loaded in as long as the values are the same (a bf16 checkpoint loaded in bf16 or float32 has one
+    fingerprint; float32 weights rounded to bf16 have another, since their values differ).
 
     Args:
         gather_params: for sharded parameters (DeepSpeed ZeRO-3), a context-manager factory that makes
@@ -54,10 +56,11 @@ def model_fingerprint(model: nn.Module, gather_params: GatherParams | None = Non
         param = params.get(name)
         with gather_params([param]) if param is not None else contextlib.nullcontext():
             value = tensor if param is None else param.data
-            digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-            flat = value.detach().contiguous().reshape(-1)
+            digest.update(f"{name}|{tuple(value.shape)}|".encode())
+            flat = value.detach().reshape(-1)
             for start in range(0, flat.numel(), 1 << 24):
-                digest.update(flat[start : start + (1 << 24)].view(torch.uint8).cpu().numpy().tobytes())
+                chunk = flat[start : start + (1 << 24)].float().contiguous()
+                digest.update(chunk.view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -176,6 +176,10 @@ def test_manifest_refuses_another_model(tiny_model_dir, labeled_trace_file, tmp_
     same = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     check_model_matches(manifest, same)
     assert manifest["model"]["fingerprint"] == model_fingerprint(same)
+    # The same values in another dtype keep the fingerprint; values rounded to bf16 do not.
+    assert model_fingerprint(same.to(torch.float64)) == manifest["model"]["fingerprint"]
+    assert model_fingerprint(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)) != manifest["model"]["fingerprint"]
+    same.to(torch.float32)
     with torch.no_grad():
         same.lm_head.weight[0, 0] += 1.0
     with pytest.raises(ManifestMismatchError, match="--allow-finetuned"):
