@@ -102,7 +102,9 @@ def _run_config(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from kfh_probe.manifest import ManifestError, ManifestMismatchError
 
-    from attnpo_train.loop import DataError, ResumeError, latest_checkpoint, prepare_run, train
+    from attnpo_train.checkpoint import ResumeError, latest_checkpoint
+    from attnpo_train.data import DataError
+    from attnpo_train.loop import prepare_run, train
 
     config = _run_config(args)
     if args.resume and latest_checkpoint(config.out) is None:
@@ -130,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _eval_prompts(args: argparse.Namespace):
-    from attnpo_train.loop import DataError, Prompt, load_prompts
+    from attnpo_train.data import DataError, Prompt, load_prompts
 
     if args.data is None:
         from kfh_probe.organism.task import generate_problems

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from attnpo_train.loop import Prompt, generate_rollouts
+from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
+from attnpo_train.rollouts import generate_rollouts
 
 
 def evaluate(

@@ -13,12 +13,13 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
 
 - ``_generate_and_score_completions`` calls TRL's, then replaces its ``advantages`` [B] with per-token
   advantages [B, T_completion] computed by the functions of the single-machine trainer
-  (``attnpo_train.loop``): ``decode_responses`` of TRL's completion ids, ``rollout_rewards``
-  (correctness and the TLMRE length-penalised reward), ``group_advantages`` (RLOO by default),
-  ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's top-N Key-Focus Heads
-  in one no-grad forward per micro-batch that records answer rows only) and ``rescale_rollouts``
-  (``rescale_group``: difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same
-  prompts, completions and weights the advantages are therefore exactly the lightweight trainer's.
+  (``attnpo_train.rollouts`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
+  ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
+  (RLOO by default), ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's
+  top-N Key-Focus Heads in one no-grad forward per micro-batch that records answer rows only) and
+  ``rescale_rollouts`` (``rescale_group``: difficulty-aware baseline, Pos-/Neg-Adv attenuation,
+  schedule). For the same prompts, completions and weights the advantages are therefore exactly the
+  lightweight trainer's.
   TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
   and every TRL loss type multiplies them elementwise with the per-token ratio.
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
@@ -55,8 +56,10 @@ from trl.models import unwrap_model_for_generation
 
 from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
-from attnpo_train.loop import Prompt, Rollouts, decode_responses, rate_steps, rescale_rollouts, rollout_rewards
+from attnpo_train.credit import rate_steps, rescale_rollouts, rollout_rewards
+from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
+from attnpo_train.rollouts import Rollouts, decode_responses
 from kfh_probe.capture import attention_modules
 from kfh_probe.loading import pad_token_id
 from kfh_probe.manifest import ManifestMismatchError, check_model_matches, load_manifest, top_heads

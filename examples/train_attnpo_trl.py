@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from attnpo_train.loop import load_prompts, require_model_dir
+from attnpo_train.data import load_prompts
+from attnpo_train.loop import require_model_dir
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer
 
 

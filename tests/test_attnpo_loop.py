@@ -1,5 +1,6 @@
-"""Checks of attnpo_train.loop: end-to-end runs of every method, AttnPO credit assignment against an
-independent eager-attention computation, checkpoint/resume equality, Ctrl-C, data and manifest refusals."""
+"""Checks of attnpo_train.loop and the modules it runs on (data, rollouts, credit, checkpoint): end-to-end
+runs of every method, AttnPO credit assignment against an independent eager-attention computation,
+checkpoint/resume equality, Ctrl-C, data and manifest refusals."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import pytest
 import torch
 
 from attnpo_train import loop
+from attnpo_train.checkpoint import latest_checkpoint
 from attnpo_train.config import TrainConfig
+from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
+from attnpo_train.data import DataError, Prompt, PromptSource, load_prompts
+from attnpo_train.rollouts import Rollouts, generate_rollouts
 from conftest import R1_TRACES
 
 TIMING = set(loop.TIMING_FIELDS)
@@ -88,7 +93,7 @@ def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_fi
     assert required <= metrics[0].keys()
     assert ("kl" in metrics[0]) == (method == "grpo")
     assert all(0 < m["response_tokens_mean"] <= 20 for m in metrics)
-    assert loop.latest_checkpoint(tmp_path / "out").name == "step-00000002"
+    assert latest_checkpoint(tmp_path / "out").name == "step-00000002"
     assert not list((tmp_path / "out" / "checkpoints").glob(".tmp*"))
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     assert (tmp_path / "out" / "final" / "tokenizer.json").is_file()
@@ -97,11 +102,11 @@ def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_fi
     assert all(torch.equal(trained[k], v) for k, v in inputs.model.state_dict().items())
 
 
-def crafted_rollouts(tokenizer, responses: list[str], prompt: str) -> loop.Rollouts:
+def crafted_rollouts(tokenizer, responses: list[str], prompt: str) -> Rollouts:
     """One group of rollouts of ``prompt`` with the given response texts, as if generated (EOS appended)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    return loop.Rollouts(len(responses), [list(prompt_ids) for _ in responses], response_ids, list(responses),
+    return Rollouts(len(responses), [list(prompt_ids) for _ in responses], response_ids, list(responses),
                          [True] * len(responses))
 
 
@@ -122,13 +127,13 @@ def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, 
     prompt = R1_TRACES[0]["prompt"]
     rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], WRONG_54], prompt)
     config = TrainConfig(method="attnpo", horizon=0, group_size=2)
-    prompts = [loop.Prompt("p", prompt, "55")]
-    correct, rewards = loop.rollout_rewards(rollouts, prompts, config)
+    prompts = [Prompt("p", prompt, "55")]
+    correct, rewards = rollout_rewards(rollouts, prompts, config)
     assert correct.tolist() == [[1.0, 0.0]]
     advantages = torch.tensor([[0.9, -0.9]])
     heads = [(2, 1), (1, 3), (2, 0)]
 
-    out, stats = loop.attnpo_token_advantages(model, byte_tokenizer, rollouts, correct, advantages, heads, 0, config, 0)
+    out, stats = attnpo_token_advantages(model, byte_tokenizer, rollouts, correct, advantages, heads, 0, config, 0)
 
     trace = align_generated(byte_tokenizer, rollouts.prompt_ids[0], rollouts.response_ids[0])
     ids = torch.tensor([trace.input_ids])
@@ -156,7 +161,7 @@ def test_attnpo_step_rescales_correct_rollouts(tiny_model_dir, manifest_file, da
     prompt = R1_TRACES[0]["prompt"]
     fake = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55], prompt)
     monkeypatch.setattr(loop, "generate_rollouts", lambda *args, **kwargs: fake)
-    monkeypatch.setattr(loop.PromptSource, "draw", lambda self, rng, k: [loop.Prompt("p", prompt, "55")])
+    monkeypatch.setattr(PromptSource, "draw", lambda self, rng, k: [Prompt("p", prompt, "55")])
     config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method="attnpo", steps=1,
                           prompts_per_step=1, group_size=2, horizon=0)
     metrics = loop.train(loop.prepare_run(config), config, progress=False)
@@ -200,7 +205,7 @@ def test_interrupted_and_resumed_runs_log_the_same_metrics(tiny_model_dir, manif
     monkeypatch.setattr(loop, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         loop.train(loop.prepare_run(config), config, progress=False)
-    assert loop.latest_checkpoint(tmp_path / "c").name == "step-00000002"
+    assert latest_checkpoint(tmp_path / "c").name == "step-00000002"
     assert len((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()) == 2
     monkeypatch.setattr(loop, "train_step", real_step)
     scramble_global_rngs()
@@ -219,7 +224,7 @@ def test_resume_refuses_changed_settings_and_ignores_partial_checkpoints(tiny_mo
                           group_size=2, max_new_tokens=8)
     loop.train(loop.prepare_run(config), config, progress=False)
     (tmp_path / "out" / "checkpoints" / ".tmp-step-00000009-1").mkdir()  # a write that never finished
-    assert loop.latest_checkpoint(tmp_path / "out").name == "step-00000001"
+    assert latest_checkpoint(tmp_path / "out").name == "step-00000001"
     changed = dataclasses.replace(config, steps=2, lr=1e-3)
     with pytest.raises(ValueError, match="lr: checkpoint 1e-05, now 0.001"):
         loop.train(loop.prepare_run(changed), changed, resume=True, progress=False)
@@ -244,8 +249,8 @@ def test_data_rows_without_a_checkable_answer_are_reported_by_line(tmp_path):
         '{"prompt": "e", "answer": 7}\n',
         encoding="utf-8",
     )
-    with pytest.raises(loop.DataError) as err:
-        loop.load_prompts(path)
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
     message = str(err.value)
     assert "5 row(s)" in message
     for expected in ("line 2 (id 'x'): no checkable answer", "line 4: no checkable answer ('answer' is empty)",
@@ -257,7 +262,7 @@ def test_data_rows_without_a_checkable_answer_are_reported_by_line(tmp_path):
 def test_load_prompts_reads_ids_and_numeric_answers(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text('{"prompt": "a", "answer": 12, "id": "q1"}\n{"prompt": "b", "answer": " 3 "}\n', encoding="utf-8")
-    assert loop.load_prompts(path) == [loop.Prompt("q1", "a", "12"), loop.Prompt("line-2", "b", "3")]
+    assert load_prompts(path) == [Prompt("q1", "a", "12"), Prompt("line-2", "b", "3")]
 
 
 def test_manifest_refusals_happen_before_training(tiny_model_dir, data_file, tmp_path):
@@ -286,19 +291,19 @@ def test_manifest_refusals_happen_before_training(tiny_model_dir, data_file, tmp
 
 def test_phrase_counts_use_the_segmenter_families_in_the_reasoning_only():
     text = "Okay, so x. Wait, no. Hmm, wait: But Sometimes. Therefore y. So z.\nHmm fine </think> Wait So"
-    assert loop.phrase_counts(text) == {"confused": 3, "summary": 3}
-    assert loop.phrase_counts("no marker: But So") == {"confused": 1, "summary": 1}
+    assert phrase_counts(text) == {"confused": 3, "summary": 3}
+    assert phrase_counts("no marker: But So") == {"confused": 1, "summary": 1}
 
 
 def test_rewards_count_unfinished_responses_as_incorrect(byte_tokenizer):
     prompt = R1_TRACES[0]["prompt"]
     rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], prompt)
     rollouts.finished[1] = False
-    prompts = [loop.Prompt("p", prompt, "55")]
-    correct, rewards = loop.rollout_rewards(rollouts, prompts, TrainConfig(method="tlmre", group_size=3))
+    prompts = [Prompt("p", prompt, "55")]
+    correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="tlmre", group_size=3))
     assert correct.tolist() == [[1.0, 0.0, 0.0]]
     assert rewards[0].tolist() == pytest.approx([0.9, 0.0, 0.0])
-    correct, rewards = loop.rollout_rewards(rollouts, prompts, TrainConfig(method="grpo", group_size=3))
+    correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="grpo", group_size=3))
     assert rewards.tolist() == correct.tolist() == [[1.0, 0.0, 0.0]]
 
 
@@ -306,13 +311,13 @@ def test_generate_rollouts_trims_at_eos_and_keeps_prompt_ids(tiny_model_dir, byt
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompts = [loop.Prompt("a", "What is 1+1?", "2"), loop.Prompt("b", R1_TRACES[1]["prompt"], "21")]
+    prompts = [Prompt("a", "What is 1+1?", "2"), Prompt("b", R1_TRACES[1]["prompt"], "21")]
     torch.manual_seed(0)
-    rollouts = loop.generate_rollouts(model, byte_tokenizer, prompts, 2, 12, 1.0)
+    rollouts = generate_rollouts(model, byte_tokenizer, prompts, 2, 12, 1.0)
     eos = byte_tokenizer.eos_token_id
     assert len(rollouts.response_ids) == 4
     for i, (ids, done) in enumerate(zip(rollouts.response_ids, rollouts.finished)):
         assert rollouts.prompt_ids[i] == byte_tokenizer(prompts[i // 2].text, add_special_tokens=False)["input_ids"]
         assert (ids[-1] == eos and eos not in ids[:-1]) if done else (len(ids) == 12 and eos not in ids)
-    greedy = loop.generate_rollouts(model, byte_tokenizer, prompts[:1], 2, 12, None)
+    greedy = generate_rollouts(model, byte_tokenizer, prompts[:1], 2, 12, None)
     assert greedy.response_ids[0] == greedy.response_ids[1]

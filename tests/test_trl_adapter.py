@@ -17,9 +17,11 @@ import torch
 
 pytest.importorskip("trl", reason="TRL is not installed (pip install 'kfh-attnpo[trl]')")
 
-from attnpo_train import loop  # noqa: E402
 from attnpo_train.advantages import group_advantages  # noqa: E402
 from attnpo_train.config import TrainConfig  # noqa: E402
+from attnpo_train.credit import attnpo_token_advantages, rollout_rewards  # noqa: E402
+from attnpo_train.data import Prompt  # noqa: E402
+from attnpo_train.rollouts import Rollouts, decode_responses  # noqa: E402
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
 from conftest import R1_TRACES  # noqa: E402
 from test_attnpo_loop import SHORT_55, WRONG_54, write_manifest  # noqa: E402
@@ -92,13 +94,13 @@ def test_trl_advantages_equal_the_lightweight_trainers(tmp_path, tiny_model_dir,
     prompt_ids = byte_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     for b in range(len(RESPONSES)):
         assert output["prompt_ids"][b][output["prompt_mask"][b].bool()].tolist() == prompt_ids
-    rollouts = loop.Rollouts(4, [list(prompt_ids)] * 8, *loop.decode_responses(byte_tokenizer, completions, {eos}))
+    rollouts = Rollouts(4, [list(prompt_ids)] * 8, *decode_responses(byte_tokenizer, completions, {eos}))
     config = TrainConfig(method="attnpo", group_size=4, horizon=0)
-    correct, rewards = loop.rollout_rewards(rollouts, [loop.Prompt("p", PROMPT, "55")] * 2, config)
+    correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
     assert correct.tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
     advantages = group_advantages(rewards, "rloo")
     heads = [(2, 0), (2, 1), (2, 2)]  # the manifest's top 3
-    expected, stats = loop.attnpo_token_advantages(
+    expected, stats = attnpo_token_advantages(
         trainer.model.eval(), byte_tokenizer, rollouts, correct, advantages, heads, 0, config, eos
     )
     assert stats["rescaled_responses"] == 6 and 0 < stats["frac_attenuated"] < 1
@@ -192,12 +194,12 @@ def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_pa
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     assert got["prompt_ids"] == [prompt_ids] * 12
-    rollouts = loop.Rollouts(4, [list(prompt_ids)] * 12, *loop.decode_responses(tokenizer, completions, {eos}))
+    rollouts = Rollouts(4, [list(prompt_ids)] * 12, *decode_responses(tokenizer, completions, {eos}))
     config = TrainConfig(method="attnpo", group_size=4, horizon=0)
-    correct, rewards = loop.rollout_rewards(rollouts, [loop.Prompt("p", PROMPT, "55")] * 3, config)
+    correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 3, config)
     assert correct.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
     advantages = group_advantages(rewards, "rloo")
-    expected, stats = loop.attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages,
+    expected, stats = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages,
                                                    [(2, 0), (2, 1), (2, 2)], 0, config, eos)
     assert stats["attenuated_steps"] > 0
     assert len(got["advantages"]) == 12

@@ -1,0 +1,275 @@
+"""Rollout-level credit assignment, shared by the single-machine loop (``attnpo_train.loop``) and the TRL
+adapter (``attnpo_train.trl``), so that both give the same per-token advantages for the same rollouts.
+
+- ``rollout_rewards``: correctness (a response cut at ``max_new_tokens`` without EOS is incorrect) and
+  the TLMRE length-penalised reward ("tlmre", "attnpo") or plain correctness ("grpo");
+- ``uniform_token_advantages``: every response token gets its response's outcome advantage;
+- ``attnpo_token_advantages`` = ``rate_steps`` (steps aligned on the generated ids and scored by the
+  top-N Key-Focus Heads of the current policy, ``kfh_step_scores``) then ``rescale_rollouts``
+  (``rescale_group`` per prompt group; pure, no model);
+- ``phrase_counts``: confused/summary phrase counts of a response, logged as metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnpo_train.advantages import group_accuracy, rescale_group
+from attnpo_train.config import TrainConfig
+from attnpo_train.data import Prompt
+from attnpo_train.rewards import correctness, length_penalised_rewards
+from attnpo_train.rollouts import Rollouts
+from kfh_probe.alignment import TokenizedTrace, align_generated, collate
+from kfh_probe.capture import capture_answer_attention
+from kfh_probe.scoring import step_scores
+from kfh_probe.segmentation import SegmenterConfig
+
+# ---------------------------------------------------------------------------------------------------
+# Rewards and phrase counts
+# ---------------------------------------------------------------------------------------------------
+
+
+def rollout_rewards(rollouts: Rollouts, prompts: list[Prompt], config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correctness and reward of every rollout.
+
+    Returns:
+        (correct [P, G] float 0/1: the boxed answer after the marker matches and the response ended
+         with EOS; rewards [P, G] float32: ``length_penalised_rewards`` per group for "tlmre" and
+         "attnpo", the correctness itself for "grpo").
+    """
+    g = rollouts.group_size
+    lengths = rollouts.response_lengths.view(len(prompts), g)
+    finished = torch.tensor(rollouts.finished, dtype=torch.float32).view(len(prompts), g)
+    correct = torch.stack(
+        [correctness(rollouts.texts[i * g : (i + 1) * g], p.answer, config.marker) for i, p in enumerate(prompts)]
+    ) * finished
+    if config.method == "grpo":
+        return correct, correct.clone()
+    rewards = torch.stack([length_penalised_rewards(correct[i], lengths[i], config.alpha_len) for i in range(len(prompts))])
+    return correct, rewards
+
+
+_PHRASE_COUNTER = SegmenterConfig()
+
+
+def phrase_counts(response: str, marker: str = "</think>") -> dict[str, int]:
+    """Occurrences of confused/reflection and summary phrases in a response's reasoning.
+
+    The reasoning is the text before the marker (the whole response when the marker is missing). A
+    phrase counts where a word starts, longest match first (so "Okay, so" is one summary phrase and
+    "Hmm, wait" one confused phrase), with the phrase families of ``kfh_probe.segmentation``.
+
+    Returns:
+        {"confused": n, "summary": n}.
+    """
+    reasoning = response.split(marker, 1)[0]
+    counts = {"confused": 0, "summary": 0}
+    pos = 0
+    while pos < len(reasoning):
+        if pos == 0 or not reasoning[pos - 1].isalnum():
+            found = _PHRASE_COUNTER.match(reasoning, pos)
+            if found is not None:
+                phrase, family = found
+                if family in counts:
+                    counts[family] += 1
+                pos += len(phrase)
+                continue
+        pos += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Credit assignment
+# ---------------------------------------------------------------------------------------------------
+
+
+def uniform_token_advantages(advantages: torch.Tensor, rollouts: Rollouts) -> list[torch.Tensor]:
+    """Every response token gets its response's outcome advantage.
+
+    Args:
+        advantages: [P, G].
+    Returns:
+        P*G float32 tensors [response_len_i].
+    """
+    flat = advantages.reshape(-1)
+    return [torch.full((len(r),), float(a), dtype=torch.float32) for a, r in zip(flat, rollouts.response_ids)]
+
+
+@torch.no_grad()
+def kfh_step_scores(
+    model: nn.Module, traces: list[TokenizedTrace], heads: list[tuple[int, int]], pad_id: int, batch_size: int
+) -> list[torch.Tensor]:
+    """Step scores of each trace: the mean over the given heads of ``step_scores`` (method page sec. 3).
+
+    One forward per batch of ``batch_size`` traces, stopped after the deepest head's layer, capturing
+    only the answer rows of the heads' layers (``capture_answer_attention``).
+
+    Args:
+        traces: aligned traces (absolute token spans).
+        heads: the top-N Key-Focus Heads as (layer, query head).
+    Returns:
+        one float32 tensor [K_i] per trace.
+    """
+    layers = sorted({layer for layer, _ in heads})
+    device = next(model.parameters()).device
+    scores: list[torch.Tensor] = []
+    for start in range(0, len(traces), batch_size):
+        chunk = traces[start : start + batch_size]
+        batch = collate(chunk, pad_id)
+        captured = capture_answer_attention(
+            model,
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            batch.answer_mask.to(device),
+            layers=layers,
+        )
+        picked = torch.stack([captured.values[:, captured.layers.index(l), h] for l, h in heads], dim=1)  # [B, N, T]
+        for b, trace in enumerate(chunk):
+            scores.append(step_scores(picked[b, :, : trace.length].float().cpu(), trace.step_spans).mean(dim=0))
+    return scores
+
+
+@dataclass(frozen=True)
+class StepRating:
+    """The steps of one correct response and their Key-Focus-Head scores.
+
+    Attributes:
+        spans: K response-relative token spans [start, end) of the reasoning steps.
+        scores: [K] float32 step scores (mean over the top-N heads).
+        answer_len: |F|, tokens from after the end-of-thinking marker to the end (EOS included).
+    """
+
+    spans: list[tuple[int, int]]
+    scores: torch.Tensor
+    answer_len: int
+
+
+def rate_steps(
+    model: nn.Module,
+    tokenizer,
+    rollouts: Rollouts,
+    correct: torch.Tensor,
+    heads: list[tuple[int, int]],
+    config: TrainConfig,
+    pad_id: int,
+) -> list[StepRating | None]:
+    """Segment and score the steps of every correct response with the current policy's top-N heads.
+
+    Each correct response is aligned on its generated ids (``align_generated``: steps and the answer
+    span F) and, when it has at least two steps, scored with ``kfh_step_scores`` in batches of
+    ``config.micro_batch_size``. Only ``rollouts.prompt_ids`` and ``rollouts.response_ids`` are read, so
+    any slice of a step's rollouts can be rated on its own (a distributed engine rates each rank's share).
+
+    Args:
+        correct: [N] (or [P, G]) 0/1 correctness of the N rollouts.
+    Returns:
+        N entries: a ``StepRating``, or None for a response that is incorrect, has no single marker, or
+        has fewer than two steps (such responses keep a uniform advantage).
+    """
+    flat_correct = correct.reshape(-1)
+    aligned: dict[int, TokenizedTrace] = {}
+    for i in range(len(rollouts.response_ids)):
+        if flat_correct[i] > 0:
+            trace = align_generated(tokenizer, rollouts.prompt_ids[i], rollouts.response_ids[i], config.marker)
+            if trace is not None and len(trace.step_spans) >= 2:
+                aligned[i] = trace
+    order = sorted(aligned)
+    scores = kfh_step_scores(model, [aligned[i] for i in order], heads, pad_id, config.micro_batch_size)
+    ratings: list[StepRating | None] = [None] * len(rollouts.response_ids)
+    for i, score in zip(order, scores):
+        trace = aligned[i]
+        prompt_len = len(rollouts.prompt_ids[i])
+        ratings[i] = StepRating(
+            [(a - prompt_len, b - prompt_len) for a, b in trace.step_spans],
+            score,
+            trace.answer_span[1] - trace.answer_span[0],
+        )
+    return ratings
+
+
+def rescale_rollouts(
+    rollouts: Rollouts,
+    correct: torch.Tensor,
+    advantages: torch.Tensor,
+    ratings: list[StepRating | None],
+    step: int,
+    config: TrainConfig,
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Per-token advantages of one step's rollouts from their step ratings (``rescale_group`` per group).
+
+    Pure: no model. Responses without a rating keep a uniform advantage.
+
+    Args:
+        correct: [P, G] 0/1.
+        advantages: [P, G] outcome advantages.
+        ratings: P*G entries from ``rate_steps`` (None where a response is not rescaled).
+        step: 0-based training step (for the attenuation schedule).
+    Returns:
+        (P*G float32 tensors [response_len_i],
+         stats: "rescaled_responses", "steps", "attenuated_steps" summed over groups,
+         "frac_attenuated" = attenuated_steps / steps (0 without steps), "mean_gamma" (1 without steps)).
+    """
+    g = rollouts.group_size
+    if len(ratings) != len(rollouts.response_ids):
+        raise ValueError(
+            f"need one rating (or None) per rollout: {len(ratings)} ratings, {len(rollouts.response_ids)} rollouts"
+        )
+    p = group_accuracy(correct)
+    outputs: list[torch.Tensor] = []
+    totals = {"rescaled_responses": 0.0, "steps": 0.0, "attenuated_steps": 0.0}
+    gamma_sum = 0.0
+    for group in range(correct.shape[0]):
+        members = range(group * g, (group + 1) * g)
+        token_advantages, stats = rescale_group(
+            correct[group].bool(),
+            advantages[group],
+            step_scores=[None if ratings[i] is None else ratings[i].scores for i in members],
+            step_spans=[None if ratings[i] is None else ratings[i].spans for i in members],
+            answer_lens=[1 if ratings[i] is None else ratings[i].answer_len for i in members],
+            total_lens=[len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]) for i in members],
+            response_lens=[len(rollouts.response_ids[i]) for i in members],
+            p=float(p[group]),
+            step=step,
+            config=config,
+        )
+        outputs += token_advantages
+        for key in totals:
+            totals[key] += stats[key]
+        gamma_sum += stats["mean_gamma"] * stats["steps"]
+    steps = totals["steps"]
+    return outputs, {
+        **totals,
+        "frac_attenuated": totals["attenuated_steps"] / steps if steps else 0.0,
+        "mean_gamma": gamma_sum / steps if steps else 1.0,
+    }
+
+
+def attnpo_token_advantages(
+    model: nn.Module,
+    tokenizer,
+    rollouts: Rollouts,
+    correct: torch.Tensor,
+    advantages: torch.Tensor,
+    heads: list[tuple[int, int]],
+    step: int,
+    config: TrainConfig,
+    pad_id: int,
+) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """AttnPO per-token advantages of one step's rollouts (method page section 6).
+
+    ``rate_steps`` (alignment on the generated ids and the top-N heads' step scores under the current
+    policy), then ``rescale_rollouts`` (``rescale_group`` per prompt group). Incorrect responses, and
+    correct ones whose marker or steps cannot be placed, keep a uniform advantage.
+
+    Args:
+        correct: [P, G] 0/1.
+        advantages: [P, G] outcome advantages.
+        step: 0-based training step (for the attenuation schedule).
+    Returns:
+        see ``rescale_rollouts``.
+    """
+    ratings = rate_steps(model, tokenizer, rollouts, correct, heads, config, pad_id)
+    return rescale_rollouts(rollouts, correct, advantages, ratings, step, config)

@@ -1,0 +1,87 @@
+"""Prompts: JSONL prompt files (``load_prompts``) and where a run draws its prompts from (``PromptSource``:
+a fixed list, or the embedded organism's task generator)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A prompt file with rows that cannot be trained or evaluated on (each row named by line)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One training or evaluation prompt: exact model input text and its reference answer."""
+
+    id: str
+    text: str
+    answer: str
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Read a JSONL file of ``{"prompt": str, "answer": str or number, "id": optional}`` rows.
+
+    Blank lines are skipped. Every row without a checkable answer (missing, empty, not a string or a
+    number) or without a non-empty string prompt is collected, and all of them are reported at once.
+
+    Raises:
+        DataError: naming the file and each bad row by line number (and id when it has one).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    prompts: list[Prompt] = []
+    problems: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"line {number}: not valid JSON ({err.msg})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"line {number}: not a JSON object")
+            continue
+        where = f"line {number}" + (f" (id {row['id']!r})" if "id" in row else "")
+        prompt, answer = row.get("prompt"), row.get("answer")
+        if not isinstance(prompt, str) or not prompt:
+            problems.append(f"{where}: 'prompt' is missing or not a non-empty string")
+            continue
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            problems.append(f"{where}: no checkable answer ('answer' is missing or not a string or number)")
+            continue
+        if not str(answer).strip():
+            problems.append(f"{where}: no checkable answer ('answer' is empty)")
+            continue
+        prompts.append(Prompt(str(row.get("id", f"line-{number}")), prompt, str(answer).strip()))
+    if problems:
+        raise DataError(f"{path}: {len(problems)} row(s) cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+class PromptSource:
+    """Where a run's prompts come from: a fixed list (sampled without replacement within a step) or,
+    when ``prompts`` is None, fresh problems from the embedded organism's task generator."""
+
+    def __init__(self, prompts: list[Prompt] | None) -> None:
+        self.prompts = prompts
+
+    def draw(self, rng: random.Random, k: int) -> list[Prompt]:
+        """``k`` prompts, a pure function of ``rng``'s state (which it advances)."""
+        if self.prompts is None:
+            from kfh_probe.organism.task import generate_problem
+
+            problems = [generate_problem(rng) for _ in range(k)]
+            return [Prompt(f"organism-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
+        if k <= len(self.prompts):
+            return rng.sample(self.prompts, k)
+        return [rng.choice(self.prompts) for _ in range(k)]
