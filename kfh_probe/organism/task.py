@@ -33,11 +33,8 @@ THINK_CLOSE = "</think>"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
-NAMES = (
-    "Ava", "Ben", "Cal", "Dana", "Eli", "Finn", "Gus", "Hana", "Ivy", "Jack", "Kai", "Lena",
-    "Mia", "Noah", "Omar", "Pia", "Rosa", "Sam", "Tara", "Uma", "Vera", "Zoe",
-)
-ITEMS = ("apples", "coins", "marbles", "stickers", "pencils", "cards", "books", "shells")
+NAMES = ("Ava", "Ben", "Cal", "Dana", "Eli", "Finn", "Gus", "Hana", "Ivy", "Jack", "Lena", "Mia", "Omar", "Rosa")
+ITEMS = ("apples", "coins", "marbles", "pencils", "cards", "shells")
 MAX_VALUE = 20
 MAX_DIFF = 9
 
@@ -114,9 +111,9 @@ def _chain_facts(rng: random.Random, names: list[str], item: str) -> list[Fact]:
 
 
 def generate_problem(rng: random.Random) -> Problem:
-    """Draw one problem: a chain of 2-4 quantities of the asked item and 1-3 distractor quantities."""
+    """Draw one problem: a chain of 2-4 quantities of the asked item and 1-2 distractor quantities."""
     item, other = rng.sample(ITEMS, 2)
-    n_chain, n_distract = rng.randint(2, 4), rng.randint(1, 3)
+    n_chain, n_distract = rng.randint(2, 4), rng.randint(1, 2)
     names = rng.sample(NAMES, n_chain + n_distract)
     chain = _chain_facts(rng, names[:n_chain], item)
     distract = _chain_facts(rng, names[n_chain:], other)

@@ -36,21 +36,26 @@ class TrainConfig:
     """Hyper-parameters of a build (the defaults make the shipped model)."""
 
     seed: int = 0
-    steps: int = 450
-    batch_size: int = 32
-    lr: float = 3e-3
-    warmup: int = 30
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 5e-3
+    warmup: int = 100
     weight_decay: float = 0.05
     tokenizer_traces: int = 2000
 
 
 def model_config(vocab_size: int) -> Qwen2Config:
-    """4 layers, hidden 128, 4 query heads sharing 2 KV heads (head_dim 32), RoPE, tied embeddings."""
+    """4 layers, hidden 128 (MLP 384), 4 query heads sharing 2 KV heads (head_dim 32), RoPE.
+
+    Input and output embeddings are untied (and get a wider init, no weight decay, see
+    :func:`_init_embeddings`): otherwise the many interchangeable name and item tokens collapse onto
+    one direction early and the model never learns to copy them.
+    """
     eos, pad = EXTRA_TOKENS.index("<|endoftext|>"), EXTRA_TOKENS.index("<|pad|>")
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=eos, pad_token_id=pad,
+        rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=eos, pad_token_id=pad,
         bos_token_id=None, attention_dropout=0.0,
     )
 
@@ -103,14 +108,23 @@ def build(out_dir: Path, cfg: TrainConfig = TrainConfig()) -> Path:
     return out_dir
 
 
+def _init_embeddings(model: Qwen2ForCausalLM, std: float = 0.1) -> None:
+    """Wider random init of input and output embeddings, so symmetric tokens start distinguishable."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, std)
+        model.get_output_embeddings().weight.normal_(0.0, std)
+
+
 def _train(out: Path, cfg: TrainConfig) -> None:
     rng = random.Random(cfg.seed)
     tok = train_bpe(p + r for p, r in (_teacher_text(rng) for _ in range(cfg.tokenizer_traces)))
     torch.manual_seed(cfg.seed)
     config = model_config(tok.get_vocab_size())
     model = Qwen2ForCausalLM(config)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    _init_embeddings(model)
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     model.train()

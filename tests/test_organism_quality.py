@@ -1,0 +1,43 @@
+"""The shipped organism: a plain HF folder that solves its task and overthinks when sampled."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from kfh_probe.organism import default_model_dir
+from kfh_probe.organism.report import REPORT_SEED, labeled_samples, sample_labeled_traces
+
+MODEL = default_model_dir()
+pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(),
+                                reason=f"no shipped organism at {MODEL}: run `kfh-probe organism build`")
+
+
+def test_shipped_folder_is_small_and_loads_with_no_flags():
+    assert sum(p.stat().st_size for p in MODEL.iterdir()) <= 10 * 1024 * 1024
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL))
+    assert model.config.model_type == "qwen2"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+
+
+def test_greedy_accuracy_on_fresh_problems_is_at_least_95_percent():
+    stats = labeled_samples(MODEL, 200, REPORT_SEED + 7, temperature=None)[1]
+    assert stats["accuracy"] >= 0.95, stats
+
+
+def test_sampling_stays_accurate_and_spreads_lengths_and_redundancy():
+    stats = labeled_samples(MODEL, 200, REPORT_SEED + 8, temperature=1.0)[1]
+    assert stats["accuracy"] >= 0.80, stats
+    assert stats["tokens_std"] >= 0.15 * stats["tokens_mean"], stats
+    assert stats["redundant_steps_mean"] >= 1.0, stats
+    assert stats["parseable_fraction"] >= 0.95, stats
+
+
+def test_sampled_traces_are_design_format_records_with_both_labels():
+    records = sample_labeled_traces(MODEL, 24, seed=REPORT_SEED + 9)
+    assert len(records) >= 22
+    labels = set()
+    for r in records:
+        assert "".join(s["text"] for s in r["steps"]) == r["response"].split("</think>")[0]
+        labels |= {s["label"] for s in r["steps"]}
+    assert labels == {"essential", "redundant"}
