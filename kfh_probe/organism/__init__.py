@@ -12,3 +12,16 @@ from pathlib import Path
 def default_model_dir() -> Path:
     """The folder of the shipped organism model."""
     return Path(__file__).resolve().parent.parent / "organism_model"
+
+
+def default_traces_path() -> Path:
+    """The organism's shipped ground-truth-labeled, model-sampled traces (the sweep's default input).
+
+    Made by ``kfh-probe organism traces --source model --n 300 --seed 0 --out <this path>``.
+    """
+    return Path(__file__).resolve().parent.parent / "data" / "organism_traces.jsonl"
+
+
+def default_manifest_path() -> Path:
+    """The KFH manifest of the shipped organism (the trainer's default), made by ``kfh-probe sweep``."""
+    return Path(__file__).resolve().parent.parent / "data" / "organism_manifest.json"
