@@ -208,3 +208,30 @@ def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_pa
     assert got["metrics"]["attnpo/rescaled_responses"] == [stats["rescaled_responses"]]
     assert got["metrics"]["attnpo/frac_attenuated"] == [pytest.approx(stats["frac_attenuated"])]
     assert got["metrics"]["attnpo/mean_gamma"] == [pytest.approx(stats["mean_gamma"])]
+
+
+def test_two_process_accelerate_run_on_the_organism(tmp_path):
+    from kfh_probe.organism import default_manifest_path, default_model_dir
+    from kfh_probe.organism.task import generate_problems
+
+    data = tmp_path / "organism.jsonl"
+    rows = [{"id": f"p{i}", "prompt": p.prompt(), "answer": str(p.answer)} for i, p in enumerate(generate_problems(8, 5))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        str(REPO / "examples" / "train_attnpo_trl.py"),
+        "--model", str(default_model_dir()), "--data", str(data), "--attnpo_manifest", str(default_manifest_path()),
+        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "200", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", "1e-4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "attnpo/frac_attenuated" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    assert all(0.0 <= h["attnpo/accuracy"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0 for h in steps)

@@ -1,0 +1,87 @@
+"""The notebooks run top to bottom on the organism (small parameters) and write non-empty figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+MIN_PNG_BYTES = 5 * 1024
+
+
+def run_notebook(name: str, parameters: str) -> None:
+    """Execute ``notebooks/<name>`` in a python3 kernel, cwd notebooks/, with its ``parameters`` cell replaced."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{name} must have exactly one cell tagged 'parameters'"
+    tagged[0].source = parameters
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()
+
+
+def check_pngs(directory: Path, names: list[str]) -> None:
+    for name in names:
+        path = directory / name
+        assert path.is_file(), f"{name} was not written"
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{name} is not a PNG"
+        assert len(data) > MIN_PNG_BYTES, f"{name} is only {len(data)} bytes"
+
+
+def test_notebooks_have_no_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name}: clear the outputs"
+
+
+def test_kfh_heatmaps_notebook(tmp_path):
+    run_notebook(
+        "01_kfh_heatmaps.ipynb",
+        f"N_TRACES = 24\nOUT_DIR = {str(tmp_path)!r}\nTRACES = None\nMODEL = None\nBATCH_SIZE = 8\n"
+        "BOOTSTRAP = 50\nEXAMPLE_TRACES = 2\nTEXT_TRACES = 1\nTEXT_TOP_HEADS = 2\nRANDOM_DRAWS = 20\nSEED = 0",
+    )
+    check_pngs(tmp_path, ["kfh_sra_heatmap.png", "kfh_step_scores.png", "kfh_attention_text.png",
+                          "kfh_ensemble_curve.png", "kfh_vs_random.png"])
+
+
+def test_attnpo_training_notebook_trains_when_no_metrics(tmp_path):
+    run_notebook(
+        "02_attnpo_training.ipynb",
+        f"METRICS = {{'attnpo': {str(tmp_path / 'missing.jsonl')!r}}}\nOUT_DIR = {str(tmp_path)!r}\n"
+        "METHODS = ['tlmre', 'attnpo']\nSTEPS = 2\nPROMPTS_PER_STEP = 2\nGROUP_SIZE = 2\nMAX_NEW_TOKENS = 256\nSEED = 0",
+    )
+    check_pngs(tmp_path, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
+
+
+def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
+    """Given files (one method with two seeds, one with a single path), it plots them and trains nothing."""
+    paths = {}
+    for name, seed, slope in [("attnpo", 0, -8.0), ("attnpo", 1, -6.0), ("tlmre", 0, -3.0)]:
+        rows = [
+            {"step": s, "reward_mean": 0.1 * s, "accuracy": 0.5 + 0.05 * s, "response_tokens_mean": 200 + slope * s,
+             "frac_attenuated": 0.02 * s if name == "attnpo" else 0.0, "mean_gamma": 1.0,
+             "confused_per_response": 2.0 - 0.1 * s, "summary_per_response": 1.0 + 0.05 * s}
+            for s in range(1, 6)
+        ]
+        path = tmp_path / f"{name}-{seed}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.setdefault(name, []).append(str(path))
+    metrics = {"attnpo": paths["attnpo"], "tlmre": paths["tlmre"][0]}
+    out = tmp_path / "figs"
+    run_notebook(
+        "02_attnpo_training.ipynb",
+        f"METRICS = {metrics!r}\nOUT_DIR = {str(out)!r}\nMETHODS = []\nSTEPS = 1\nPROMPTS_PER_STEP = 1\n"
+        "GROUP_SIZE = 2\nMAX_NEW_TOKENS = 8\nSEED = 0",
+    )
+    check_pngs(out, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
