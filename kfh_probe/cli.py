@@ -52,8 +52,8 @@ def cmd_sweep(args) -> int:
     from .io import atomic_write_json, file_sha256
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
-    from .segmentation import SegmenterConfig
     from .partials import PartStore
+    from .segmentation import SegmenterConfig
     from .sweep import SweepConfig, build_manifest, collect_step_scores_resumable, prepare_traces, probed_layers
     from .traces import read_traces
 
@@ -105,7 +105,6 @@ def cmd_sweep(args) -> int:
     if scores is None:
         print(f"rank {rank}: my share of the sweep is saved in {store.directory}; rank 0 writes {args.out}", file=sys.stderr)
         return 0
-    model_block = model_record(model, args.model_name or args.model)
     probe_block = {
         "trace_file": Path(args.traces).name,
         "trace_file_sha256": trace_sha,
