@@ -10,9 +10,10 @@ answer rows. For each T it measures, each in a fresh process so that peak memory
   (c) eager:  ``output_attentions=True`` with eager attention (every T x T map),
 
 and prints time (median of --repeats) and peak memory above the loaded model, with the ratios b/a
-and c/a. ``--backends nnsight lens`` adds columns for those capture backends (``kfh_probe.backends``:
+and c/a. ``--backends hf nnsight lens`` adds columns for those capture backends (``kfh_probe.backends``;
+``hf`` is what ``kfh-probe sweep`` runs:
 every layer, answer rows summed, built on the model before the measurement), each against (a).
-Run:  python benchmarks/bench_capture.py [--device cuda] [--lengths 512 1024 2048 4096] [--backends nnsight lens]
+Run:  python benchmarks/bench_capture.py [--device cuda] [--lengths 512 1024 2048 4096] [--backends hf nnsight lens]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 ANSWER_ROWS = 64
 METHODS = ("plain", "rows", "eager")
-BACKENDS = ("nnsight", "lens")
+BACKENDS = ("hf", "nnsight", "lens")  # "hf": the sweep's own path (sums over the answer rows)
 
 
 def _rss_bytes() -> int:
