@@ -140,8 +140,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_accelerate_run_logs_attnpo_metrics(tmp_path, tiny_model_dir, manifest_file, data_file):
-    out = tmp_path / "run"
+def train_two_processes(model_dir, data_file, manifest_file, out, completion_length: int, per_device: int, lr: str) -> list[dict]:
+    """Run the example script for 2 steps in 2 CPU processes; return the log lines with AttnPO metrics."""
     # `accelerate launch --cpu` starts a single process unless it is given an MPI hostfile; `--multi_gpu` starts
     # the processes through torch.distributed, and the script's `--use_cpu` makes them a gloo (MULTI_CPU) group.
     command = [
@@ -149,17 +149,24 @@ def test_two_process_accelerate_run_logs_attnpo_metrics(tmp_path, tiny_model_dir
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
         str(REPO / "examples" / "train_attnpo_trl.py"),
-        "--model", str(tiny_model_dir), "--data", str(data_file), "--attnpo_manifest", str(manifest_file),
-        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "2",
-        "--max_completion_length", "16", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
-        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", "1e-3",
+        "--model", str(model_dir), "--data", str(data_file), "--attnpo_manifest", str(manifest_file),
+        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4",
+        "--per_device_train_batch_size", str(per_device), "--max_completion_length", str(completion_length),
+        "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", lr,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     steps = [h for h in history if "attnpo/frac_attenuated" in h]
     assert [h["step"] for h in steps] == [1, 2]
+    return steps
+
+
+def test_two_process_accelerate_run_logs_attnpo_metrics(tmp_path, tiny_model_dir, manifest_file, data_file):
+    out = tmp_path / "run"
+    steps = train_two_processes(tiny_model_dir, data_file, manifest_file, out, completion_length=16, per_device=2, lr="1e-3")
     for h in steps:
         assert 0.0 <= h["attnpo/frac_attenuated"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0
         assert {"attnpo/reward", "attnpo/accuracy", "attnpo/rescaled_responses", "loss"} <= h.keys()
@@ -217,21 +224,6 @@ def test_two_process_accelerate_run_on_the_organism(tmp_path):
     data = tmp_path / "organism.jsonl"
     rows = [{"id": f"p{i}", "prompt": p.prompt(), "answer": str(p.answer)} for i, p in enumerate(generate_problems(8, 5))]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        str(REPO / "examples" / "train_attnpo_trl.py"),
-        "--model", str(default_model_dir()), "--data", str(data), "--attnpo_manifest", str(default_manifest_path()),
-        "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4", "--per_device_train_batch_size", "4",
-        "--max_completion_length", "200", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
-        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", "1e-4",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    steps = [h for h in history if "attnpo/frac_attenuated" in h]
-    assert [h["step"] for h in steps] == [1, 2]
+    steps = train_two_processes(default_model_dir(), data, default_manifest_path(), tmp_path / "run",
+                                completion_length=200, per_device=4, lr="1e-4")
     assert all(0.0 <= h["attnpo/accuracy"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0 for h in steps)
