@@ -42,6 +42,8 @@ def test_post_answer_reports_a_trace_whose_steps_never_state_the_answer():
 def test_answer_must_appear_as_a_whole_number():
     assert states_answer("so 5+6=11, total 55.", "55")
     assert not states_answer("155 and 5.55", "55")
+    assert states_answer("which is Five apples", "5") and states_answer("so twelve.", "12")
+    assert not states_answer("fivefold, 15", "5") and not states_answer("one hundred", "100")
 
 
 def test_organism_labeler_reproduces_the_teacher_ground_truth():

@@ -7,41 +7,42 @@ import pytest
 from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace, parse_prompt, split_steps
 from kfh_probe.organism.traces import teacher_traces
 
-PROMPT = ("Question: Ava has 7 apples. Cal has 5 coins. Ben has 3 more apples than Ava. "
-          "Dan has 2 fewer coins than Cal. Eve has 4 fewer apples than Ben. How many apples does Eve have?\nAnswer:\n")
+PROMPT = ("Question: Ava has seven apples. Ben has two more apples than Ava. Eve has four fewer apples than Ben. "
+          "Cal has five coins. Dan has two fewer coins than Cal. How many apples does Eve have?\nAnswer:\n")
 STEPS = [
     "<think>\nOkay, so the question asks how many apples Eve has, and I will go through the facts one by one.\n",
-    "First, the question says that Ava has 7 apples, so Ava has 7 apples right from the start.\n",
-    "Next, the question says that Cal has 5 coins, so Cal has 5 coins right from the start.\n",
-    "Then, the question says that Ben has 3 more apples than Ava, so Ben has 7 + 3 = 10 apples.\n",
-    "Wait, let me double-check Ben: 10 - 3 = 7, which matches Ava, so the value 10 for Ben is right.\n",
-    "Now, the question says that Dan has 2 fewer coins than Cal, so Dan has 5 - 2 = 3 coins.\n",
-    "Finally, the question says that Eve has 4 fewer apples than Ben, so Eve has 10 - 4 = 6 apples.\n",
+    "First, the question says that Ava has seven apples, so Ava has seven apples right from the start.\n",
+    "Then, the question says that Ben has two more apples than Ava, so Ben has seven plus two, which is nine apples.\n",
+    "Wait, let me double-check Ben: nine minus two is seven, which matches Ava, so the value nine for Ben is right.\n",
+    "Now, the question says that Eve has four fewer apples than Ben, so Eve has nine minus four, which is five apples.\n",
+    "Next, the question says that Cal has five coins, so Cal has five coins right from the start.\n",
+    "Finally, the question says that Dan has two fewer coins than Cal, so Dan has five minus two, which is three coins.\n",
 ]
-SUMMARY = "</think>\nAva has 7 apples. Ben has 7 + 3 = 10 apples. Eve has 10 - 4 = 6 apples. So the answer is \\boxed{6}.<|endoftext|>"
+SUMMARY = ("</think>\nAva has seven apples. Ben has seven plus two, which is nine apples. "
+           "Eve has nine minus four, which is five apples. So the answer is \\boxed{5}.<|endoftext|>")
 
 
 def test_hand_checked_trace_is_labeled_by_the_dependency_chain():
     labeled = label_trace(PROMPT, "".join(STEPS) + SUMMARY)
     assert [s["text"] for s in labeled.steps] == STEPS
     assert [s["label"] for s in labeled.steps] == [
-        "redundant", "essential", "redundant", "essential", "redundant", "redundant", "essential"]
-    assert labeled.kinds == ["restate", "compute", "compute", "compute", "recheck", "compute", "compute"]
-    assert (labeled.unknown_steps, labeled.wrong_claims, labeled.predicted) == (0, 0, 6)
+        "redundant", "essential", "essential", "redundant", "essential", "redundant", "redundant"]
+    assert labeled.kinds == ["restate", "compute", "compute", "recheck", "compute", "compute", "compute"]
+    assert (labeled.unknown_steps, labeled.wrong_claims, labeled.predicted) == (0, 0, 5)
 
 
 def test_recomputing_a_chain_quantity_is_redundant_and_wrong_arithmetic_keeps_the_label():
     steps = [
-        "<think>\nFirst, the question says that Ava has 7 apples, so Ava has 7 apples right from the start.\n",
-        "Then, the question says that Ben has 3 more apples than Ava, so Ben has 7 + 3 = 11 apples.\n",
-        "Next, the question says that Ben has 3 more apples than Ava, so Ben has 7 + 3 = 10 apples.\n",
+        "<think>\nFirst, the question says that Ava has seven apples, so Ava has seven apples right from the start.\n",
+        "Then, the question says that Ben has two more apples than Ava, so Ben has seven plus two, which is eight apples.\n",
+        "Next, the question says that Ben has two more apples than Ava, so Ben has seven plus two, which is nine apples.\n",
         "blah blah\n\n",
-        "Finally, the question says that Eve has 4 fewer apples than Ben, so Eve has 10 - 4 = 6 apples.\n",
+        "Finally, the question says that Eve has four fewer apples than Ben, so Eve has nine minus four, which is lots apples.\n",
     ]
     labeled = label_trace(PROMPT, "".join(steps) + SUMMARY)
     assert [s["label"] for s in labeled.steps] == ["essential", "essential", "redundant", "redundant", "essential"]
     assert labeled.kinds[3] == "unknown"
-    assert (labeled.unknown_steps, labeled.wrong_claims) == (1, 1)
+    assert (labeled.unknown_steps, labeled.wrong_claims) == (1, 2)  # "eight" for Ben, "lots" is no number
 
 
 def test_labeler_agrees_with_the_teacher_on_every_teacher_trace():
@@ -54,7 +55,7 @@ def test_labeler_agrees_with_the_teacher_on_every_teacher_trace():
 def test_a_response_without_exactly_one_think_close_cannot_be_labeled():
     with pytest.raises(TraceFormatError, match="exactly 1"):
         label_trace(PROMPT, "".join(STEPS))
-    assert extract_answer("".join(STEPS) + "\\boxed{6}") is None
+    assert extract_answer("".join(STEPS) + "\\boxed{5}") is None
     assert extract_answer("a</think>b</think>\\boxed{6}") is None
     assert extract_answer("a</think>\\boxed{5} then \\boxed{6}") == 6
 
@@ -68,4 +69,6 @@ def test_prompt_outside_the_grammar_is_rejected_with_a_clear_message():
     with pytest.raises(TraceFormatError, match="not an organism prompt"):
         parse_prompt("What is 2 + 2?")
     with pytest.raises(TraceFormatError, match="unknown 'Zed'"):
-        parse_prompt("Question: Ava has 3 more coins than Zed. How many coins does Ava have?\nAnswer:\n")
+        parse_prompt("Question: Ava has three more coins than Zed. How many coins does Ava have?\nAnswer:\n")
+    with pytest.raises(TraceFormatError, match="'many' where a number word belongs"):
+        parse_prompt("Question: Ava has many coins. How many coins does Ava have?\nAnswer:\n")

@@ -9,10 +9,10 @@ from kfh_probe.organism import default_model_dir
 from kfh_probe.organism.report import REPORT_SEED, labeled_samples, sample_labeled_traces
 
 MODEL = default_model_dir()
-# The shipped organism does not reach the issue's quality targets yet (measured on 500 problems: greedy 40.2%, sampled
-# 21.4%, best-head SRA 0.784). The targets stay as written; these tests are expected to fail until a
-# better organism ships, and `strict` makes them fail loudly the day they pass.
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="organism v1 is below the issue's quality targets (issue 3 open)")
+# The shipped organism reaches the sampled-accuracy target but not the greedy-accuracy and SRA targets (measured on
+# 500 problems: greedy 92.0%, sampled 90.0%, best-head SRA 0.845). The targets stay as written; those two tests are
+# expected to fail until a better organism ships, and `strict` makes them fail loudly the day they pass.
+BELOW_TARGET = pytest.mark.xfail(strict=True, reason="the organism is below this quality target (issue 3 open)")
 pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(),
                                 reason=f"no shipped organism at {MODEL}: run `kfh-probe organism build`")
 
@@ -30,7 +30,6 @@ def test_greedy_accuracy_on_fresh_problems_is_at_least_95_percent():
     assert stats["accuracy"] >= 0.95, stats
 
 
-@BELOW_TARGET
 def test_sampling_stays_accurate_and_spreads_lengths_and_redundancy():
     stats = labeled_samples(MODEL, 200, REPORT_SEED + 8, temperature=1.0)[1]
     assert stats["accuracy"] >= 0.80, stats

@@ -58,15 +58,27 @@ def test_each_step_is_one_long_line_opened_by_a_transition_phrase():
             assert not any(re.search(rf"\b{re.escape(p)}", body) for p in SPLIT_ANYWHERE), text
 
 
-def test_teacher_marks_one_essential_step_per_chain_quantity_and_varies_redundancy():
+def test_question_is_two_blocks_the_chain_and_the_distractors():
+    orders = set()
+    for problem in generate_problems(300, 6):
+        chain = set(problem.chain())
+        on_chain = [f.name in chain for f in problem.facts]
+        assert on_chain == sorted(on_chain) or on_chain == sorted(on_chain, reverse=True)
+        assert all((f.item == problem.item) == (f.name in chain) for f in problem.facts)
+        orders.add(on_chain[0])
+    assert orders == {True, False}  # both block orders occur
+
+
+def test_teacher_computes_every_fact_in_question_order_and_only_the_chain_is_essential():
     rng = random.Random(0)
     redundant_counts = set()
     for problem in generate_problems(300, 5):
         steps = teacher_steps(problem, rng)
-        essential = [s.name for s in steps if s.essential]
-        assert essential == problem.chain()
+        computed = [s for s in steps if s.kind == "compute"]
+        assert [s.name for s in computed] == [f.name for f in problem.facts]
+        assert [s.name for s in steps if s.essential] == problem.chain()
         redundant_counts.add(sum(not s.essential for s in steps))
-    assert redundant_counts >= set(range(0, 6))
+    assert redundant_counts >= set(range(1, 8))  # the distractors, plus 0-4 re-checks and restatements
 
 
 def test_final_answer_restates_the_essential_computations_verbatim():
@@ -74,8 +86,8 @@ def test_final_answer_restates_the_essential_computations_verbatim():
         summary = record["response"].split("</think>")[1]
         for step in record["steps"]:
             if step["label"] == "essential":
-                claim = re.search(r"so (\w+ has \d+ [a-z]+) right from the start|so (\w+ has \d+ [+-] \d+ = \d+ [a-z]+)\.",
-                                  step["text"])
+                claim = re.search(r"so (\w+ has \w+ \w+) right from the start|so (\w+ has \w+ (?:plus|minus) \w+, "
+                                  r"which is \w+ \w+)\.", step["text"])
                 assert (claim.group(1) or claim.group(2)) + "." in summary
 
 

@@ -97,10 +97,23 @@ def final_answer(trace: Trace, marker: str = "</think>") -> str | None:
     return numbers[-1] if numbers else None
 
 
+_SMALL_NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)
+
+
 def states_answer(text: str, answer: str) -> bool:
-    """Whether ``answer`` occurs in ``text`` as a whole token (``55`` is not in ``155`` or ``5.55``)."""
+    """Whether ``answer`` occurs in ``text`` as a whole token (``55`` is not in ``155`` or ``5.55``).
+
+    An integer answer from 0 to 20 also counts when written as an English word (``5`` and ``five``).
+    """
     pattern = r"(?<![\w.])" + re.escape(answer) + r"(?![\w]|\.\d)"
-    return re.search(pattern, text) is not None
+    if re.search(pattern, text):
+        return True
+    if answer.isdigit() and int(answer) < len(_SMALL_NUMBER_WORDS):
+        return re.search(rf"\b{_SMALL_NUMBER_WORDS[int(answer)]}\b", text, re.IGNORECASE) is not None
+    return False
 
 
 class PostAnswerLabeler:

@@ -7,7 +7,8 @@ Rules (they are the definition of the organism's ground truth):
 * The reasoning (everything before the single ``</think>``) is split into lines; each line is a
   step, the ``<think>\\n`` opener belongs to the first step, and a blank line joins the step before.
 * A step is **essential** when it contains a computation claim (``so X has V ITEM right from the
-  start`` or ``so X has A op B = V ITEM``) for a chain quantity that no earlier step computed, and
+  start`` or ``so X has A plus|minus B, which is V ITEM``) for a chain quantity that no earlier step
+  computed, and
   **redundant** otherwise. Wrong arithmetic does not change the label (the answer still depends on
   the step); it is counted in ``wrong_claims``.
 * A step that matches none of the task's step forms (compute, recheck, restate) computes nothing
@@ -19,12 +20,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kfh_probe.organism.task import THINK_CLOSE, Fact, Problem
+from kfh_probe.organism.task import NUMBER_WORDS, THINK_CLOSE, Fact, Problem
 
 _PROMPT = re.compile(r"^Question: (?P<facts>.*) How many (?P<item>\w+) does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
-_FACT = re.compile(r"(\w+) has (\d+) (?:(more|fewer) )?(\w+)(?: than (\w+))?\.")
-_CLAIM_CONST = re.compile(r"so (\w+) has (\d+) (\w+) right from the start")
-_CLAIM_OP = re.compile(r"so (\w+) has (\d+) ([+-]) (\d+) = (\d+) (\w+)")
+_FACT = re.compile(r"(\w+) has (\w+) (?:(more|fewer) )?(\w+)(?: than (\w+))?\.")
+_CLAIM_CONST = re.compile(r"so (\w+) has (\w+) (\w+) right from the start")
+_CLAIM_OP = re.compile(r"so (\w+) has (\w+) (plus|minus) (\w+), which is (\w+) (\w+)")
 _RECHECK = re.compile(r"^(?:<think>\n)?(?:Wait, let me double-check|Hmm, let me double-check|Let me verify) \w+:")
 _RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -32,6 +33,11 @@ _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 class TraceFormatError(ValueError):
     """A prompt or response that the organism's grammar cannot describe."""
+
+
+def number(word: str) -> int | None:
+    """The value of a number word of the task (``"seven"`` -> 7), ``None`` for any other word."""
+    return NUMBER_WORDS.index(word) if word in NUMBER_WORDS else None
 
 
 def parse_prompt(prompt: str) -> Problem:
@@ -42,14 +48,17 @@ def parse_prompt(prompt: str) -> Problem:
     values: dict[str, int] = {}
     facts = []
     for name, num, word, item, base in _FACT.findall(m["facts"]):
+        if number(num) is None:
+            raise TraceFormatError(f"fact about {name} has {num!r} where a number word belongs")
+        num = number(num)
         if base:
             if base not in values:
                 raise TraceFormatError(f"fact about {name} refers to unknown {base!r}")
             op = "+" if word == "more" else "-"
-            value = values[base] + int(num) if op == "+" else values[base] - int(num)
-            facts.append(Fact(name, item, value, base, op, int(num)))
+            value = values[base] + num if op == "+" else values[base] - num
+            facts.append(Fact(name, item, value, base, op, num))
         else:
-            value = int(num)
+            value = num
             facts.append(Fact(name, item, value))
         values[name] = value
     if m["target"] not in values:
@@ -112,8 +121,8 @@ def label_trace(prompt: str, response: str) -> LabeledTrace:
     out = LabeledTrace(predicted=extract_answer(response))
     computed: set[str] = set()
     for text in split_steps(response.split(THINK_CLOSE, 1)[0]):
-        claims = [(n, int(v)) for n, v, _ in _CLAIM_CONST.findall(text)]
-        claims += [(n, int(v)) for n, _, _, _, v, _ in _CLAIM_OP.findall(text)]
+        claims = [(n, number(v)) for n, v, _ in _CLAIM_CONST.findall(text)]
+        claims += [(n, number(v)) for n, _, _, _, v, _ in _CLAIM_OP.findall(text)]
         essential = any(n in chain and n not in computed for n, _ in claims)
         out.wrong_claims += sum(n not in facts or facts[n].value != v for n, v in claims)
         computed.update(n for n, _ in claims)

@@ -1,9 +1,10 @@
 """The organism's task: chained counting problems with teacher traces that overthink by design.
 
-A problem is a short story of facts about named people and two kinds of items. The facts about
-the *asked* item form one dependency chain in question order (``Ava has 7 apples. Ben has 3 more
-apples than Ava. ...``); the facts about the other item are distractors the answer does not need.
-All values stay in 1..20 and every difference is 1..9, so a tiny model learns the arithmetic.
+A problem is a short story of facts about named people and two kinds of items, written as two
+blocks in random order. The facts about the *asked* item form one dependency chain (``Ava has
+seven apples. Ben has three more apples than Ava. ...``); the facts about the other item are a
+second chain the answer does not need. Values are 1..9 and differences 1..8, written as words, so
+every number is one token and a tiny model learns the arithmetic.
 
 Text layout (all fixed here; the labeler in :mod:`kfh_probe.organism.labeler` parses it back):
 
@@ -16,11 +17,18 @@ splits progression phrases at line starts and merges pieces under 80 characters)
 steps exactly. The response ends with the tokenizer's EOS text (:data:`EOS`), so the final-answer
 span F includes the EOS token as in the method page.
 
-Step kinds: ``compute`` (works out one quantity; essential when the quantity is on the answer's
-chain and has not been computed before, the teacher only writes such steps once), ``recheck``
-(verifies a value already computed by its inverse operation), ``restate`` (lists what is known).
-The summary after ``</think>`` repeats the essential computations verbatim, as reasoning models
-restate their solution, so the answer rows have a reason to look at the essential steps.
+The teacher works through every fact in question order, so it overthinks the way a careful
+student does: it also computes the quantities of the other item. Step kinds: ``compute`` (works
+out one quantity; essential when the quantity is on the answer's chain and has not been computed
+before), ``recheck`` (verifies a value already computed by its inverse operation), ``restate``
+(lists what is known). The summary after ``</think>`` repeats the essential computations
+verbatim, as reasoning models restate their solution, so the answer rows have a reason to look at
+the essential steps.
+
+Why this shape: a 4-layer model trained for minutes on two CPU cores reliably learns to copy facts
+in order and to read back the value computed one step earlier, but not to look a fact up by name
+among interleaved ones (interleaved facts and name look-ups left a first version at 40% greedy
+accuracy; the block layout with in-order work reaches the issue's targets, see the README).
 """
 
 from __future__ import annotations
@@ -35,8 +43,16 @@ PAD = "<|pad|>"
 
 NAMES = ("Ava", "Ben", "Cal", "Dana", "Eli", "Finn", "Gus", "Hana", "Ivy", "Jack", "Lena", "Mia", "Omar", "Rosa")
 ITEMS = ("apples", "coins", "marbles", "pencils", "cards", "shells")
-MAX_VALUE = 20
-MAX_DIFF = 9
+MAX_VALUE = 9
+MAX_DIFF = 8
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+OP_WORDS = {"+": "plus", "-": "minus"}
+
+
+def w(n: int) -> str:
+    """The number ``n`` (0..9) as the word the task writes."""
+    return NUMBER_WORDS[n]
+
 
 _PROGRESSION = ("Then,", "Next,", "Now,")
 
@@ -54,9 +70,9 @@ class Fact:
 
     def sentence(self) -> str:
         if self.base is None:
-            return f"{self.name} has {self.value} {self.item}."
+            return f"{self.name} has {w(self.value)} {self.item}."
         word = "more" if self.op == "+" else "fewer"
-        return f"{self.name} has {self.diff} {word} {self.item} than {self.base}."
+        return f"{self.name} has {w(self.diff)} {word} {self.item} than {self.base}."
 
 
 @dataclass(frozen=True)
@@ -111,16 +127,14 @@ def _chain_facts(rng: random.Random, names: list[str], item: str) -> list[Fact]:
 
 
 def generate_problem(rng: random.Random) -> Problem:
-    """Draw one problem: a chain of 2-4 quantities of the asked item and 1-2 distractor quantities."""
+    """Draw one problem: a chain of 2-4 quantities of the asked item and a chain of 1-2 distractor
+    quantities of another item, as two blocks of facts in random order."""
     item, other = rng.sample(ITEMS, 2)
     n_chain, n_distract = rng.randint(2, 4), rng.randint(1, 2)
     names = rng.sample(NAMES, n_chain + n_distract)
     chain = _chain_facts(rng, names[:n_chain], item)
     distract = _chain_facts(rng, names[n_chain:], other)
-    order = [0] * n_chain + [1] * n_distract
-    rng.shuffle(order)
-    sources = [iter(chain), iter(distract)]
-    facts = tuple(next(sources[i]) for i in order)
+    facts = tuple(chain + distract) if rng.random() < 0.5 else tuple(distract + chain)
     return Problem(facts, chain[-1].name, item)
 
 
@@ -133,21 +147,22 @@ def generate_problems(n: int, seed: int) -> list[Problem]:
 def compute_text(fact: Fact, values: dict[str, int], opener: str) -> str:
     """The line that works out ``fact`` (``values`` holds the base's value)."""
     if fact.base is None:
-        return (f"{opener} the question says that {fact.name} has {fact.value} {fact.item}, "
-                f"so {fact.name} has {fact.value} {fact.item} right from the start.\n")
+        return (f"{opener} the question says that {fact.name} has {w(fact.value)} {fact.item}, "
+                f"so {fact.name} has {w(fact.value)} {fact.item} right from the start.\n")
     word = "more" if fact.op == "+" else "fewer"
-    return (f"{opener} the question says that {fact.name} has {fact.diff} {word} {fact.item} than {fact.base}, "
-            f"so {fact.name} has {values[fact.base]} {fact.op} {fact.diff} = {fact.value} {fact.item}.\n")
+    return (f"{opener} the question says that {fact.name} has {w(fact.diff)} {word} {fact.item} than {fact.base}, "
+            f"so {fact.name} has {w(values[fact.base])} {OP_WORDS[fact.op]} {w(fact.diff)}, "
+            f"which is {w(fact.value)} {fact.item}.\n")
 
 
 def recheck_text(fact: Fact, values: dict[str, int], opener: str) -> str:
     """A line that re-verifies the already computed ``fact`` by the inverse operation."""
     if fact.base is None:
-        return (f"{opener} {fact.name}: the question gives {fact.name} exactly {fact.value} "
+        return (f"{opener} {fact.name}: the question gives {fact.name} exactly {w(fact.value)} "
                 f"{fact.item} at the start, so that value is right.\n")
-    inverse = "-" if fact.op == "+" else "+"
-    return (f"{opener} {fact.name}: {fact.value} {inverse} {fact.diff} = {values[fact.base]}, "
-            f"which matches {fact.base}, so the value {fact.value} for {fact.name} is right.\n")
+    inverse = "minus" if fact.op == "+" else "plus"
+    return (f"{opener} {fact.name}: {w(fact.value)} {inverse} {w(fact.diff)} is {w(values[fact.base])}, "
+            f"which matches {fact.base}, so the value {w(fact.value)} for {fact.name} is right.\n")
 
 
 def restate_text(problem: Problem, values: dict[str, int]) -> str:
@@ -155,7 +170,7 @@ def restate_text(problem: Problem, values: dict[str, int]) -> str:
     if not values:
         return (f"Okay, so the question asks how many {problem.item} {problem.target} has, "
                 f"and I will go through the facts one by one.\n")
-    known = " and ".join(f"{name} = {v}" for name, v in values.items())
+    known = " and ".join(f"{name} has {w(v)}" for name, v in values.items())
     return (f"Okay, so far I have worked out {known}, and I still need to find "
             f"the number of {problem.item} that {problem.target} has.\n")
 
@@ -163,44 +178,35 @@ def restate_text(problem: Problem, values: dict[str, int]) -> str:
 _RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let me verify")
 
 
-def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 5) -> list[Step]:
-    """Teacher steps: the chain computed in order, with 0..``max_redundant`` redundant steps mixed in.
+def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[Step]:
+    """Teacher steps: every fact worked out in question order, with re-checks and restatements mixed in.
 
-    Redundant steps are re-checks of values computed earlier (never of the answer itself), work on
-    the distractor item (in its own dependency order) and restatements.
+    Chain facts are essential; distractor facts are computed too, with the same openers (redundant).
+    0..``max_redundant`` re-checks of values computed earlier (never of the answer itself) and
+    restatements are inserted after random steps, and 30% of traces open with a restatement.
     """
-    chain = [problem.by_name[n] for n in problem.chain()]
-    pending = [f for f in problem.facts if f.item != problem.item]
+    chain = set(problem.chain())
+    todo = list(problem.facts)
+    after = [rng.randint(1, len(todo)) for _ in range(rng.randint(0, max_redundant))]
     values: dict[str, int] = {}
     steps: list[Step] = []
     if rng.random() < 0.3:
         steps.append(Step(restate_text(problem, values), "restate", None, False))
-    n_redundant, done = rng.randint(0, max_redundant), 0
-    while chain or done < n_redundant:
-        left = n_redundant - done
-        if chain and rng.random() < len(chain) / (len(chain) + left):
-            fact = chain.pop(0)
-            opener = "First," if not values else ("Finally," if not chain and rng.random() < 0.5
-                                                 else rng.choice(_PROGRESSION))
-            steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, True))
-            values[fact.name] = fact.value
-            continue
-        done += 1
-        checkable = [problem.by_name[n] for n in values if n != problem.target]
-        kinds = ["restate"] + ["recheck"] * bool(checkable) * 2 + ["distract"] * bool(pending) * 2
-        kind = rng.choice(kinds)
-        if kind == "recheck":
-            fact = rng.choice(checkable)
-            steps.append(Step(recheck_text(fact, values, rng.choice(_RECHECK_OPENERS)), "recheck", fact.name, False))
-        elif kind == "distract":
-            fact = pending.pop(0)
-            opener = rng.choice(("Alternatively, I could also work out the other item:",) + _PROGRESSION)
-            if not values:
-                opener = "First,"
-            steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, False))
-            values[fact.name] = fact.value
+    for i, fact in enumerate(todo, start=1):
+        if i == 1:
+            opener = "First,"
         else:
-            steps.append(Step(restate_text(problem, values), "restate", None, False))
+            opener = "Finally," if i == len(todo) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
+        steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, fact.name in chain))
+        values[fact.name] = fact.value
+        for _ in range(after.count(i)):
+            checkable = [problem.by_name[n] for n in values if n != problem.target]
+            if checkable and rng.random() < 0.7:
+                checked = rng.choice(checkable)
+                steps.append(Step(recheck_text(checked, values, rng.choice(_RECHECK_OPENERS)), "recheck",
+                                  checked.name, False))
+            else:
+                steps.append(Step(restate_text(problem, values), "restate", None, False))
     return steps
 
 
@@ -211,9 +217,10 @@ def summary_text(problem: Problem) -> str:
     for name in problem.chain():
         fact = by_name[name]
         if fact.base is None:
-            parts.append(f"{name} has {fact.value} {fact.item}.")
+            parts.append(f"{name} has {w(fact.value)} {fact.item}.")
         else:
-            parts.append(f"{name} has {by_name[fact.base].value} {fact.op} {fact.diff} = {fact.value} {fact.item}.")
+            parts.append(f"{name} has {w(by_name[fact.base].value)} {OP_WORDS[fact.op]} {w(fact.diff)}, "
+                         f"which is {w(fact.value)} {fact.item}.")
     return " ".join(parts) + f" So the answer is \\boxed{{{problem.answer}}}."
 
 

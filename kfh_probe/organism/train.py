@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +37,17 @@ class TrainConfig:
     """Hyper-parameters of a build (the defaults make the shipped model)."""
 
     seed: int = 0
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 8
-    lr: float = 5e-3
+    lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.05
     tokenizer_traces: int = 2000
+    bucket_batches: int = 8  # draw this many batches at once and group them by length (less padding)
 
 
 def model_config(vocab_size: int) -> Qwen2Config:
-    """4 layers, hidden 128 (MLP 384), 4 query heads sharing 2 KV heads (head_dim 32), RoPE.
+    """4 layers, hidden 128 (MLP 384), 8 query heads sharing 4 KV heads (head_dim 16), RoPE.
 
     Input and output embeddings are untied (and get a wider init, no weight decay, see
     :func:`_init_embeddings`): otherwise the many interchangeable name and item tokens collapse onto
@@ -54,7 +56,7 @@ def model_config(vocab_size: int) -> Qwen2Config:
     eos, pad = EXTRA_TOKENS.index("<|endoftext|>"), EXTRA_TOKENS.index("<|pad|>")
     return Qwen2Config(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
         rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=eos, pad_token_id=pad,
         bos_token_id=None, attention_dropout=0.0,
     )
@@ -63,6 +65,21 @@ def model_config(vocab_size: int) -> Qwen2Config:
 def _teacher_text(rng: random.Random) -> tuple[str, str]:
     problem = generate_problem(rng)
     return problem.prompt(), teacher_response(problem, teacher_steps(problem, rng))
+
+
+def teacher_batches(rng: random.Random, cfg: TrainConfig) -> Iterator[list[tuple[str, str]]]:
+    """Endless batches of fresh ``(prompt, response)`` pairs, a pure function of ``rng``'s state.
+
+    ``cfg.bucket_batches`` batches are drawn at once, sorted by length, cut into batches and served
+    in random order: padding falls from about 27% of the tokens to a few percent, so a build of
+    fixed wall time sees about 1.3x more real tokens.
+    """
+    while True:
+        pool = [_teacher_text(rng) for _ in range(cfg.batch_size * cfg.bucket_batches)]
+        pool.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+        batches = [pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
+        rng.shuffle(batches)
+        yield from batches
 
 
 def make_batch(tok: Tokenizer, pairs: list[tuple[str, str]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -130,8 +147,9 @@ def _train(out: Path, cfg: TrainConfig) -> None:
     model.train()
     bar = tqdm(range(cfg.steps), desc="organism", file=sys.stderr, dynamic_ncols=True)
     tokens, start = 0, time.perf_counter()
+    pairs = teacher_batches(rng, cfg)
     for step in bar:
-        batch = make_batch(tok, [_teacher_text(rng) for _ in range(cfg.batch_size)], config.pad_token_id)
+        batch = make_batch(tok, next(pairs), config.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         loss = model(**batch).loss
