@@ -28,7 +28,7 @@ the essential steps.
 Why this shape: a 4-layer model trained for minutes on two CPU cores reliably learns to copy facts
 in order and to read back the value computed one step earlier, but not to look a fact up by name
 among interleaved ones (interleaved facts and name look-ups left a first version at 40% greedy
-accuracy; the block layout with in-order work reaches the issue's targets, see the README).
+accuracy; the block layout with in-order work reaches 92%, see the README).
 """
 
 from __future__ import annotations
