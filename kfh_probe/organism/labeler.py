@@ -47,10 +47,10 @@ def parse_prompt(prompt: str) -> Problem:
         raise TraceFormatError(f"not an organism prompt: {prompt[:80]!r}")
     values: dict[str, int] = {}
     facts = []
-    for name, num, word, item, base in _FACT.findall(m["facts"]):
-        if number(num) is None:
-            raise TraceFormatError(f"fact about {name} has {num!r} where a number word belongs")
-        num = number(num)
+    for name, num_word, word, item, base in _FACT.findall(m["facts"]):
+        num = number(num_word)
+        if num is None:
+            raise TraceFormatError(f"fact about {name} has {num_word!r} where a number word belongs")
         if base:
             if base not in values:
                 raise TraceFormatError(f"fact about {name} refers to unknown {base!r}")

@@ -186,17 +186,16 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
     restatements are inserted after random steps, and 30% of traces open with a restatement.
     """
     chain = set(problem.chain())
-    todo = list(problem.facts)
-    after = [rng.randint(1, len(todo)) for _ in range(rng.randint(0, max_redundant))]
+    after = [rng.randint(1, len(problem.facts)) for _ in range(rng.randint(0, max_redundant))]
     values: dict[str, int] = {}
     steps: list[Step] = []
     if rng.random() < 0.3:
         steps.append(Step(restate_text(problem, values), "restate", None, False))
-    for i, fact in enumerate(todo, start=1):
+    for i, fact in enumerate(problem.facts, start=1):
         if i == 1:
             opener = "First,"
         else:
-            opener = "Finally," if i == len(todo) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
+            opener = "Finally," if i == len(problem.facts) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
         steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, fact.name in chain))
         values[fact.name] = fact.value
         for _ in range(after.count(i)):
