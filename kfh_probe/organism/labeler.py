@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from kfh_probe.organism.task import NUMBER_WORDS, THINK_CLOSE, Fact, Problem
+from kfh_probe.organism.task import NUMBER_WORDS, RECHECK_OPENERS, THINK_CLOSE, Fact, Problem
 
 _PROMPT = re.compile(r"^Question: (?P<facts>.*) How many (?P<item>\w+) does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
 _FACT = re.compile(r"(\w+) has (\w+) (?:(more|fewer) )?(\w+)(?: than (\w+))?\.")
 _CLAIM_CONST = re.compile(r"so (\w+) has (\w+) (\w+) right from the start")
 _CLAIM_OP = re.compile(r"so (\w+) has (\w+) (plus|minus) (\w+), which is (\w+) (\w+)")
-_RECHECK = re.compile(r"^(?:<think>\n)?(?:Wait, let me double-check|Hmm, let me double-check|Let me verify) \w+:")
+_RECHECK = re.compile(r"^(?:<think>\n)?(?:" + "|".join(map(re.escape, RECHECK_OPENERS)) + r") \w+:")
 _RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 

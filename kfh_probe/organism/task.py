@@ -144,15 +144,21 @@ def generate_problems(n: int, seed: int) -> list[Problem]:
     return [generate_problem(rng) for _ in range(n)]
 
 
+def claim_text(fact: Fact, base_value: int | None) -> str:
+    """The claim that states ``fact``'s value: ``"Ava has seven apples"`` for a given quantity,
+    ``"Ben has seven plus two, which is nine apples"`` for one worked out from its base."""
+    if fact.base is None:
+        return f"{fact.name} has {w(fact.value)} {fact.item}"
+    return (f"{fact.name} has {w(base_value)} {OP_WORDS[fact.op]} {w(fact.diff)}, "
+            f"which is {w(fact.value)} {fact.item}")
+
+
 def compute_text(fact: Fact, values: dict[str, int], opener: str) -> str:
     """The line that works out ``fact`` (``values`` holds the base's value)."""
+    claim = claim_text(fact, values.get(fact.base))
     if fact.base is None:
-        return (f"{opener} the question says that {fact.name} has {w(fact.value)} {fact.item}, "
-                f"so {fact.name} has {w(fact.value)} {fact.item} right from the start.\n")
-    word = "more" if fact.op == "+" else "fewer"
-    return (f"{opener} the question says that {fact.name} has {w(fact.diff)} {word} {fact.item} than {fact.base}, "
-            f"so {fact.name} has {w(values[fact.base])} {OP_WORDS[fact.op]} {w(fact.diff)}, "
-            f"which is {w(fact.value)} {fact.item}.\n")
+        return f"{opener} the question says that {fact.sentence()[:-1]}, so {claim} right from the start.\n"
+    return f"{opener} the question says that {fact.sentence()[:-1]}, so {claim}.\n"
 
 
 def recheck_text(fact: Fact, values: dict[str, int], opener: str) -> str:
@@ -175,7 +181,7 @@ def restate_text(problem: Problem, values: dict[str, int]) -> str:
             f"the number of {problem.item} that {problem.target} has.\n")
 
 
-_RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let me verify")
+RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let me verify")
 
 
 def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[Step]:
@@ -202,7 +208,7 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
             checkable = [problem.by_name[n] for n in values if n != problem.target]
             if checkable and rng.random() < 0.7:
                 checked = rng.choice(checkable)
-                steps.append(Step(recheck_text(checked, values, rng.choice(_RECHECK_OPENERS)), "recheck",
+                steps.append(Step(recheck_text(checked, values, rng.choice(RECHECK_OPENERS)), "recheck",
                                   checked.name, False))
             else:
                 steps.append(Step(restate_text(problem, values), "restate", None, False))
@@ -211,15 +217,9 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
 
 def summary_text(problem: Problem) -> str:
     """The final answer after ``</think>``: the essential computations restated, then the boxed answer."""
-    parts = []
     by_name = problem.by_name
-    for name in problem.chain():
-        fact = by_name[name]
-        if fact.base is None:
-            parts.append(f"{name} has {w(fact.value)} {fact.item}.")
-        else:
-            parts.append(f"{name} has {w(by_name[fact.base].value)} {OP_WORDS[fact.op]} {w(fact.diff)}, "
-                         f"which is {w(fact.value)} {fact.item}.")
+    facts = [by_name[name] for name in problem.chain()]
+    parts = [claim_text(f, by_name[f.base].value if f.base else None) + "." for f in facts]
     return " ".join(parts) + f" So the answer is \\boxed{{{problem.answer}}}."
 
 
