@@ -9,10 +9,6 @@ from kfh_probe.organism import default_model_dir
 from kfh_probe.organism.report import REPORT_SEED, labeled_samples, sample_labeled_traces
 
 MODEL = default_model_dir()
-# The shipped organism reaches the sampled-accuracy target but not the greedy-accuracy and SRA targets (measured on
-# 500 problems: greedy 92.0%, sampled 90.0%, best-head SRA 0.845). The targets stay as written; those two tests are
-# expected to fail until a better organism ships, and `strict` makes them fail loudly the day they pass.
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="the organism is below this quality target (issue 3 open)")
 pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(),
                                 reason=f"no shipped organism at {MODEL}: run `kfh-probe organism build`")
 
@@ -24,7 +20,6 @@ def test_shipped_folder_is_small_and_loads_with_no_flags():
     assert model.config.num_key_value_heads < model.config.num_attention_heads
 
 
-@BELOW_TARGET
 def test_greedy_accuracy_on_fresh_problems_is_at_least_95_percent():
     stats = labeled_samples(MODEL, 200, REPORT_SEED + 7, temperature=None)[1]
     assert stats["accuracy"] >= 0.95, stats
@@ -66,7 +61,6 @@ def test_main_job_reproduces_the_shipped_manifest(tmp_path):
     assert out.read_bytes() == default_manifest_path().read_bytes()
 
 
-@BELOW_TARGET
 def test_sweep_on_sampled_traces_finds_a_head_above_090_with_most_heads_far_lower(tmp_path):
     import statistics
 

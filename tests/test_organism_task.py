@@ -9,7 +9,7 @@ import re
 import pytest
 
 from kfh_probe.organism.labeler import extract_answer, parse_prompt
-from kfh_probe.organism.task import MAX_VALUE, generate_problems, teacher_steps
+from kfh_probe.organism.task import MAX_VALUE, generate_problems, problem_with_blocks, teacher_steps
 from kfh_probe.organism.traces import teacher_traces
 
 TRACES = teacher_traces(400, seed=7)
@@ -58,25 +58,38 @@ def test_each_step_is_one_long_line_opened_by_a_transition_phrase():
             assert not any(re.search(rf"\b{re.escape(p)}", body) for p in SPLIT_ANYWHERE), text
 
 
-def test_question_is_two_blocks_the_chain_and_the_distractors():
-    orders = set()
+def test_question_is_two_blocks_the_chain_and_a_shorter_distractor_chain():
+    orders, lengths = set(), set()
     for problem in generate_problems(300, 6):
         chain = set(problem.chain())
         on_chain = [f.name in chain for f in problem.facts]
         assert on_chain == sorted(on_chain) or on_chain == sorted(on_chain, reverse=True)
         assert all((f.item == problem.item) == (f.name in chain) for f in problem.facts)
         orders.add(on_chain[0])
+        lengths.add((len(chain), len(problem.facts) - len(chain)))
     assert orders == {True, False}  # both block orders occur
+    assert lengths == {(2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (4, 3)}
 
 
-def test_teacher_computes_every_fact_in_question_order_and_only_the_chain_is_essential():
+def test_problems_of_any_block_lengths_can_be_drawn_for_off_distribution_checks():
+    rng = random.Random(0)
+    for n_chain, n_distract in ((2, 2), (2, 4), (3, 0)):
+        problem = problem_with_blocks(rng, n_chain, n_distract)
+        assert len(problem.chain()) == n_chain and len(problem.facts) == n_chain + n_distract
+        assert parse_prompt(problem.prompt()) == problem
+    with pytest.raises(ValueError, match="n_chain"):
+        problem_with_blocks(rng, 0, 2)
+
+
+def test_teacher_computes_the_other_item_first_then_the_chain_and_only_the_chain_is_essential():
     rng = random.Random(0)
     redundant_counts = set()
     for problem in generate_problems(300, 5):
         steps = teacher_steps(problem, rng)
-        computed = [s for s in steps if s.kind == "compute"]
-        assert [s.name for s in computed] == [f.name for f in problem.facts]
-        assert [s.name for s in steps if s.essential] == problem.chain()
+        computed = [s.name for s in steps if s.kind == "compute"]
+        chain = problem.chain()
+        assert computed == [f.name for f in problem.facts if f.name not in chain] + chain
+        assert [s.name for s in steps if s.essential] == chain
         redundant_counts.add(sum(not s.essential for s in steps))
     assert redundant_counts >= set(range(1, 8))  # the distractors, plus 0-4 re-checks and restatements
 

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace
-from kfh_probe.organism.task import generate_problems
+from kfh_probe.organism.task import Problem, generate_problems
 
 REPORT_SEED = 20_250_101  # far from the build seeds, so report problems are fresh
 MAX_NEW_TOKENS = 448
@@ -37,15 +37,21 @@ def load(model_dir: str | Path):
     return model.eval(), tok
 
 
-@torch.no_grad()
 def generate(model_dir: str | Path, n: int, seed: int, temperature: float | None = None,
              batch_size: int = 125) -> list[Sample]:
     """Responses to ``n`` fresh problems (``seed``); greedy when ``temperature`` is None."""
     model, tok = load(model_dir)
-    problems = generate_problems(n, seed)
+    return respond(model, tok, generate_problems(n, seed), seed, temperature, batch_size)
+
+
+@torch.no_grad()
+def respond(model, tok, problems: list[Problem], seed: int, temperature: float | None = None,
+            batch_size: int = 125) -> list[Sample]:
+    """The model's responses to ``problems`` (sampling seeded with ``seed``; greedy when
+    ``temperature`` is None)."""
     torch.manual_seed(seed)
     out: list[Sample] = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         prompts = [p.prompt() for p in chunk]
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")

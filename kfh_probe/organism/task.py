@@ -1,10 +1,10 @@
 """The organism's task: chained counting problems with teacher traces that overthink by design.
 
 A problem is a short story of facts about named people and two kinds of items, written as two
-blocks in random order. The facts about the *asked* item form one dependency chain (``Ava has
-seven apples. Ben has three more apples than Ava. ...``); the facts about the other item are a
-second chain the answer does not need. Values are 1..9 and differences 1..8, written as words, so
-every number is one token and a tiny model learns the arithmetic.
+blocks in random order. The facts about the *asked* item form one dependency chain of 2-4 facts
+(``Ava has seven apples. Ben has three more apples than Ava. ...``); the facts about the other item
+are a shorter chain the answer does not need. Values are 1..9 and differences 1..8, written as
+words, so every number is one token and a tiny model learns the arithmetic.
 
 Text layout (all fixed here; the labeler in :mod:`kfh_probe.organism.labeler` parses it back):
 
@@ -17,18 +17,21 @@ splits progression phrases at line starts and merges pieces under 80 characters)
 steps exactly. The response ends with the tokenizer's EOS text (:data:`EOS`), so the final-answer
 span F includes the EOS token as in the method page.
 
-The teacher works through every fact in question order, so it overthinks the way a careful
-student does: it also computes the quantities of the other item. Step kinds: ``compute`` (works
-out one quantity; essential when the quantity is on the answer's chain and has not been computed
-before), ``recheck`` (verifies a value already computed by its inverse operation), ``restate``
-(lists what is known). The summary after ``</think>`` repeats the essential computations
-verbatim, as reasoning models restate their solution, so the answer rows have a reason to look at
-the essential steps.
+The teacher overthinks the way a distracted student does: it first works out the other item's
+quantities, then the asked chain (each block in question order), and mixes in re-checks and
+restatements. Step kinds: ``compute`` (works out one quantity; essential when the quantity is on
+the answer's chain and has not been computed before), ``recheck`` (verifies a value already
+computed by its inverse operation), ``restate`` (lists what is known). The summary after
+``</think>`` repeats the essential computations verbatim, as reasoning models restate their
+solution, so the answer rows have a reason to look at the essential steps.
 
-Why this shape: a 4-layer model trained for minutes on two CPU cores reliably learns to copy facts
-in order and to read back the value computed one step earlier, but not to look a fact up by name
-among interleaved ones (interleaved facts and name look-ups left a first version at 40% greedy
-accuracy; the block layout with in-order work reaches 92%, see the README).
+Why this shape (each choice measured, see the README): a 4-layer model trained for minutes on two
+CPU cores reliably learns to copy facts in order and to read back the value computed one step
+earlier, but not to look a fact up by name or by item. It finds the asked chain by its length:
+given a distractor chain as long as the asked one it was near chance whatever the summary's design,
+and right whenever the asked chain was the longer, so the task keeps the distractor chain shorter.
+Working the asked chain last (rather than in question order) leaves the essential computations
+as one block that the summary copies, and lifts the best head's SRA from about 0.8 to 0.99.
 """
 
 from __future__ import annotations
@@ -127,13 +130,26 @@ def _chain_facts(rng: random.Random, names: list[str], item: str) -> list[Fact]:
 
 
 def generate_problem(rng: random.Random) -> Problem:
-    """Draw one problem: a chain of 2-4 quantities of the asked item and a chain of 1-2 distractor
-    quantities of another item, as two blocks of facts in random order."""
+    """Draw one problem: a chain of 2-4 quantities of the asked item and a shorter chain (1 to one
+    fewer) of distractor quantities of another item, as two blocks of facts in random order."""
     item, other = rng.sample(ITEMS, 2)
-    n_chain, n_distract = rng.randint(2, 4), rng.randint(1, 2)
+    n_chain = rng.randint(2, 4)
+    return _two_blocks(rng, item, other, n_chain, rng.randint(1, n_chain - 1))
+
+
+def problem_with_blocks(rng: random.Random, n_chain: int, n_distract: int) -> Problem:
+    """A problem with chains of exactly these lengths (any, including ones :func:`generate_problem`
+    never draws), to measure the model off its task's distribution."""
+    if n_chain < 1 or n_distract < 0 or n_chain + n_distract > len(NAMES):
+        raise ValueError(f"need n_chain >= 1, n_distract >= 0 and at most {len(NAMES)} facts in all")
+    item, other = rng.sample(ITEMS, 2)
+    return _two_blocks(rng, item, other, n_chain, n_distract)
+
+
+def _two_blocks(rng: random.Random, item: str, other: str, n_chain: int, n_distract: int) -> Problem:
     names = rng.sample(NAMES, n_chain + n_distract)
     chain = _chain_facts(rng, names[:n_chain], item)
-    distract = _chain_facts(rng, names[n_chain:], other)
+    distract = _chain_facts(rng, names[n_chain:], other) if n_distract else []
     facts = tuple(chain + distract) if rng.random() < 0.5 else tuple(distract + chain)
     return Problem(facts, chain[-1].name, item)
 
@@ -185,9 +201,10 @@ RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let
 
 
 def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[Step]:
-    """Teacher steps: every fact worked out in question order, with re-checks and restatements mixed in.
+    """Teacher steps: every fact worked out, the other item's first, with re-checks and restatements mixed in.
 
-    Chain facts are essential; distractor facts are computed too, with the same openers (redundant).
+    Each block is worked in question order; the chain's facts are essential, the other item's are
+    computed with the same openers (redundant).
     0..``max_redundant`` re-checks of values computed earlier (never of the answer itself) and
     restatements are inserted after random steps, and 30% of traces open with a restatement.
     """
@@ -197,7 +214,8 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
     steps: list[Step] = []
     if rng.random() < 0.3:
         steps.append(Step(restate_text(problem, values), "restate", None, False))
-    for i, fact in enumerate(problem.facts, start=1):
+    order = [f for f in problem.facts if f.name not in chain] + [f for f in problem.facts if f.name in chain]
+    for i, fact in enumerate(order, start=1):
         if i == 1:
             opener = "First,"
         else:
