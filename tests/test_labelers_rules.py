@@ -95,18 +95,20 @@ def test_ablation_scores_k_plus_one_sequences_in_one_forward(byte_tokenizer):
 
 
 @pytest.mark.skipif(not (default_model_dir() / "config.json").is_file(), reason="the organism model is not built yet")
-def test_ablation_and_post_answer_on_the_organism_agree_with_ground_truth_better_than_chance():
+def test_ablation_on_the_organism_agrees_with_ground_truth_better_than_chance():
+    # post-answer is not held to this: it keeps every step before the first statement of the answer, and
+    # the organism works the other item's quantities first (README: kappa -0.05 on 298 traces).
     from kfh_probe.labelers.report import agreement
     from kfh_probe.loading import load_model, load_tokenizer, pad_token_id
 
     records = teacher_traces(8, seed=11)
     truth = [[s["label"] for s in r["steps"]] for r in records]
     model, tok = load_model(default_model_dir()), load_tokenizer(default_model_dir())
-    for labeler in (AblationLabeler(model, tok, pad_token_id(tok), threshold=None, top_fraction=0.5), PostAnswerLabeler()):
-        run = run_labeler(unlabelled(records), labeler, skip_invalid=True)
-        by_id = {t.id: [s.label for s in t.steps] for t in run.traces}
-        got = [by_id.get(r["id"], [None] * len(r["steps"])) for r in records]
-        assert agreement(got, truth)["accuracy"] > 0.5, labeler.name
+    labeler = AblationLabeler(model, tok, pad_token_id(tok), threshold=None, top_fraction=0.5)
+    run = run_labeler(unlabelled(records), labeler, skip_invalid=True)
+    by_id = {t.id: [s.label for s in t.steps] for t in run.traces}
+    got = [by_id.get(r["id"], [None] * len(r["steps"])) for r in records]
+    assert agreement(got, truth)["accuracy"] > 0.5
 
 
 def test_cli_label_writes_a_file_that_read_traces_accepts(tmp_path):
