@@ -8,9 +8,8 @@ Rules (they are the definition of the organism's ground truth):
   step, the ``<think>\\n`` opener belongs to the first step, and a blank line joins the step before.
 * A step is **essential** when it contains a computation claim (``so X has V ITEM right from the
   start`` or ``so X has A plus|minus B, which is V ITEM``) for a chain quantity that no earlier step
-  computed, and
-  **redundant** otherwise. Wrong arithmetic does not change the label (the answer still depends on
-  the step); it is counted in ``wrong_claims``.
+  computed, and **redundant** otherwise. Wrong arithmetic does not change the label (the answer
+  still depends on the step); it is counted in ``wrong_claims``.
 * A step that matches none of the task's step forms (compute, recheck, restate) computes nothing
   recognisable: it is labelled redundant and counted in ``unknown_steps``.
 """
