@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace, parse_prompt, split_steps
+from kfh_probe.organism.labeler import (
+    TraceFormatError,
+    extract_answer,
+    label_trace,
+    parse_prompt,
+    split_steps,
+    step_accounting,
+)
 from kfh_probe.organism.traces import teacher_traces
 
 PROMPT = ("Question: Ava has seven apples. Ben has two more apples than Ava. Eve has four fewer apples than Ben. "
@@ -43,6 +50,32 @@ def test_recomputing_a_chain_quantity_is_redundant_and_wrong_arithmetic_keeps_th
     assert [s["label"] for s in labeled.steps] == ["essential", "essential", "redundant", "redundant", "essential"]
     assert labeled.kinds[3] == "unknown"
     assert (labeled.unknown_steps, labeled.wrong_claims) == (1, 2)  # "eight" for Ben, "lots" is no number
+
+
+def test_roles_and_accounting_of_a_hand_checked_trace():
+    labeled = label_trace(PROMPT, "".join(STEPS) + SUMMARY)
+    assert labeled.roles == ["restate", "essential", "essential", "recheck", "essential", "other", "other"]
+    assert labeled.accounting() == {"essential_steps": 3, "redundant_steps": 4, "other": 2, "repeat": 0, "recheck": 1,
+                                    "restate": 1, "unknown": 0, "missing_essential": 0}
+
+
+def test_minimal_v4_trace_without_the_other_block_has_no_redundant_step():
+    steps = [STEPS[1], STEPS[2], STEPS[4]]
+    steps[0] = "<think>\n" + steps[0]
+    labeled = label_trace(PROMPT, "".join(steps) + SUMMARY)
+    assert [s["label"] for s in labeled.steps] == ["essential"] * 3
+    assert labeled.accounting()["redundant_steps"] == 0 and labeled.missing_essential == 0
+
+
+def test_other_block_after_the_chain_and_a_missing_chain_step():
+    # v4 teachers may work the other item's block after the chain; here the model also skipped Ben.
+    steps = ["<think>\n" + STEPS[1], STEPS[4], STEPS[5], STEPS[6]]
+    labeled = label_trace(PROMPT, "".join(steps) + SUMMARY)
+    assert labeled.roles == ["essential", "essential", "other", "other"]
+    assert labeled.missing_essential == 1  # Ben's quantity is never computed
+    assert step_accounting(PROMPT, "".join(steps) + SUMMARY)["missing_essential"] == 1
+    assert step_accounting("Question: what?\nAnswer:\n", "x</think>y") is None
+    assert step_accounting(PROMPT, "".join(steps)) is None  # no </think>: absent, not zero
 
 
 def test_labeler_agrees_with_the_teacher_on_every_teacher_trace():

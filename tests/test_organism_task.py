@@ -9,7 +9,7 @@ import re
 import pytest
 
 from kfh_probe.organism.labeler import extract_answer, parse_prompt
-from kfh_probe.organism.task import MAX_VALUE, generate_problems, problem_with_blocks, teacher_steps
+from kfh_probe.organism.task import MAX_VALUE, WORKED_ITEMS, generate_problems, problem_with_blocks, teacher_steps
 from kfh_probe.organism.traces import teacher_traces
 
 TRACES = teacher_traces(400, seed=7)
@@ -58,16 +58,14 @@ def test_each_step_is_one_long_line_opened_by_a_transition_phrase():
             assert not any(re.search(rf"\b{re.escape(p)}", body) for p in SPLIT_ANYWHERE), text
 
 
-def test_question_is_two_blocks_the_chain_and_a_shorter_distractor_chain():
-    orders, lengths = set(), set()
+def test_question_is_two_blocks_the_chain_first_then_a_shorter_distractor_chain():
+    lengths = set()
     for problem in generate_problems(300, 6):
         chain = set(problem.chain())
         on_chain = [f.name in chain for f in problem.facts]
-        assert on_chain == sorted(on_chain) or on_chain == sorted(on_chain, reverse=True)
+        assert on_chain == sorted(on_chain, reverse=True)
         assert all((f.item == problem.item) == (f.name in chain) for f in problem.facts)
-        orders.add(on_chain[0])
         lengths.add((len(chain), len(problem.facts) - len(chain)))
-    assert orders == {True, False}  # both block orders occur
     assert lengths == {(2, 1), (3, 1), (3, 2), (4, 1), (4, 2), (4, 3)}
 
 
@@ -81,17 +79,48 @@ def test_problems_of_any_block_lengths_can_be_drawn_for_off_distribution_checks(
         problem_with_blocks(rng, 0, 2)
 
 
-def test_teacher_computes_the_other_item_first_then_the_chain_and_only_the_chain_is_essential():
+def test_teacher_works_the_chain_first_and_the_other_block_after_it_when_at_all():
     rng = random.Random(0)
-    redundant_counts = set()
-    for problem in generate_problems(300, 5):
+    for problem in generate_problems(500, 5):
         steps = teacher_steps(problem, rng)
         computed = [s.name for s in steps if s.kind == "compute"]
         chain = problem.chain()
-        assert computed == [f.name for f in problem.facts if f.name not in chain] + chain
+        other = [f.name for f in problem.facts if f.name not in chain]
         assert [s.name for s in steps if s.essential] == chain
-        redundant_counts.add(sum(not s.essential for s in steps))
-    assert redundant_counts >= set(range(1, 8))  # the distractors, plus 0-4 re-checks and restatements
+        assert computed in (chain, chain + other)  # skipped, or worked after the chain; each in question order
+
+
+def test_the_other_block_is_optional_more_often_worked_for_some_items():
+    rng = random.Random(1)
+    worked = {True: [], False: []}
+    for problem in generate_problems(4000, 8):
+        chain = set(problem.chain())
+        steps = teacher_steps(problem, rng)
+        other_item = problem.facts[-1].item
+        worked[other_item in WORKED_ITEMS].append(any(s.kind == "compute" and s.name not in chain for s in steps))
+    first, second = (sum(v) / len(v) for v in (worked[True], worked[False]))
+    assert 0.66 < first < 0.74 and 0.26 < second < 0.34
+    assert 0.45 < (sum(worked[True]) + sum(worked[False])) / 4000 < 0.55
+
+
+def test_redundancy_varies_from_none_to_many_and_subtractions_are_rechecked_at_once():
+    rng = random.Random(2)
+    counts, after_minus, rechecked_at_once = [], 0, 0
+    for problem in generate_problems(4000, 9):
+        steps = teacher_steps(problem, rng)
+        extras = [s for s in steps if s.kind != "compute"]
+        assert len(extras) <= 4
+        counts.append(sum(not s.essential for s in steps))
+        for k, step in enumerate(steps[:-1]):
+            fact = problem.by_name.get(step.name)
+            if step.kind == "compute" and fact.op == "-" and fact.name != problem.target:
+                after_minus += 1
+                nxt = steps[k + 1]
+                rechecked_at_once += nxt.kind == "recheck" and nxt.name == step.name and nxt.text.startswith("Wait,")
+        assert not any(s.kind == "recheck" and s.name == problem.target for s in steps)
+    assert 0.17 < counts.count(0) / len(counts) < 0.28  # the minimal response is common
+    assert set(counts) >= set(range(0, 8))
+    assert 0.45 < rechecked_at_once / after_minus < 0.55
 
 
 def test_final_answer_restates_the_essential_computations_verbatim():

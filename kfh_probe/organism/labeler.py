@@ -10,6 +10,9 @@ Rules (they are the definition of the organism's ground truth):
   start`` or ``so X has A plus|minus B, which is V ITEM``) for a chain quantity that no earlier step
   computed, and **redundant** otherwise. Wrong arithmetic does not change the label (the answer
   still depends on the step); it is counted in ``wrong_claims``.
+* A redundant step's role says why it is redundant (:data:`ROLES`): another item's computation,
+  a repeated chain computation, a re-check, a restatement. A chain quantity that no step computes
+  is counted in ``missing_essential``.
 * A step that matches none of the task's step forms (compute, recheck, restate) computes nothing
   recognisable: it is labelled redundant and counted in ``unknown_steps``.
 """
@@ -100,15 +103,33 @@ def split_steps(reasoning: str) -> list[str]:
     return steps
 
 
+ROLES = ("essential", "other", "repeat", "recheck", "restate", "unknown")
+"""What a step does, by ground truth: ``essential`` computes a chain quantity for the first time;
+the redundant roles are ``other`` (computes only quantities off the answer's chain: the other item),
+``repeat`` (computes a chain quantity again), ``recheck``, ``restate`` and ``unknown`` (no step form)."""
+
+REDUNDANT_KINDS = ("other", "recheck", "restate")
+"""The redundancy kinds the organism's teacher writes (``repeat`` and ``unknown`` are the model's own)."""
+
+
 @dataclass
 class LabeledTrace:
     """Steps with labels plus what the labeler noticed about the trace."""
 
     steps: list[dict] = field(default_factory=list)  # [{"text", "label"}]
     kinds: list[str] = field(default_factory=list)  # compute / recheck / restate / unknown
+    roles: list[str] = field(default_factory=list)  # one of ROLES per step
     unknown_steps: int = 0
     wrong_claims: int = 0
+    missing_essential: int = 0  # chain quantities no step computes
     predicted: int | None = None
+
+    def accounting(self) -> dict[str, int]:
+        """Per-response step counts: ``essential_steps``, ``redundant_steps`` and each redundant role
+        (``other``, ``repeat``, ``recheck``, ``restate``, ``unknown``), ``missing_essential``."""
+        counts = {role: self.roles.count(role) for role in ROLES}
+        return {"essential_steps": counts.pop("essential"), "redundant_steps": len(self.roles) - self.roles.count("essential"),
+                **counts, "missing_essential": self.missing_essential}
 
 
 def label_trace(prompt: str, response: str) -> LabeledTrace:
@@ -129,5 +150,20 @@ def label_trace(prompt: str, response: str) -> LabeledTrace:
                 else "restate" if _RESTATE.match(text) else "unknown")
         out.unknown_steps += kind == "unknown"
         out.kinds.append(kind)
+        if kind != "compute":
+            role = kind
+        else:
+            role = "essential" if essential else "repeat" if any(n in chain for n, _ in claims) else "other"
+        out.roles.append(role)
         out.steps.append({"text": text, "label": "essential" if essential else "redundant"})
+    out.missing_essential = len(chain - computed)
     return out
+
+
+def step_accounting(prompt: str, response: str) -> dict[str, int] | None:
+    """Ground-truth step counts of one response (:meth:`LabeledTrace.accounting`), or ``None`` when the
+    prompt is not an organism prompt or the response has no single ``</think>`` (absent, not zero)."""
+    try:
+        return label_trace(prompt, response).accounting()
+    except TraceFormatError:
+        return None

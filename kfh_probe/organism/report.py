@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace
-from kfh_probe.organism.task import Problem, generate_problems
+from kfh_probe.organism.task import RECHECK_OPENERS, THINK_CLOSE, Problem, generate_problems
 
 REPORT_SEED = 20_250_101  # far from the build seeds, so report problems are fresh
 MAX_NEW_TOKENS = 448
@@ -35,13 +35,6 @@ def load(model_dir: str | Path):
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     return model.eval(), tok
-
-
-def generate(model_dir: str | Path, n: int, seed: int, temperature: float | None = None,
-             batch_size: int = 125) -> list[Sample]:
-    """Responses to ``n`` fresh problems (``seed``); greedy when ``temperature`` is None."""
-    model, tok = load(model_dir)
-    return respond(model, tok, generate_problems(n, seed), seed, temperature, batch_size)
 
 
 @torch.no_grad()
@@ -76,9 +69,11 @@ def sample_labeled_traces(model_dir: str | Path, n: int, seed: int, temperature:
 
 
 def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float | None = 1.0) -> tuple[list[dict], dict]:
-    """Labeled trace dicts plus statistics over all ``n`` samples (accuracy, lengths, parse counts)."""
-    samples = generate(model_dir, n, seed, temperature)
-    records, redundant, unknown, wrong, dropped = [], [], 0, 0, 0
+    """Labeled trace dicts plus statistics over all ``n`` samples (accuracy, lengths, parse counts,
+    redundancy by kind, and the mean probability of opening a re-check at a line start)."""
+    model, tok = load(model_dir)
+    samples = respond(model, tok, generate_problems(n, seed), seed, temperature)
+    records, accounts, unknown, wrong, dropped = [], [], 0, 0, 0
     for i, s in enumerate(samples):
         try:
             labeled = label_trace(s.prompt, s.response)
@@ -87,10 +82,14 @@ def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float
             continue
         unknown += labeled.unknown_steps
         wrong += labeled.wrong_claims
-        redundant.append(sum(st["label"] == "redundant" for st in labeled.steps))
+        accounts.append(labeled.accounting())
         records.append({"id": f"organism-model-{seed}-{i}", "prompt": s.prompt, "response": s.response,
                         "answer": str(s.answer), "steps": labeled.steps})
     lengths = [s.n_tokens for s in samples]
+
+    def mean_of(key: str) -> float:
+        return statistics.fmean(a[key] for a in accounts) if accounts else 0.0
+
     stats = {
         "n": n,
         "accuracy": sum(extract_answer(s.response) == s.answer for s in samples) / n,
@@ -98,13 +97,53 @@ def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float
         "tokens_std": statistics.pstdev(lengths),
         "tokens_min": min(lengths),
         "tokens_max": max(lengths),
-        "redundant_steps_mean": statistics.fmean(redundant) if redundant else 0.0,
+        "redundant_steps_mean": mean_of("redundant_steps"),
+        "essential_steps_mean": mean_of("essential_steps"),
+        "missing_essential_mean": mean_of("missing_essential"),
+        "other_block_fraction": statistics.fmean(a["other"] > 0 for a in accounts) if accounts else 0.0,
+        "minimal_fraction": statistics.fmean(a["redundant_steps"] == 0 for a in accounts) if accounts else 0.0,
+        "rechecks_mean": mean_of("recheck"),
+        "restates_mean": mean_of("restate"),
+        "recheck_open_p": recheck_open_probability(model, tok, samples),
         "parseable_fraction": len(records) / n,
         "unlabelable_traces": dropped,
         "unknown_steps": unknown,
         "wrong_claims": wrong,
     }
     return records, stats
+
+
+@torch.no_grad()
+def recheck_open_probability(model, tok, samples: list[Sample], batch_size: int = 50) -> float:
+    """The model's mean probability of opening a re-check at a line start of the reasoning.
+
+    At every position of a response's reasoning whose token ends a line (``<think>\n`` included,
+    ``</think>`` excluded), the next-token probability of the first token of any re-check opener
+    (:data:`kfh_probe.organism.task.RECHECK_OPENERS`; no other step form starts with those tokens),
+    teacher-forced on the response itself, averaged over all such line starts of all ``samples``.
+    """
+    first_ids = sorted({tok(opener, add_special_tokens=False)["input_ids"][0] for opener in RECHECK_OPENERS})
+    close_id = tok.convert_tokens_to_ids(THINK_CLOSE)
+    ends_line = {i for i in range(len(tok)) if tok.decode([i]).endswith("\n")}
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        rows = [tok(s.prompt, add_special_tokens=False)["input_ids"] for s in chunk]
+        responses = [tok(s.response, add_special_tokens=False)["input_ids"] for s in chunk]
+        width = max(len(p) + len(r) for p, r in zip(rows, responses))
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, (p, r) in enumerate(zip(rows, responses)):
+            ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+            mask[b, :len(p) + len(r)] = 1
+        probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., first_ids].sum(-1)
+        for b, (p, r) in enumerate(zip(rows, responses)):
+            reasoning = r[:r.index(close_id)] if close_id in r else r
+            for k, token in enumerate(reasoning):
+                if token in ends_line:
+                    total += float(probs[b, len(p) + k])
+                    count += 1
+    return total / count if count else 0.0
 
 
 def organism_report(model_dir: str | Path, n: int = 500, seed: int = REPORT_SEED) -> dict:

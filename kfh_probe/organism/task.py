@@ -1,10 +1,10 @@
 """The organism's task: chained counting problems with teacher traces that overthink by design.
 
 A problem is a short story of facts about named people and two kinds of items, written as two
-blocks in random order. The facts about the *asked* item form one dependency chain of 2-4 facts
-(``Ava has seven apples. Ben has three more apples than Ava. ...``); the facts about the other item
-are a shorter chain the answer does not need. Values are 1..9 and differences 1..8, written as
-words, so every number is one token and a tiny model learns the arithmetic.
+blocks: first the facts about the *asked* item, one dependency chain of 2-4 facts (``Ava has seven
+apples. Ben has three more apples than Ava. ...``), then the facts about another item, a shorter
+chain the answer does not need. Values are 1..9 and differences 1..8, written as words, so every
+number is one token and a tiny model learns the arithmetic.
 
 Text layout (all fixed here; the labeler in :mod:`kfh_probe.organism.labeler` parses it back):
 
@@ -17,21 +17,25 @@ splits progression phrases at line starts and merges pieces under 80 characters)
 steps exactly. The response ends with the tokenizer's EOS text (:data:`EOS`), so the final-answer
 span F includes the EOS token as in the method page.
 
-The teacher overthinks the way a distracted student does: it first works out the other item's
-quantities, then the asked chain (each block in question order), and mixes in re-checks and
-restatements. Step kinds: ``compute`` (works out one quantity; essential when the quantity is on
-the answer's chain and has not been computed before), ``recheck`` (verifies a value already
-computed by its inverse operation), ``restate`` (lists what is known). The summary after
-``</think>`` repeats the essential computations verbatim, as reasoning models restate their
-solution, so the answer rows have a reason to look at the essential steps.
+The teacher overthinks the way a distracted student does, differently from one trace to the next
+(:func:`teacher_steps`): in about half of the traces it also works out the other item's
+quantities, and it mixes in 0-4 re-checks and restatements, so that a group of sampled responses
+holds short and long correct answers that differ in which redundant steps they have. Step kinds:
+``compute`` (works out one quantity; essential when the quantity is on the answer's chain and has
+not been computed before), ``recheck`` (verifies a value already computed by its inverse
+operation), ``restate`` (lists what is known). The summary after ``</think>`` repeats the
+essential computations verbatim, as reasoning models restate their solution, so the answer rows
+have a reason to look at the essential steps.
 
 Why this shape (each choice measured, see the README): a 4-layer model trained for minutes on two
 CPU cores reliably learns to copy facts in order and to read back the value computed one step
 earlier, but not to look a fact up by name or by item. It finds the asked chain by its length:
 given a distractor chain as long as the asked one it was near chance whatever the summary's design,
 and right whenever the asked chain was the longer, so the task keeps the distractor chain shorter.
-Working the asked chain last (rather than in question order) leaves the essential computations
-as one block that the summary copies, and lifts the best head's SRA from about 0.8 to 0.99.
+With the other block optional, a model that had to find where the asked chain starts in the
+middle of the question confused the two blocks' names and values (greedy accuracy 92-97%, best-head
+SRA 0.78-0.84), so the asked chain now comes first in the question and is worked first: the model
+starts at the first fact, and the summary goes back to it.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ def _chain_facts(rng: random.Random, names: list[str], item: str) -> list[Fact]:
 
 def generate_problem(rng: random.Random) -> Problem:
     """Draw one problem: a chain of 2-4 quantities of the asked item and a shorter chain (1 to one
-    fewer) of distractor quantities of another item, as two blocks of facts in random order."""
+    fewer) of distractor quantities of another item, as two blocks of facts, the asked chain first."""
     item, other = rng.sample(ITEMS, 2)
     n_chain = rng.randint(2, 4)
     return _two_blocks(rng, item, other, n_chain, rng.randint(1, n_chain - 1))
@@ -150,8 +154,7 @@ def _two_blocks(rng: random.Random, item: str, other: str, n_chain: int, n_distr
     names = rng.sample(NAMES, n_chain + n_distract)
     chain = _chain_facts(rng, names[:n_chain], item)
     distract = _chain_facts(rng, names[n_chain:], other) if n_distract else []
-    facts = tuple(chain + distract) if rng.random() < 0.5 else tuple(distract + chain)
-    return Problem(facts, chain[-1].name, item)
+    return Problem(tuple(chain + distract), chain[-1].name, item)
 
 
 def generate_problems(n: int, seed: int) -> list[Problem]:
@@ -198,35 +201,71 @@ def restate_text(problem: Problem, values: dict[str, int]) -> str:
 
 
 RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let me verify")
+"""Openers of a re-check: the first checks the value just computed, the others an earlier one."""
+
+OTHER_BLOCK_P = {True: 0.7, False: 0.3}
+"""Probability that the teacher works the other item's block, by whether the other item is one of
+:data:`WORKED_ITEMS` (about half of all traces; greedy decoding then works it for those items only)."""
+WORKED_ITEMS = ITEMS[:3]
+OPEN_RESTATE_P = 0.15
+"""Probability that a trace opens with a restatement of the question."""
+EXTRA_P = {"minus": 0.5, "other": 0.2}
+"""Probability of a redundant step right after a compute step: after a subtraction (of a quantity
+that is not the answer) it re-checks that subtraction, otherwise it re-checks an earlier value or
+restates what is known. A second extra step follows with probability :data:`SECOND_EXTRA_P`."""
+SECOND_EXTRA_P = 0.3
 
 
 def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[Step]:
-    """Teacher steps: every fact worked out, the other item's first, with re-checks and restatements mixed in.
+    """Teacher steps: the asked chain always, the other item's block in only some traces, and 0 to
+    ``max_redundant`` re-checks and restatements.
 
-    Each block is worked in question order; the chain's facts are essential, the other item's are
-    computed with the same openers (redundant).
-    0..``max_redundant`` re-checks of values computed earlier (never of the answer itself) and
-    restatements are inserted after random steps, and 30% of traces open with a restatement.
+    The overthinking varies from sample to sample, so that a group of rollouts holds short and long
+    correct responses that differ in which redundant steps they have:
+
+    * the asked chain is worked first; the other item's block follows it with probability
+      :data:`OTHER_BLOCK_P` (0.7 when the other item is one of :data:`WORKED_ITEMS`, 0.3 otherwise),
+      so the essential steps do not always come last;
+    * a trace opens with a restatement with probability :data:`OPEN_RESTATE_P`;
+    * after each computed quantity other than the answer, an extra step follows with probability
+      :data:`EXTRA_P`: a subtraction is re-checked at once half the time (``"Wait, let me
+      double-check"``), after any other step one in five gets a re-check of an earlier value or a
+      restatement; a second extra follows with probability :data:`SECOND_EXTRA_P`. Never more than
+      ``max_redundant`` extras in all, and never a re-check of the answer itself.
+
+    The shortest correct response (the chain alone) is about a fifth of the teacher's traces.
     """
     chain = set(problem.chain())
-    after = [rng.randint(1, len(problem.facts)) for _ in range(rng.randint(0, max_redundant))]
+    other_item = next((f.item for f in problem.facts if f.name not in chain), None)
+    work_other = rng.random() < OTHER_BLOCK_P[other_item in WORKED_ITEMS]
+    order = [f for f in problem.facts if work_other or f.name in chain]  # question order: the chain first
     values: dict[str, int] = {}
     steps: list[Step] = []
-    if rng.random() < 0.3:
+    extras = 0
+    if rng.random() < OPEN_RESTATE_P:
         steps.append(Step(restate_text(problem, values), "restate", None, False))
-    order = [f for f in problem.facts if f.name not in chain] + [f for f in problem.facts if f.name in chain]
+        extras += 1
     for i, fact in enumerate(order, start=1):
         if i == 1:
             opener = "First,"
         else:
-            opener = "Finally," if i == len(problem.facts) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
+            opener = "Finally," if i == len(order) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
         steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, fact.name in chain))
         values[fact.name] = fact.value
-        for _ in range(after.count(i)):
-            checkable = [problem.by_name[n] for n in values if n != problem.target]
-            if checkable and rng.random() < 0.7:
-                checked = rng.choice(checkable)
-                steps.append(Step(recheck_text(checked, values, rng.choice(RECHECK_OPENERS)), "recheck",
+        if fact.name == problem.target:
+            continue
+        minus = fact.op == "-"
+        if extras >= max_redundant or rng.random() >= EXTRA_P["minus" if minus else "other"]:
+            continue
+        for extra in range(2):
+            if extra == 1 and (extras >= max_redundant or rng.random() >= SECOND_EXTRA_P):
+                break
+            extras += 1
+            if minus and extra == 0:
+                steps.append(Step(recheck_text(fact, values, RECHECK_OPENERS[0]), "recheck", fact.name, False))
+            elif rng.random() < 0.5:
+                checked = problem.by_name[rng.choice([n for n in values if n != problem.target])]
+                steps.append(Step(recheck_text(checked, values, rng.choice(RECHECK_OPENERS[1:])), "recheck",
                                   checked.name, False))
             else:
                 steps.append(Step(restate_text(problem, values), "restate", None, False))

@@ -37,7 +37,7 @@ class TrainConfig:
     """Hyper-parameters of a build (the defaults make the shipped model)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 3200
     batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 100
