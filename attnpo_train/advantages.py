@@ -236,7 +236,7 @@ def rescale_group(
     p: float,
     step: int,
     config: TrainConfig,
-) -> tuple[list[torch.Tensor], dict[str, float]]:
+) -> tuple[list[torch.Tensor], dict]:
     """AttnPO per-token advantages of one prompt group (method page section 6).
 
     Only correct responses with at least two steps are rescaled; an incorrect response, or a correct one
@@ -258,7 +258,8 @@ def rescale_group(
         (per-token advantages: G float32 tensors [response_len_i],
          stats: "rescaled_responses", "steps" (steps of rescaled responses), "attenuated_steps"
          (gamma != 1), "frac_attenuated" (0.0 when there are no steps) and "mean_gamma" (1.0 when there
-         are no steps); the counts let a caller aggregate over groups exactly).
+         are no steps); the counts let a caller aggregate over groups exactly; "gammas": G entries,
+         the [K_i] step multipliers of a rescaled response, None for the others).
     """
     correct = torch.as_tensor(correct).bool()
     advantages = torch.as_tensor(advantages, dtype=torch.float32)
@@ -279,12 +280,14 @@ def rescale_group(
 
     active = bool(attenuation_active(torch.tensor([p]), step, config.horizon)[0])
     outputs: list[torch.Tensor] = []
+    all_gammas: list[torch.Tensor | None] = []
     n_rescaled, n_steps, n_attenuated, gamma_sum = 0, 0, 0, 0.0
     for i in range(group_size):
         advantage = float(advantages[i])
         spans = step_spans[i]
         if not correct[i] or spans is None or len(spans) < 2:
             outputs.append(torch.full((response_lens[i],), advantage, dtype=torch.float32))
+            all_gammas.append(None)
             continue
         scores = step_scores[i]
         if scores is None or len(scores) != len(spans):
@@ -310,6 +313,7 @@ def rescale_group(
             use_difficulty=config.use_difficulty,
         )
         outputs.append(per_token_advantages(advantage, response_lens[i], spans, gammas))
+        all_gammas.append(gammas)
         n_rescaled += 1
         n_steps += len(spans)
         n_attenuated += int((gammas != 1.0).sum())
@@ -320,5 +324,6 @@ def rescale_group(
         "attenuated_steps": float(n_attenuated),
         "frac_attenuated": n_attenuated / n_steps if n_steps else 0.0,
         "mean_gamma": gamma_sum / n_steps if n_steps else 1.0,
+        "gammas": all_gammas,
     }
     return outputs, stats

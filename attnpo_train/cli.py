@@ -1,4 +1,4 @@
-"""``attnpo-train``: train a policy with GRPO / TLMRE / AttnPO, and evaluate the result.
+"""``attnpo-train``: train a policy with RLOO / TLMRE / AttnPO, and evaluate the result.
 
     attnpo-train run [--config Y] [--model DIR] [--manifest M] [--data F] [--out DIR] [--method ...]
                      [--steps N] [--resume] [--allow-finetuned] [--device ...] [--set key=value ...]
@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from attnpo_train.config import METHODS
 from attnpo_train.evaluate import efficiency, evaluate
 
 ORGANISM_EVAL_SEED = 7_000_001
@@ -146,43 +147,67 @@ def _eval_prompts(args: argparse.Namespace):
     return prompts[: args.n] if args.n else prompts
 
 
-def _evaluate_dir(path: str, prompts, args: argparse.Namespace) -> dict:
+def _load_for_eval(path: str, device: str):
     from kfh_probe.loading import load_model, load_tokenizer
 
     from attnpo_train.loop import require_model_dir
 
     try:
         require_model_dir(path)
-        tokenizer = load_tokenizer(path)
-        model = load_model(path, "float32", args.device)
+        return load_model(path, "float32", device), load_tokenizer(path)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load {path}: {err}") from None
-    return evaluate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, args.marker)
+
+
+def _evaluations(path: str, prompts, args: argparse.Namespace) -> dict:
+    """Greedy, and avg@K when --samples is given, of the model folder ``path``."""
+    model, tokenizer = _load_for_eval(path, args.device)
+    common = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "marker": args.marker}
+    out = {"greedy": evaluate(model, tokenizer, prompts, **common)}
+    if args.samples is not None:
+        out["sampled"] = evaluate(model, tokenizer, prompts, **common, samples=args.samples,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    for name in ("n", "max_new_tokens", "batch_size"):
+    for name in ("n", "max_new_tokens", "batch_size", "samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+        raise InputError(f"need --temperature > 0 and --top-p in (0, 1]; got {args.temperature}, {args.top_p}")
     prompts = _eval_prompts(args)
-    report: dict = {"model": args.model, "data": args.data or "organism task", "result": _evaluate_dir(args.model, prompts, args)}
-    if args.base is not None:
-        report["base"] = _evaluate_dir(args.base, prompts, args)
+    model = _evaluations(args.model, prompts, args)
+    report: dict = {"model": args.model, "data": args.data or "organism task", "result": model["greedy"]}
+    base = _evaluations(args.base, prompts, args) if args.base is not None else None
+    if base is not None:
+        report["base"] = base["greedy"]
         report["base_model"] = args.base
         report.update(efficiency(report["result"], report["base"]))
+    if "sampled" in model:
+        report["sampled"] = {"result": model["sampled"]}
+        if base is not None:
+            report["sampled"].update(base=base["sampled"], **efficiency(model["sampled"], base["sampled"]))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    rows = [("model", report["result"])] + ([("base", report["base"])] if "base" in report else [])
-    print(f"{'':6} {'n':>5} {'accuracy':>9} {'tokens':>8} {'truncated':>10}")
-    for name, r in rows:
-        print(f"{name:6} {r['n']:>5} {r['accuracy']:>9.3f} {r['response_tokens_mean']:>8.1f} {r['truncated_frac']:>10.3f}")
-    if "efficiency" in report:
-        print(
-            f"length reduction {report['length_reduction']:+.1%}, accuracy change {report['accuracy_change_points']:+.1f} "
-            f"points, efficiency {report['efficiency']:+.3f}"
-        )
+    rows = [("model", "greedy", report["result"])] + ([("base", "greedy", report["base"])] if base else [])
+    if "sampled" in report:
+        label = f"avg@{args.samples}"
+        rows += [("model", label, report["sampled"]["result"])] + ([("base", label, report["sampled"]["base"])] if base else [])
+    print(f"{'':6} {'eval':>8} {'n':>5} {'accuracy':>9} {'tokens':>8} {'truncated':>10} {'redundant':>10} {'essential':>10}")
+    for name, kind, r in rows:
+        steps = r.get("steps")
+        red, ess = (f"{steps['redundant_steps']:.2f}", f"{steps['essential_steps']:.2f}") if steps else ("-", "-")
+        print(f"{name:6} {kind:>8} {r['n']:>5} {r['accuracy']:>9.3f} {r['response_tokens_mean']:>8.1f} "
+              f"{r['truncated_frac']:>10.3f} {red:>10} {ess:>10}")
+    for kind, scores in (("greedy", report), (f"avg@{args.samples}", report.get("sampled", {}))):
+        if "efficiency" in scores:
+            aes_text = "undefined (base accuracy 0)" if scores["aes"] is None else f"{scores['aes']:+.3f}"
+            print(f"{kind}: length reduction {scores['length_reduction']:+.1%}, accuracy change "
+                  f"{scores['accuracy_change_points']:+.1f} points, efficiency {scores['efficiency']:+.3f}, "
+                  f"AES (weights 3/5) {aes_text}")
     return 0
 
 
@@ -193,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="train a policy (checkpoints, resume, metrics.jsonl, final model in OUT/final)",
-        description="Train with GRPO, TLMRE or AttnPO. Settings: the YAML of --config, then --set key=value, "
+        description="Train with RLOO (0/1 reward), TLMRE or AttnPO. Settings: the YAML of --config, then --set key=value, "
         "then the named flags. Without --model the embedded model organism is trained on its own task, with "
         "its shipped KFH manifest.",
     )
@@ -202,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="KFH manifest (required for attnpo unless the organism is trained)")
     run.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: the organism's task generator)")
     run.add_argument("--out", help="output folder (default: runs/attnpo)")
-    run.add_argument("--method", choices=("grpo", "tlmre", "attnpo"))
+    run.add_argument("--method", choices=METHODS)
     run.add_argument("--steps", type=int)
     run.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
@@ -214,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="greedy accuracy, mean response tokens, efficiency against a base model",
-        description="Greedy evaluation. With --base, also: " + _EFFICIENCY_HELP + ".",
+        help="greedy and avg@K accuracy, mean response tokens, step accounting, efficiency against a base",
+        description="Greedy evaluation, and avg@K over sampled responses with --samples K. On organism "
+        "problems, also ground-truth steps per response (essential, redundant by kind, missing). With --base, "
+        "also: " + _EFFICIENCY_HELP + "; and AES (O1-Pruner, weights 3 and 5).",
     )
     ev.add_argument("--model", required=True, help="model folder (e.g. OUT/final of a run)")
     ev.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: organism task problems)")
@@ -224,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=512)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--marker", default="</think>", help="end-of-thinking marker")
+    ev.add_argument("--samples", type=int, help="also evaluate avg@K: K sampled responses per problem")
+    ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for --samples (0.6)")
+    ev.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p for --samples (0.95)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampled evaluation")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("grpo", "tlmre", "attnpo")
+METHODS = ("rloo", "tlmre", "attnpo")
+CREDITS = ("attention", "shuffled", "oracle")
 ESTIMATORS = ("rloo", "grpo")
 
 
@@ -24,8 +25,9 @@ class TrainConfig:
 
     # --- algorithm -----------------------------------------------------------------------------
     method: str = "attnpo"
-    """"grpo": 0/1 correctness reward; "tlmre": length-penalised reward; "attnpo": tlmre + stepwise
-    advantage rescaling (section 6)."""
+    """"rloo": 0/1 correctness reward (no length penalty; the group baseline is ``estimator``'s, RLOO by
+    default); "tlmre": length-penalised reward; "attnpo": tlmre + stepwise advantage rescaling
+    (section 6)."""
     estimator: str = "rloo"
     """Group baseline: "rloo" (leave-one-out, the reference) or "grpo" (mean/std normalisation)."""
     group_size: int = 8
@@ -49,6 +51,11 @@ class TrainConfig:
     """Use p in the baseline and the attenuation magnitude; False takes p = 1 there (ablation)."""
     top_n_heads: int | None = None
     """Number of top Key-Focus Heads whose mean score rates steps; None uses the manifest's top_n."""
+    credit: str = "attention"
+    """Where AttnPO's step scores come from. "attention": the top-N Key-Focus Heads (AttnPO). Research
+    controls, for the embedded organism: "shuffled" permutes each response's scores among its own steps
+    (same formula and fraction attenuated, no attention information); "oracle" scores steps by their
+    ground-truth labels (redundant 0, essential above the baseline), the ceiling of this rescaling."""
     marker: str = "</think>"
     """End-of-thinking marker that separates reasoning from the final answer."""
 
@@ -102,6 +109,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("credit", self.credit, CREDITS)
+        _check(self.credit == "attention" or self.method == "attnpo", "credit", self.credit,
+               "'attention' unless method is 'attnpo' (the controls replace AttnPO's step scores)")
         _check(self.group_size >= 2, "group_size", self.group_size, ">= 2 (a group baseline needs two rollouts)")
         _check(0.0 <= self.alpha_len <= 1.0, "alpha_len", self.alpha_len, "in [0, 1]")
         _check(self.alpha >= 0.0, "alpha", self.alpha, ">= 0")

@@ -2,7 +2,7 @@
 adapter (``attnpo_train.trl``), so that both give the same per-token advantages for the same rollouts.
 
 - ``rollout_rewards``: correctness (a response cut at ``max_new_tokens`` without EOS is incorrect) and
-  the TLMRE length-penalised reward ("tlmre", "attnpo") or plain correctness ("grpo");
+  the TLMRE length-penalised reward ("tlmre", "attnpo") or plain correctness ("rloo");
 - ``uniform_token_advantages``: every response token gets its response's outcome advantage;
 - ``attnpo_token_advantages`` = ``rate_steps`` (steps aligned on the generated ids and scored by the
   top-N Key-Focus Heads of the current policy, ``kfh_step_scores``) then ``rescale_rollouts``
@@ -22,6 +22,7 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness, length_penalised_rewards
 from attnpo_train.rollouts import Rollouts
+from attnpo_train.truth import ratings_truth
 from kfh_probe.alignment import TokenizedTrace, align_generated, collate
 from kfh_probe.capture import capture_answer_attention
 from kfh_probe.scoring import step_scores
@@ -38,7 +39,7 @@ def rollout_rewards(rollouts: Rollouts, prompts: list[Prompt], config: TrainConf
     Returns:
         (correct [P, G] float 0/1: the boxed answer after the marker matches and the response ended
          with EOS; rewards [P, G] float32: ``length_penalised_rewards`` per group for "tlmre" and
-         "attnpo", the correctness itself for "grpo").
+         "attnpo", the correctness itself for "rloo").
     """
     g = rollouts.group_size
     lengths = rollouts.response_lengths.view(len(prompts), g)
@@ -46,7 +47,7 @@ def rollout_rewards(rollouts: Rollouts, prompts: list[Prompt], config: TrainConf
     correct = torch.stack(
         [correctness(rollouts.texts[i * g : (i + 1) * g], p.answer, config.marker) for i, p in enumerate(prompts)]
     ) * finished
-    if config.method == "grpo":
+    if config.method == "rloo":
         return correct, correct.clone()
     rewards = torch.stack([length_penalised_rewards(correct[i], lengths[i], config.alpha_len) for i in range(len(prompts))])
     return correct, rewards
@@ -155,6 +156,7 @@ def rate_steps(
     heads: list[tuple[int, int]],
     config: TrainConfig,
     pad_id: int,
+    score: bool = True,
 ) -> list[StepRating | None]:
     """Segment and score the steps of every correct response with the current policy's top-N heads.
 
@@ -165,6 +167,8 @@ def rate_steps(
 
     Args:
         correct: [N] (or [P, G]) 0/1 correctness of the N rollouts.
+        score: False skips the attention forward and leaves every score at 0 (for a control that
+            replaces the scores, ``control_ratings``).
     Returns:
         N entries: a ``StepRating``, or None for a response that is incorrect, has no single marker, or
         has fewer than two steps (such responses keep a uniform advantage).
@@ -177,7 +181,10 @@ def rate_steps(
             if trace is not None and len(trace.step_spans) >= 2:
                 aligned[i] = trace
     order = sorted(aligned)
-    scores = kfh_step_scores(model, [aligned[i] for i in order], heads, pad_id, config.micro_batch_size)
+    if score:
+        scores = kfh_step_scores(model, [aligned[i] for i in order], heads, pad_id, config.micro_batch_size)
+    else:
+        scores = [torch.zeros(len(aligned[i].step_spans)) for i in order]
     ratings: list[StepRating | None] = [None] * len(rollouts.response_ids)
     for i, score in zip(order, scores):
         trace = aligned[i]
@@ -197,7 +204,7 @@ def rescale_rollouts(
     ratings: list[StepRating | None],
     step: int,
     config: TrainConfig,
-) -> tuple[list[torch.Tensor], dict[str, float]]:
+) -> tuple[list[torch.Tensor], dict]:
     """Per-token advantages of one step's rollouts from their step ratings (``rescale_group`` per group).
 
     Pure: no model. Responses without a rating keep a uniform advantage.
@@ -210,7 +217,8 @@ def rescale_rollouts(
     Returns:
         (P*G float32 tensors [response_len_i],
          stats: "rescaled_responses", "steps", "attenuated_steps" summed over groups,
-         "frac_attenuated" = attenuated_steps / steps (0 without steps), "mean_gamma" (1 without steps)).
+         "frac_attenuated" = attenuated_steps / steps (0 without steps), "mean_gamma" (1 without steps),
+         "gammas": per rollout the [K] step multipliers, None where it was not rescaled).
     """
     g = rollouts.group_size
     if len(ratings) != len(rollouts.response_ids):
@@ -219,6 +227,7 @@ def rescale_rollouts(
         )
     p = group_accuracy(correct)
     outputs: list[torch.Tensor] = []
+    gammas: list[torch.Tensor | None] = []
     totals = {"rescaled_responses": 0.0, "steps": 0.0, "attenuated_steps": 0.0}
     gamma_sum = 0.0
     for group in range(correct.shape[0]):
@@ -236,6 +245,7 @@ def rescale_rollouts(
             config=config,
         )
         outputs += token_advantages
+        gammas += stats["gammas"]
         for key in totals:
             totals[key] += stats[key]
         gamma_sum += stats["mean_gamma"] * stats["steps"]
@@ -244,7 +254,53 @@ def rescale_rollouts(
         **totals,
         "frac_attenuated": totals["attenuated_steps"] / steps if steps else 0.0,
         "mean_gamma": gamma_sum / steps if steps else 1.0,
+        "gammas": gammas,
     }
+
+
+def control_ratings(
+    ratings: list[StepRating | None],
+    credit: str,
+    truth: list[list[bool] | None] | None,
+    rollouts: Rollouts,
+    seed: int,
+) -> list[StepRating | None]:
+    """The research controls of AttnPO's step scores (``TrainConfig.credit``); pure.
+
+    - "attention": the Key-Focus Heads' scores, unchanged (AttnPO itself).
+    - "shuffled": each response's scores permuted at random among its own steps (``seed``): the same
+      formula, the same multiset of scores and so the same fraction of steps below the baseline, but no
+      information about which step is which.
+    - "oracle": scores from the ground truth instead of attention: a redundant step scores 0, an
+      essential one 2 |F|/|o| (above the baseline p^alpha |F|/|o| for every p and alpha >= 0), so Pos-Adv
+      attenuates exactly the redundant steps and Neg-Adv shields exactly the essential ones. Responses
+      whose truth is unknown are not rescaled.
+
+    Args:
+        ratings: from ``rate_steps``.
+        truth: per rollout, whether each rated step is essential (``attnpo_train.truth.rated_step_truth``);
+            needed for "oracle" only.
+        seed: seeds the permutations of "shuffled".
+    """
+    if credit == "attention":
+        return ratings
+    if credit == "shuffled":
+        generator = torch.Generator().manual_seed(seed)
+        return [None if r is None else StepRating(r.spans, r.scores[torch.randperm(len(r.scores), generator=generator)],
+                                                  r.answer_len) for r in ratings]
+    if credit == "oracle":
+        if truth is None:
+            raise ValueError("credit 'oracle' needs the ground-truth label of every rated step")
+        out: list[StepRating | None] = []
+        for i, (rating, flags) in enumerate(zip(ratings, truth)):
+            if rating is None or flags is None or len(flags) != len(rating.spans):
+                out.append(None)
+                continue
+            uniform = rating.answer_len / (len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]))
+            scores = torch.tensor([2.0 * uniform if essential else 0.0 for essential in flags], dtype=torch.float32)
+            out.append(StepRating(rating.spans, scores, rating.answer_len))
+        return out
+    raise ValueError(f"credit must be one of attention, shuffled, oracle; got {credit!r}")
 
 
 def attnpo_token_advantages(
@@ -257,19 +313,26 @@ def attnpo_token_advantages(
     step: int,
     config: TrainConfig,
     pad_id: int,
-) -> tuple[list[torch.Tensor], dict[str, float]]:
+    prompt_texts: list[str] | None = None,
+) -> tuple[list[torch.Tensor], dict]:
     """AttnPO per-token advantages of one step's rollouts (method page section 6).
 
     ``rate_steps`` (alignment on the generated ids and the top-N heads' step scores under the current
-    policy), then ``rescale_rollouts`` (``rescale_group`` per prompt group). Incorrect responses, and
-    correct ones whose marker or steps cannot be placed, keep a uniform advantage.
+    policy; no forward for the "oracle" control), ``control_ratings`` (``config.credit``), then
+    ``rescale_rollouts`` (``rescale_group`` per prompt group). Incorrect responses, and correct ones
+    whose marker or steps cannot be placed, keep a uniform advantage.
 
     Args:
         correct: [P, G] 0/1.
         advantages: [P, G] outcome advantages.
         step: 0-based training step (for the attenuation schedule).
+        prompt_texts: P*G prompt texts when the ground truth can be read (the organism), else None.
     Returns:
-        see ``rescale_rollouts``.
+        see ``rescale_rollouts``; stats also holds "truth": per rollout, whether each rated step is
+        essential by ground truth (``attnpo_train.truth.ratings_truth``; None without ``prompt_texts``).
     """
-    ratings = rate_steps(model, tokenizer, rollouts, correct, heads, config, pad_id)
-    return rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
+    ratings = rate_steps(model, tokenizer, rollouts, correct, heads, config, pad_id, score=config.credit != "oracle")
+    truth = None if prompt_texts is None else ratings_truth(tokenizer, rollouts, ratings, prompt_texts)
+    ratings = control_ratings(ratings, config.credit, truth, rollouts, seed=config.seed * 1_000_003 + step)
+    token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
+    return token_advantages, {**stats, "truth": truth}

@@ -6,14 +6,16 @@ Read it top to bottom. One training step (``train``):
    rollouts of each (``attnpo_train.rollouts.generate_rollouts``: batched ``model.generate`` with left
    padding and the KV cache);
 2. score them: correctness (a response that stops at ``max_new_tokens`` without EOS is incorrect), then
-   the TLMRE length-penalised reward (methods "tlmre", "attnpo") or plain correctness ("grpo")
+   the TLMRE length-penalised reward (methods "tlmre", "attnpo") or plain correctness ("rloo")
    (``attnpo_train.credit.rollout_rewards``), then the group advantages (``group_advantages``);
 3. for "attnpo", rate the steps of every correct response with the top-N Key-Focus Heads of the current
    policy and rescale its advantage step by step (``attnpo_train.credit.attnpo_token_advantages``);
    other methods spread the advantage uniformly over the response (``uniform_token_advantages``);
 4. one AdamW step on the token-mean PPO-clip loss, with gradient clipping and an optional KL term
    against the frozen initial policy (``accumulate_policy_gradient``, then ``optimizer.step``);
-5. log a metrics line (``out/metrics.jsonl``) and, every ``checkpoint_every`` steps, write a
+5. log a metrics line (``out/metrics.jsonl``; where the organism's labeler can read the rollouts it
+   also holds their ground-truth steps per response and, for "attnpo", the precision of the credit:
+   ``attnpo_train.truth``) and, every ``checkpoint_every`` steps, write a
    checkpoint atomically (``attnpo_train.checkpoint``).
 
 The policy stays in eval mode throughout: attention capture requires it, and the models this trainer
@@ -65,6 +67,7 @@ from attnpo_train.credit import (
 from attnpo_train.data import PromptSource, load_prompts
 from attnpo_train.loss import ppo_clip_loss
 from attnpo_train.rollouts import Rollouts, generate_rollouts
+from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 
 TIMING_FIELDS = ("time_rollout_s", "time_scoring_s", "time_update_s")
@@ -220,6 +223,16 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         raise ValueError("no policy model: set 'model' (attnpo-train run --model DIR)")
     if config.method == "attnpo" and config.manifest is None:
         raise ValueError("method 'attnpo' needs a KFH manifest: set 'manifest' (attnpo-train run --manifest M)")
+    if config.credit == "oracle" and config.data is not None:
+        from kfh_probe.organism.labeler import TraceFormatError, parse_prompt
+
+        try:
+            parse_prompt(load_prompts(config.data)[0].text)
+        except TraceFormatError:
+            raise ValueError(
+                f"credit 'oracle' needs ground-truth step labels, which only the organism's task has; "
+                f"{config.data} does not hold organism prompts"
+            ) from None
     require_model_dir(config.model)
     source = PromptSource(None if config.data is None else load_prompts(config.data))
     manifest = load_manifest(config.manifest) if config.method == "attnpo" else None
@@ -256,12 +269,18 @@ def train_step(
     correct, rewards = rollout_rewards(rollouts, prompts, config)
     advantages = group_advantages(rewards, config.estimator)
     t1 = time.perf_counter()
+    prompt_texts = [prompts[i // config.group_size].text for i in range(len(rollouts.texts))]
+    truth_steps = mean_accounting([step_accounting(p, r) for p, r in zip(prompt_texts, rollouts.texts)])
     rescale_stats = {"rescaled_responses": 0.0, "frac_attenuated": 0.0, "mean_gamma": 1.0}
+    credit_stats: dict[str, float | None] = {}
     if config.method == "attnpo":
         token_advantages, stats = attnpo_token_advantages(
-            model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id
+            model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id,
+            prompt_texts=prompt_texts if truth_steps is not None else None,
         )
         rescale_stats = {k: stats[k] for k in rescale_stats}
+        if stats["truth"] is not None:
+            credit_stats = credit_precision(stats["gammas"], advantages.reshape(-1).tolist(), stats["truth"])
     else:
         token_advantages = uniform_token_advantages(advantages, rollouts)
     t2 = time.perf_counter()
@@ -276,6 +295,9 @@ def train_step(
         "truncated_frac": 1.0 - _mean([float(f) for f in rollouts.finished]),
         "advantage_abs_mean": float(advantages.abs().mean()),
         **rescale_stats,
+        **credit_stats,
+        **({} if truth_steps is None else {f"{k}_per_response" if k != "labelled_fraction" else k: v
+                                            for k, v in truth_steps.items()}),
         "confused_per_response": _mean([c["confused"] for c in phrases]),
         "summary_per_response": _mean([c["summary"] for c in phrases]),
         **update,

@@ -50,8 +50,10 @@ def generate_rollouts(
     max_new_tokens: int,
     temperature: float | None,
     batch_size: int | None = None,
+    top_p: float = 1.0,
 ) -> Rollouts:
-    """Sample ``group_size`` responses to each prompt (greedy when ``temperature`` is None).
+    """Sample ``group_size`` responses to each prompt (greedy when ``temperature`` is None; nucleus
+    sampling with ``top_p`` < 1).
 
     Prompts are tokenised as they are (no special tokens added: the prompt text already holds any chat
     template), repeated G times, left-padded and generated in batches of ``batch_size`` sequences (all
@@ -68,7 +70,7 @@ def generate_rollouts(
     sampling = (
         {"do_sample": False}
         if temperature is None
-        else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": top_p}
     )
     batch_size = batch_size or len(rows)
     responses: list[list[int]] = []

@@ -1,28 +1,60 @@
-"""AttnPO against TLMRE (and GRPO) on the embedded organism: same seeds, same step budget.
+"""The AttnPO experiment on the embedded organism: does attention-guided credit remove the redundant
+steps, and better than a length penalty (TLMRE) and than chance (shuffled scores)?
 
-For each seed and method it trains the organism with ``attnpo_train.loop.train`` and evaluates the
-final policy greedily on held-out organism problems, against the untrained organism (the base). It
-prints, per method, the mean and standard deviation over seeds of the length reduction and accuracy
-change against the base, the share of step time spent on KFH scoring, and writes a JSON file and a
-plot (``figures/attnpo_vs_tlmre.png``).
+Arms (all from the shipped organism, same settings, same prompts and random streams per seed):
 
-    python benchmarks/attnpo_vs_tlmre.py --seeds 0 1 2 --steps 40
+    rloo      0/1 correctness reward, RLOO baseline (no length penalty: the control for RL itself)
+    tlmre     length-penalised reward (TLMRE), uniform advantages
+    attnpo    TLMRE + stepwise rescaling by the manifest's Key-Focus Heads
+    shuffled  AttnPO with each response's step scores permuted among its own steps (no attention info)
+    oracle    AttnPO with step scores from the ground-truth labels (the ceiling of this rescaling)
+    pos_only  AttnPO with Pos-Adv attenuation only
+    neg_only  AttnPO with Neg-Adv attenuation only
 
-Nothing here is tuned to make AttnPO win: every method runs with the trainer's defaults plus the
-shared settings given on the command line.
+Every final policy is evaluated on held-out problems greedily, avg@K at temperature 0.6 / top-p 0.95,
+and avg@K at temperature 1.0, with ground-truth step accounting. Each finished run is written to
+``OUT/<arm>-seed<s>/result.json`` at once, so a stopped benchmark resumes where it stopped; the
+summary (means over seeds with 95% t intervals) goes to ``--json`` and the curves to ``--plot``.
+
+    python benchmarks/attnpo_vs_tlmre.py --steps 40 --lr 2e-4 --workers 2
+    python benchmarks/attnpo_vs_tlmre.py --arms tlmre --seeds 0 --lr 5e-4 --json figures/calibration.json
+
+Nothing here is tuned for AttnPO: every arm runs with the same settings (given on the command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_SEED = 9_000_001  # held out: training draws problems from the run seed's own stream
+ARMS = {
+    "rloo": {"method": "rloo"},
+    "tlmre": {"method": "tlmre"},
+    "attnpo": {"method": "attnpo"},
+    "shuffled": {"method": "attnpo", "credit": "shuffled"},
+    "oracle": {"method": "attnpo", "credit": "oracle"},
+    "pos_only": {"method": "attnpo", "neg_attenuation": False},
+    "neg_only": {"method": "attnpo", "pos_attenuation": False},
+}
+SINGLE_SEED_ARMS = ("pos_only", "neg_only")
+EVALS = {"greedy": (1, None, 1.0), "t0.6": (None, 0.6, 0.95), "t1.0": (None, 1.0, 1.0)}  # samples, T, top-p
+REPORTED = ("accuracy", "tokens", "redundant_steps", "essential_steps", "missing_essential", "other", "recheck",
+            "restate", "efficiency", "aes")
+CURVES = ("response_tokens_mean", "redundant_steps_per_response", "essential_steps_per_response", "accuracy",
+          "pos_precision", "neg_precision")
+SAVED_CURVES = (*CURVES, "reward_mean", "frac_attenuated", "mean_gamma", "other_per_response", "recheck_per_response",
+                "restate_per_response", "missing_essential_per_response", "confused_per_response",
+                "summary_per_response", "pos_attenuated_steps", "neg_shielded_steps")
+"""Per-step metrics kept in the JSON for notebook 02 (the plot shows ``CURVES``)."""
 
 
 def _eval_prompts(n: int):
@@ -35,119 +67,248 @@ def _eval_prompts(n: int):
     return [Prompt(f"eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problem(rng) for _ in range(n))]
 
 
-def _evaluate(model_dir: Path, prompts, max_new_tokens: int) -> dict:
+def evaluate_dir(model_dir: Path, args) -> dict:
+    """Every evaluation in ``EVALS`` of one model folder: {eval: evaluate(...) result}."""
     from attnpo_train.evaluate import evaluate
     from kfh_probe.loading import load_model, load_tokenizer
 
-    return evaluate(load_model(model_dir), load_tokenizer(model_dir), prompts, max_new_tokens)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    prompts = _eval_prompts(args.eval_n)
+    out = {}
+    for name in args.evals:
+        samples, temperature, top_p = EVALS[name]
+        out[name] = evaluate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.eval_batch,
+                             samples=samples or args.eval_samples, temperature=temperature, top_p=top_p, seed=0)
+    return out
 
 
-def run_one(method: str, seed: int, args, model_dir: Path, manifest: Path, out_root: Path) -> dict:
+def _atomic_json(path: Path, record: dict) -> None:
+    from kfh_probe.io import atomic_write_json
+
+    atomic_write_json(path, record)
+
+
+def run_one(arm: str, seed: int, args) -> dict:
+    """Train one arm for one seed and evaluate its final policy; cached in OUT/<arm>-seed<seed>/result.json."""
+    import torch
+
+    torch.set_num_threads(args.threads)
     from attnpo_train.config import TrainConfig
     from attnpo_train.loop import prepare_run, train
-
-    config = TrainConfig(
-        method=method, seed=seed, steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens, lr=args.lr, horizon=args.horizon, checkpoint_every=args.steps,
-        model=str(model_dir), manifest=str(manifest), out=str(out_root / f"{method}-seed{seed}"),
-    )
-    metrics = train(prepare_run(config), config, progress=False)
-    timing = {k: sum(m[k] for m in metrics) for k in ("time_rollout_s", "time_scoring_s", "time_update_s")}
-    return {"method": method, "seed": seed, "metrics": metrics, "timing": timing, "final": Path(config.out) / "final"}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["grpo", "tlmre", "attnpo"])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=320)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--horizon", type=int, default=None, help="schedule horizon T (default: --steps)")
-    parser.add_argument("--eval-n", type=int, default=300)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "attnpo_vs_tlmre"))
-    parser.add_argument("--json", default=str(ROOT / "figures" / "attnpo_vs_tlmre.json"))
-    parser.add_argument("--plot", default=str(ROOT / "figures" / "attnpo_vs_tlmre.png"))
-    args = parser.parse_args()
-    args.horizon = args.steps if args.horizon is None else args.horizon
-
-    from kfh_probe.io import atomic_write_bytes, atomic_write_json
     from kfh_probe.organism import default_manifest_path, default_model_dir
 
-    model_dir, manifest, out_root = default_model_dir(), default_manifest_path(), Path(args.out)
-    prompts = _eval_prompts(args.eval_n)
-    base = _evaluate(model_dir, prompts, args.max_new_tokens)
-    print(f"base: accuracy {base['accuracy']:.3f}, mean tokens {base['response_tokens_mean']:.1f}", flush=True)
-    runs = []
-    for seed in args.seeds:
-        for method in args.methods:
-            start = time.perf_counter()
-            run = run_one(method, seed, args, model_dir, manifest, out_root)
-            run["eval"] = _evaluate(run["final"], prompts, args.max_new_tokens)
-            ev = run["eval"]
-            print(f"{method:7s} seed {seed}: accuracy {ev['accuracy']:.3f}, mean tokens {ev['response_tokens_mean']:.1f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
-            runs.append(run)
+    out = Path(args.out) / f"{arm}-seed{seed}"
+    done = out / "result.json"
+    settings = run_settings(args)
+    if done.is_file():
+        record = json.loads(done.read_text(encoding="utf-8"))
+        if record["settings"] != settings:
+            raise SystemExit(f"{done} was made with other settings ({record['settings']}); use another --out")
+        return record
+    start = time.perf_counter()
+    config = TrainConfig(
+        **ARMS[arm], seed=seed, steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens, lr=args.lr, horizon=args.steps, checkpoint_every=max(1, args.steps // 4),
+        model=str(default_model_dir()), manifest=str(default_manifest_path()), out=str(out),
+    )
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    metrics = train(prepare_run(config), config, resume=resume, progress=False)
+    train_s = time.perf_counter() - start
+    evals = evaluate_dir(out / "final", args)
+    record = {"arm": arm, "seed": seed, "settings": settings, "evals": evals, "metrics": metrics, "train_s": train_s,
+              "eval_s": time.perf_counter() - start - train_s}
+    _atomic_json(done, record)
+    return record
 
-    summary = {}
-    for method in args.methods:
-        mine = [r for r in runs if r["method"] == method]
-        reductions = [1 - r["eval"]["response_tokens_mean"] / base["response_tokens_mean"] for r in mine]
-        changes = [100 * (r["eval"]["accuracy"] - base["accuracy"]) for r in mine]
-        scoring = sum(r["timing"]["time_scoring_s"] for r in mine) / sum(sum(r["timing"].values()) for r in mine)
-        spread = statistics.stdev if len(mine) > 1 else (lambda values: 0.0)
-        summary[method] = {
-            "length_reduction_mean": statistics.mean(reductions), "length_reduction_std": spread(reductions),
-            "accuracy_change_points_mean": statistics.mean(changes), "accuracy_change_points_std": spread(changes),
-            "accuracy_mean": statistics.mean(r["eval"]["accuracy"] for r in mine),
-            "tokens_mean": statistics.mean(r["eval"]["response_tokens_mean"] for r in mine),
-            "scoring_share_of_step_time": scoring,
-        }
-    print(f"\nbase: accuracy {100 * base['accuracy']:.1f}%, {base['response_tokens_mean']:.1f} tokens; "
-          f"{len(args.seeds)} seeds x {args.steps} steps x {args.prompts_per_step} prompts x G={args.group_size}")
-    print("| method | accuracy | tokens | length reduction vs base | accuracy change vs base (points) | KFH scoring share of step time |")
-    print("|---|---|---|---|---|---|")
-    for method, s in summary.items():
-        print(f"| {method} | {100 * s['accuracy_mean']:.1f}% | {s['tokens_mean']:.1f} | "
-              f"{100 * s['length_reduction_mean']:.1f}% ± {100 * s['length_reduction_std']:.1f} | "
-              f"{s['accuracy_change_points_mean']:+.1f} ± {s['accuracy_change_points_std']:.1f} | "
-              f"{100 * s['scoring_share_of_step_time']:.1f}% |")
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "json", "plot")}
-    record = {"settings": settings, "base": base, "summary": summary,
-              "runs": [{k: (str(v) if k == "final" else v) for k, v in r.items()} for r in runs]}
-    atomic_write_json(args.json, record)
+EVAL_SETTINGS = ("max_new_tokens", "eval_n", "eval_samples", "evals")
 
+
+def run_settings(args, keys: tuple[str, ...] = ("steps", "lr", "prompts_per_step", "group_size", *EVAL_SETTINGS)) -> dict:
+    """The settings a cached run (or, with ``EVAL_SETTINGS``, the cached base) must share with this
+    invocation to be reused."""
+    return {k: getattr(args, k) for k in keys}
+
+
+def base_evals(args) -> dict:
+    """The untrained organism's evaluations (cached in OUT/base.json)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from kfh_probe.organism import default_model_dir
+
+    path = Path(args.out) / "base.json"
+    settings = run_settings(args, EVAL_SETTINGS)
+    if path.is_file():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["settings"] != settings:
+            raise SystemExit(f"{path} was made with other settings ({record['settings']}); use another --out")
+        return record["evals"]
+    evals = evaluate_dir(default_model_dir(), args)
+    _atomic_json(path, {"settings": settings, "evals": evals})
+    return evals
+
+
+def flat(result: dict, base: dict) -> dict:
+    """The reported quantities of one evaluation (``REPORTED``), efficiency scores against ``base``."""
+    from attnpo_train.evaluate import efficiency
+
+    steps = result.get("steps", {})
+    scores = efficiency(result, base)
+    return {"accuracy": result["accuracy"], "tokens": result["response_tokens_mean"],
+            **{k: steps.get(k) for k in ("redundant_steps", "essential_steps", "missing_essential", "other",
+                                         "recheck", "restate")},
+            "efficiency": scores["efficiency"], "aes": scores["aes"]}
+
+
+def mean_ci(values: list[float]) -> tuple[float, list[float] | None]:
+    """Mean and 95% t interval (None for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    half = t975.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, [mean - half, mean + half]
+
+
+def summarise(runs: list[dict], base: dict, arms: list[str]) -> dict:
+    """summary[arm][eval][quantity] (mean over seeds), with ``*_ci95`` and ``seeds``."""
+    summary: dict = {}
+    for arm in arms:
+        mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        summary[arm] = {}
+        for ev in base:
+            rows = [flat(r["evals"][ev], base[ev]) for r in mine]
+            block: dict = {"seeds": [r["seed"] for r in mine]}
+            for key in REPORTED:
+                values = [row[key] for row in rows if row[key] is not None]
+                if values:
+                    block[key], block[f"{key}_ci95"] = mean_ci(values)
+            summary[arm][ev] = block
+    return summary
+
+
+def print_table(summary: dict, base: dict, ev: str) -> None:
+    b = flat(base[ev], base[ev])
+    print(f"\n{ev}: base accuracy {100 * b['accuracy']:.1f}%, {b['tokens']:.1f} tokens, "
+          f"{b['redundant_steps']:.2f} redundant / {b['essential_steps']:.2f} essential steps")
+    print("| arm | seeds | accuracy | tokens | redundant steps | other | re-check | restate | essential steps | missing | AES |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for arm, evs in summary.items():
+        s = evs[ev]
+
+        def cell(key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+            ci = s.get(f"{key}_ci95")
+            text = f"{scale * s[key]:{fmt}}"
+            return text + (f" [{scale * ci[0]:{fmt}}, {scale * ci[1]:{fmt}}]" if ci else "")
+
+        print(f"| {arm} | {len(s['seeds'])} | {cell('accuracy', 100, '.1f')}% | {cell('tokens', 1, '.1f')} | "
+              f"{cell('redundant_steps')} | {s['other']:.2f} | {s['recheck']:.2f} | {s['restate']:.2f} | "
+              f"{cell('essential_steps')} | {s['missing_essential']:.3f} | {cell('aes', 1, '+.3f')} |")
+
+
+def plot(runs: list[dict], arms: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"grpo": "tab:gray", "tlmre": "tab:blue", "attnpo": "tab:red"}
-    for method in args.methods:
-        mine = [r for r in runs if r["method"] == method]
-        for k, r in enumerate(mine):
-            steps = [m["step"] for m in r["metrics"]]
-            left.plot(steps, [m["response_tokens_mean"] for m in r["metrics"]], color=colours.get(method), alpha=0.7,
-                      label=method if k == 0 else None)
-        right.scatter([100 * (1 - r["eval"]["response_tokens_mean"] / base["response_tokens_mean"]) for r in mine],
-                      [100 * (r["eval"]["accuracy"] - base["accuracy"]) for r in mine], color=colours.get(method), label=method)
-    left.set_xlabel("training step")
-    left.set_ylabel("mean response tokens (rollouts)")
-    left.legend()
-    right.axhline(0, color="black", lw=0.5)
-    right.set_xlabel("length reduction vs base (%)")
-    right.set_ylabel("accuracy change vs base (points)")
-    right.set_title("held-out greedy evaluation, one point per seed", fontsize=9)
-    right.legend()
+    from kfh_probe.io import atomic_write_bytes
+
+    colours = {"rloo": "tab:gray", "tlmre": "tab:blue", "attnpo": "tab:red", "shuffled": "tab:orange",
+               "oracle": "tab:green", "pos_only": "tab:purple", "neg_only": "tab:brown"}
+    titles = {"response_tokens_mean": "rollout tokens", "redundant_steps_per_response": "redundant steps / response",
+              "essential_steps_per_response": "essential steps / response", "accuracy": "rollout accuracy",
+              "pos_precision": "Pos-Adv precision (attenuated that are redundant)",
+              "neg_precision": "Neg-Adv precision (shielded that are essential)"}
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for ax, key in zip(axes.flat, CURVES):
+        for arm in arms:
+            mine = [r for r in runs if r["arm"] == arm]
+            by_step: dict[int, list[float]] = {}
+            for r in mine:
+                for m in r["metrics"]:
+                    if m.get(key) is not None:
+                        by_step.setdefault(m["step"], []).append(m[key])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            values = [statistics.fmean(by_step[s]) for s in steps]
+            if len(steps) >= 5:  # a 5-step running mean: single steps of 64 rollouts are noisy
+                values = [statistics.fmean(values[max(0, i - 4):i + 1]) for i in range(len(values))]
+            ax.plot(steps, values, color=colours.get(arm), label=f"{arm} (n={len(mine)})", lw=1.6)
+        ax.set_title(titles[key], fontsize=10)
+        ax.set_xlabel("training step")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("AttnPO experiment on the organism: per-step means over seeds (5-step running mean)", fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(args.plot, buffer.getvalue())
-    print(f"wrote {args.json} and {args.plot}", file=sys.stderr)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--eval-n", type=int, default=200)
+    parser.add_argument("--eval-samples", type=int, default=8, help="K of the avg@K evaluations")
+    parser.add_argument("--eval-batch", type=int, default=200)
+    parser.add_argument("--evals", nargs="+", default=list(EVALS), choices=list(EVALS),
+                        help="evaluations of every final policy (calibration runs may take t0.6 alone)")
+    parser.add_argument("--workers", type=int, default=2, help="runs in parallel (each with --threads threads)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "attnpo_vs_tlmre"))
+    parser.add_argument("--json", default=str(ROOT / "figures" / "attnpo_vs_tlmre.json"))
+    parser.add_argument("--plot", default=str(ROOT / "figures" / "attnpo_vs_tlmre.png"))
+    args = parser.parse_args()
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms
+            if arm not in SINGLE_SEED_ARMS or seed == args.seeds[0]]
+    started = time.perf_counter()
+    runs: list[dict] = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        base_future = pool.submit(base_evals, args)
+        futures = {pool.submit(run_one, arm, seed, args): (arm, seed) for arm, seed in jobs}
+        base = base_future.result()
+        print(f"base: " + ", ".join(f"{ev} accuracy {r['accuracy']:.3f} tokens {r['response_tokens_mean']:.1f}"
+                                    for ev, r in base.items()), flush=True)
+        for future, (arm, seed) in futures.items():
+            run = future.result()
+            ev = run["evals"]["t0.6"]
+            print(f"{arm:8s} seed {seed}: t0.6 accuracy {ev['accuracy']:.3f}, tokens {ev['response_tokens_mean']:.1f}, "
+                  f"redundant {ev.get('steps', {}).get('redundant_steps', float('nan')):.2f} "
+                  f"(train {run['train_s']:.0f} s, eval {run['eval_s']:.0f} s; {time.perf_counter() - started:.0f} s in)",
+                  flush=True)
+            runs.append(run)
+    summary = summarise(runs, base, args.arms)
+    for ev in base:
+        print_table(summary, base, ev)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "json", "plot")}
+    record = {
+        "settings": {**settings, "horizon": args.steps, "evals": {k: {"samples": EVALS[k][0] or args.eval_samples,
+                                                                       "temperature": EVALS[k][1], "top_p": EVALS[k][2]}
+                                                                   for k in args.evals}},
+        "base": base,
+        "summary": summary,
+        "runs": [{"arm": r["arm"], "seed": r["seed"], "evals": r["evals"], "train_s": r["train_s"],
+                  "eval_s": r["eval_s"], "curves": {k: [m.get(k) for m in r["metrics"]] for k in SAVED_CURVES},
+                  "scoring_share": sum(m["time_scoring_s"] for m in r["metrics"])
+                  / sum(m["time_rollout_s"] + m["time_scoring_s"] + m["time_update_s"] for m in r["metrics"])}
+                 for r in runs],
+        "wall_s": time.perf_counter() - started,
+    }
+    _atomic_json(Path(args.json), record)
+    plot(runs, args.arms, Path(args.plot))
+    print(f"wrote {args.json} and {args.plot} ({record['wall_s']:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

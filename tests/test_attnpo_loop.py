@@ -76,12 +76,12 @@ def without_timing(metrics: list[dict]) -> list[dict]:
 # --- end to end -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["grpo", "tlmre", "attnpo"])
+@pytest.mark.parametrize("method", ["rloo", "tlmre", "attnpo"])
 def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method=method,
-                          kl_coef=0.1 if method == "grpo" else 0.0)
+                          kl_coef=0.1 if method == "rloo" else 0.0)
     inputs = loop.prepare_run(config)
     before = {k: v.clone() for k, v in inputs.model.state_dict().items()}
     metrics = loop.train(inputs, config, progress=False)
@@ -91,7 +91,7 @@ def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_fi
     required = {"reward_mean", "accuracy", "response_tokens_mean", "frac_attenuated", "mean_gamma",
                 "confused_per_response", "summary_per_response", "loss", "pg_loss", "grad_norm", "lr", *TIMING}
     assert required <= metrics[0].keys()
-    assert ("kl" in metrics[0]) == (method == "grpo")
+    assert ("kl" in metrics[0]) == (method == "rloo")
     assert all(0 < m["response_tokens_mean"] <= 20 for m in metrics)
     assert latest_checkpoint(tmp_path / "out").name == "step-00000002"
     assert not list((tmp_path / "out" / "checkpoints").glob(".tmp*"))
@@ -220,7 +220,7 @@ def test_interrupted_and_resumed_runs_log_the_same_metrics(tiny_model_dir, manif
 
 def test_resume_refuses_changed_settings_and_ignores_partial_checkpoints(tiny_model_dir, manifest_file, data_file,
                                                                          tmp_path):
-    config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method="grpo", steps=1,
+    config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method="rloo", steps=1,
                           group_size=2, max_new_tokens=8)
     loop.train(loop.prepare_run(config), config, progress=False)
     (tmp_path / "out" / "checkpoints" / ".tmp-step-00000009-1").mkdir()  # a write that never finished
@@ -303,7 +303,7 @@ def test_rewards_count_unfinished_responses_as_incorrect(byte_tokenizer):
     correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="tlmre", group_size=3))
     assert correct.tolist() == [[1.0, 0.0, 0.0]]
     assert rewards[0].tolist() == pytest.approx([0.9, 0.0, 0.0])
-    correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="grpo", group_size=3))
+    correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="rloo", group_size=3))
     assert rewards.tolist() == correct.tolist() == [[1.0, 0.0, 0.0]]
 
 

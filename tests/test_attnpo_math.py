@@ -290,6 +290,7 @@ def test_rescale_group_all_incorrect_is_untouched():
         "attenuated_steps": 0.0,
         "frac_attenuated": 0.0,
         "mean_gamma": 1.0,
+        "gammas": [None, None],
     }
 
 

@@ -58,7 +58,7 @@ def test_kfh_heatmaps_notebook(tmp_path):
 def test_attnpo_training_notebook_trains_when_no_metrics(tmp_path):
     run_notebook(
         "02_attnpo_training.ipynb",
-        f"METRICS = {{'attnpo': {str(tmp_path / 'missing.jsonl')!r}}}\nOUT_DIR = {str(tmp_path)!r}\n"
+        f"METRICS = {{'attnpo': {str(tmp_path / 'missing.jsonl')!r}}}\nBENCHMARK = None\nOUT_DIR = {str(tmp_path)!r}\n"
         "METHODS = ['tlmre', 'attnpo']\nSTEPS = 2\nPROMPTS_PER_STEP = 2\nGROUP_SIZE = 2\nMAX_NEW_TOKENS = 256\nSEED = 0",
     )
     check_pngs(tmp_path, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
@@ -81,7 +81,7 @@ def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
     out = tmp_path / "figs"
     run_notebook(
         "02_attnpo_training.ipynb",
-        f"METRICS = {metrics!r}\nOUT_DIR = {str(out)!r}\nMETHODS = []\nSTEPS = 1\nPROMPTS_PER_STEP = 1\n"
+        f"METRICS = {metrics!r}\nBENCHMARK = None\nOUT_DIR = {str(out)!r}\nMETHODS = []\nSTEPS = 1\nPROMPTS_PER_STEP = 1\n"
         "GROUP_SIZE = 2\nMAX_NEW_TOKENS = 8\nSEED = 0",
     )
     check_pngs(out, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
