@@ -223,18 +223,19 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         raise ValueError("no policy model: set 'model' (attnpo-train run --model DIR)")
     if config.method == "attnpo" and config.manifest is None:
         raise ValueError("method 'attnpo' needs a KFH manifest: set 'manifest' (attnpo-train run --manifest M)")
-    if config.credit == "oracle" and config.data is not None:
+    prompts = None if config.data is None else load_prompts(config.data)
+    if config.credit == "oracle" and prompts is not None:
         from kfh_probe.organism.labeler import TraceFormatError, parse_prompt
 
         try:
-            parse_prompt(load_prompts(config.data)[0].text)
+            parse_prompt(prompts[0].text)
         except TraceFormatError:
             raise ValueError(
                 f"credit 'oracle' needs ground-truth step labels, which only the organism's task has; "
                 f"{config.data} does not hold organism prompts"
             ) from None
     require_model_dir(config.model)
-    source = PromptSource(None if config.data is None else load_prompts(config.data))
+    source = PromptSource(prompts)
     manifest = load_manifest(config.manifest) if config.method == "attnpo" else None
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, "float32", config.device)

@@ -14,6 +14,7 @@ import statistics
 import torch
 
 from kfh_probe.organism.labeler import REDUNDANT_KINDS, TraceFormatError, label_trace, split_steps, step_accounting
+from kfh_probe.organism.task import THINK_CLOSE
 
 __all__ = ["ACCOUNT_KEYS", "credit_precision", "mean_accounting", "rated_step_truth", "step_accounting"]
 
@@ -22,8 +23,8 @@ ACCOUNT_KEYS = ("essential_steps", "redundant_steps", *REDUNDANT_KINDS, "missing
 
 
 def mean_accounting(accounts: list[dict[str, int] | None]) -> dict[str, float] | None:
-    """Means over the readable responses (``step_accounting`` per response) of :data:`ACCOUNT_KEYS` plus ``labelled_fraction``; None when
-    no response is readable."""
+    """Means over the readable responses (``step_accounting`` per response) of :data:`ACCOUNT_KEYS`,
+    plus ``labelled_fraction``; None when no response is readable."""
     readable = [a for a in accounts if a is not None]
     if not readable:
         return None
@@ -48,7 +49,7 @@ def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, in
     except TraceFormatError:
         return None
     essential_ranges, pos = [], 0
-    for text, step in zip(split_steps(response.split("</think>", 1)[0]), labeled.steps):
+    for text, step in zip(split_steps(response.split(THINK_CLOSE, 1)[0]), labeled.steps):
         if step["label"] == "essential":
             essential_ranges.append((pos, pos + len(text)))
         pos += len(text)
