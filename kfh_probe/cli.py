@@ -66,6 +66,7 @@ def cmd_sweep(args) -> int:
         top_n=args.top_n,
         seed=args.seed,
         bootstrap=args.bootstrap,
+        permutations=args.permutations,
         marker=args.marker,
         segmenter=SegmenterConfig(),
         skip_invalid=args.skip_invalid,
@@ -114,7 +115,8 @@ def cmd_sweep(args) -> int:
         "backend": args.backend,
         "max_traces": args.max_traces,
     }
-    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config)
+    step_lengths = [[end - start for start, end in t.step_spans] for t in tokenized]
+    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths)
     atomic_write_json(args.out, manifest)
     if not args.keep_parts:
         store.remove()
@@ -139,7 +141,8 @@ def cmd_plot(args) -> int:
     from .manifest import load_manifest
     from .views import plot_heatmap
 
-    plot_heatmap(load_manifest(args.manifest), args.out, args.top_n)
+    panels = ("sra", "sra_redundant_after") if args.redundant_after else ("sra",)
+    plot_heatmap(load_manifest(args.manifest), args.out, args.top_n, panels)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -188,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--top-n", type=int, help="recommended heads for training (default: from the ensemble curve)")
     sweep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     sweep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    sweep.add_argument("--permutations", type=int, default=1000,
+                       help="draws of the permutation null for heads (step scores shuffled within each trace; default 1000)")
     sweep.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
     sweep.add_argument("--backend", default="hf", choices=["hf", "nnsight", "lens"], help="attention capture backend")
     sweep.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the manifest)")
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("manifest")
     plot.add_argument("--out", required=True)
     plot.add_argument("--top-n", type=int, help="heads to outline (default: the manifest's top_n)")
+    plot.add_argument("--redundant-after", action="store_true",
+                      help="add a second panel: SRA over only the pairs whose redundant step comes after the essential one")
     plot.set_defaults(func=cmd_plot)
 
     compare = sub.add_parser("compare", help="rank agreement of two manifests")
