@@ -56,7 +56,8 @@ class CausalConfig:
         top_n: heads of the ensemble and of the ablation (the manifest's ``top_n`` when None).
         draws: seeded draws of ``delete_random`` (per trace) and of ``ablate_random``.
         seed: seed of those draws.
-        batch_size: traces per batch (each brings every condition's sequences into one generation).
+        batch_size: sequences per forward (each trace brings one per condition and draw: 16 with labels
+            and 5 draws), so memory stays that of a forward of this many sequences.
         max_answer_tokens: answer tokens written at most; None: ``2 |F| + 16`` of the trace's own answer.
         marker: end-of-thinking marker.
         segmenter: segmentation of traces that carry no steps.
@@ -67,7 +68,7 @@ class CausalConfig:
     top_n: int | None = None
     draws: int = 5
     seed: int = 0
-    batch_size: int = 4
+    batch_size: int = 32
     max_answer_tokens: int | None = None
     marker: str = "</think>"
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -384,16 +385,17 @@ def run_causal(model: nn.Module, tokenizer, items: list[CausalTrace], heads: lis
     means = head_output_means(model, [item.tokenized for item in items], layers, pad_id, config.batch_size)
     controls = random_heads(heads, num_heads, config.draws, config.seed)
     records: list[tuple[_Variant, bool, float]] = []
+    pending: list[_Variant] = []
     bar = tqdm(total=len(items), unit="trace", desc="causal", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        for start in range(0, len(items), config.batch_size):
-            chunk = range(start, min(start + config.batch_size, len(items)))
-            variants = [v for i in chunk for v in _variants(items[i], i, scores[i], config, tokenizer)]
-            variants += [_Variant(i, "ablate_top", 0, items[i].tokenized, heads=tuple(heads)) for i in chunk]
-            variants += [_Variant(i, "ablate_random", draw, items[i].tokenized, heads=tuple(chosen))
-                         for draw, chosen in enumerate(controls) for i in chunk]
-            records += [(v, *r) for v, r in zip(variants, _run(model, tokenizer, variants, items, config, pad_id, means))]
-            bar.update(len(chunk))
+        for i, item in enumerate(items):
+            pending += _variants(item, i, scores[i], config, tokenizer)
+            pending.append(_Variant(i, "ablate_top", 0, item.tokenized, heads=tuple(heads)))
+            pending += [_Variant(i, "ablate_random", draw, item.tokenized, heads=tuple(chosen)) for draw, chosen in enumerate(controls)]
+            while len(pending) >= config.batch_size or (i == len(items) - 1 and pending):
+                part, pending = pending[: config.batch_size], pending[config.batch_size :]
+                records += [(v, *r) for v, r in zip(part, _run(model, tokenizer, part, items, config, pad_id, means))]
+            bar.update(1)
     finally:
         bar.close()
     return summarise(records, heads, controls)

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     causal.add_argument("--top-n", type=int, help="heads to use (default: the manifest's top_n)")
     causal.add_argument("--draws", type=int, default=5, help="random draws of steps (per trace) and of heads (default 5)")
     causal.add_argument("--seed", type=int, default=0)
-    causal.add_argument("--batch-size", type=int, default=4, help="traces per batch (default 4)")
+    causal.add_argument("--batch-size", type=int, default=32,
+                        help="sequences per forward (default 32; a labeled trace brings 6 + 2 x draws of them)")
     causal.add_argument("--max-answer-tokens", type=int, help="answer tokens written at most (default: 2 |F| + 16 per trace)")
     causal.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
     causal.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")

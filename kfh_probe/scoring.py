@@ -212,13 +212,14 @@ def permutation_null(
     offset = (e * (e + 1) / 2)[:, None, None]
     rng = np.random.default_rng(seed)
     out = np.empty((draws, heads))
-    chunk = max(1, (1 << 24) // (traces * max(width, heads)))
+    chunk = max(1, (1 << 20) // (traces * max(width, heads)))  # about 8 MB per array: stays in cache
     for start in range(0, draws, chunk):
         d = min(chunk, draws - start)
         keys = rng.random((d, traces, width))
         keys[:, np.arange(width)[None, :] >= lengths[:, None]] = np.inf  # padding never drawn
-        position = keys.argsort(axis=-1).argsort(axis=-1)  # a uniform permutation of each trace's steps
-        chosen = (position < e[None, :, None]).astype(np.float64)  # [d, traces, width]: the shuffled essential set
+        order = keys.argsort(axis=-1)  # a uniform permutation of each trace's steps
+        chosen = np.zeros_like(keys)  # [d, traces, width]: the shuffled essential set, its first n_E steps
+        np.put_along_axis(chosen, order, np.broadcast_to(np.arange(width) < e[:, None], keys.shape).astype(np.float64), axis=-1)
         sums = np.matmul(chosen.transpose(1, 0, 2), padded)  # [traces, d, heads] rank sums
         out[start : start + d] = ((sums - offset) / w[:, None, None]).mean(axis=0)
     return out
