@@ -14,7 +14,8 @@ under each condition:
 
 k is the trace's number of essential steps when it is labeled, else ``round(k_fraction * K)`` (at least 1,
 at most K - 1). Each condition reports the answer accuracy (the last ``\\boxed{}`` after the marker
-against the trace's ``answer``, else against the original response's own boxed answer) and the mean
+against the trace's ``answer``, else against the original response's own boxed answer; the trainer's
+``attnpo_train.rewards`` decides, so probe and trainer grade alike) and the mean
 change, against ``none``, of the teacher-forced log-probability of the original answer span F.
 
 Mean-ablation replaces a head's slice of the attention output (before the output projection) by its mean
@@ -26,6 +27,7 @@ of a forward (plus the KV cache of the answer being written).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -92,10 +94,6 @@ class CausalTrace:
     def labels(self) -> list[str | None]:
         return [step.label for step in self.trace.steps or ()]
 
-    @property
-    def labeled(self) -> bool:
-        return any(label is not None for label in self.labels)
-
 
 def prepare_causal_traces(
     traces: list[Trace], tokenizer, config: CausalConfig, skip_invalid: bool = False, source: str = "<memory>"
@@ -115,8 +113,7 @@ def prepare_causal_traces(
     for trace in traces:
         if trace.steps is None:
             reasoning = trace.response.split(config.marker, 1)[0]
-            trace = Trace(trace.id, trace.prompt, trace.response, trace.answer,
-                          tuple(Step(text) for text in segment_reasoning(reasoning, config.segmenter)), trace.line)
+            trace = dataclasses.replace(trace, steps=tuple(Step(text) for text in segment_reasoning(reasoning, config.segmenter)))
         labels = [step.label for step in trace.steps]
         reference = trace.answer if trace.answer is not None else extract_final_answer(trace.response, config.marker)
         if reference is None:
