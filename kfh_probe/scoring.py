@@ -187,7 +187,7 @@ def permutation_null(
         seed: seed of ``numpy.random.default_rng``.
 
     Returns:
-        ``[draws, heads]`` float64 SRA under the null (empty rows when no trace has a pair).
+        ``[draws, heads]`` float64 SRA under the null (zeros when no trace has a pair).
     """
     from scipy.stats import rankdata
 
