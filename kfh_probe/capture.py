@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ _LOCK = threading.Lock()
 _ACTIVE: dict[int, "_Recorder"] = {}  # id(attention module) -> recorder of the capture it belongs to
 _WRAPPED: dict[str, object] = {}  # implementation name -> original entry (None where there was none)
 _USERS: dict[str, int] = {}  # implementation name -> captures in progress that use it
+_EDITORS: dict[int, Callable] = {}  # id(attention module) -> edit of its output (see edit_attention_outputs)
 
 
 class UnsupportedModelError(RuntimeError):
@@ -101,6 +103,9 @@ def _dispatcher(name: str):
         recorder = _ACTIVE.get(id(module))
         if recorder is not None:
             recorder.record(module, query, key, attention_mask, kwargs)
+        editor = _EDITORS.get(id(module))
+        if editor is not None:
+            result = (editor(module, result[0]), *result[1:])
         return result
 
     return wrapped
@@ -361,3 +366,32 @@ def capture_answer_attention(
         )
     values = torch.stack([recorder.results[layer] for layer in wanted], dim=1)
     return AnswerAttention(wanted, values, rows, row_valid)
+
+
+@contextlib.contextmanager
+def edit_attention_outputs(model: nn.Module, layers: list[int], edit: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+    """While the block runs, replace the attention output of ``layers`` by ``edit(module, output)``.
+
+    ``output`` is what the model's attention function returned: ``[batch, T_query, heads, head_dim]``,
+    every head's slice before the output projection mixes the heads. ``edit`` may return a changed
+    copy (mean-ablating a head is setting its slice); the model then runs on unchanged. Works with a
+    KV cache (``T_query`` is then the new positions only) and with any attention implementation.
+
+    Raises:
+        UnsupportedModelError: the architecture does not route attention through the interface.
+    """
+    modules = attention_modules(model)
+    missing = [layer for layer in layers if layer not in modules]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no attention layer(s) {missing}; it has layers 0..{max(modules)}")
+    chosen = [module for layer in sorted(set(layers)) for module in modules[layer]]
+    with _wrap_implementation(_implementation(model)):
+        with _LOCK:
+            for module in chosen:
+                _EDITORS[id(module)] = edit
+        try:
+            yield
+        finally:
+            with _LOCK:
+                for module in chosen:
+                    _EDITORS.pop(id(module), None)

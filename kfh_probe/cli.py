@@ -33,17 +33,17 @@ def _default_inputs(args) -> None:
     if args.model is not None and args.traces is not None:
         return
     if args.model is None and args.traces is not None:
-        raise SystemExit("kfh-probe sweep: --traces was given without --model; give both, or neither to use the embedded organism")
+        raise SystemExit(f"kfh-probe {args.command}: --traces was given without --model; give both, or neither to use the embedded organism")
     try:
         from .organism import default_model_dir, default_traces_path
     except ImportError:
-        raise SystemExit("kfh-probe sweep: the embedded organism is not available in this installation; pass --model DIR --traces F") from None
+        raise SystemExit(f"kfh-probe {args.command}: the embedded organism is not available in this installation; pass --model DIR --traces F") from None
     if args.model is None:
         args.model = str(default_model_dir())
         args.model_name = "kfh-organism"
     if args.traces is None:
         if args.model_name != "kfh-organism":
-            raise SystemExit("kfh-probe sweep: --model was given without --traces; pass the labeled traces of that model with --traces F")
+            raise SystemExit(f"kfh-probe {args.command}: --model was given without --traces; pass the traces of that model with --traces F")
         args.traces = str(default_traces_path())
 
 
@@ -66,6 +66,7 @@ def cmd_sweep(args) -> int:
         top_n=args.top_n,
         seed=args.seed,
         bootstrap=args.bootstrap,
+        permutations=args.permutations,
         marker=args.marker,
         segmenter=SegmenterConfig(),
         skip_invalid=args.skip_invalid,
@@ -114,7 +115,8 @@ def cmd_sweep(args) -> int:
         "backend": args.backend,
         "max_traces": args.max_traces,
     }
-    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config)
+    step_lengths = [[end - start for start, end in t.step_spans] for t in tokenized]
+    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths)
     atomic_write_json(args.out, manifest)
     if not args.keep_parts:
         store.remove()
@@ -124,6 +126,53 @@ def cmd_sweep(args) -> int:
         f"best head (layer {best['layer']}, head {best['head']}) SRA {best['sra']:.3f}; top_n = {manifest['top_n']}",
         file=sys.stderr,
     )
+    return 0
+
+
+def cmd_causal(args) -> int:
+    from .causal import CausalConfig, format_causal_table, prepare_causal_traces, run_causal
+    from .io import atomic_write_json
+    from .loading import load_model, load_tokenizer, pad_token_id
+    from .manifest import check_model_matches, load_manifest, model_fingerprint, top_heads
+    from .traces import read_traces
+
+    args.model_name = None
+    organism = args.model is None
+    _default_inputs(args)
+    if args.manifest is None:
+        if not organism:
+            raise ValueError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
+        from .organism import default_manifest_path
+
+        args.manifest = str(default_manifest_path())
+    config = CausalConfig(k=args.k, k_fraction=args.k_fraction, top_n=args.top_n, draws=args.draws, seed=args.seed,
+                          batch_size=args.batch_size, max_answer_tokens=args.max_answer_tokens, marker=args.marker)
+    manifest = load_manifest(args.manifest)
+    heads = top_heads(manifest, config.top_n)
+    traces, skipped = read_traces(args.traces, config.marker, args.skip_invalid)
+    tokenizer = load_tokenizer(args.model)
+    items, left_out = prepare_causal_traces(traces, tokenizer, config, args.skip_invalid, source=args.traces)
+    skipped += left_out
+    items = items[: args.max_traces] if args.max_traces is not None else items
+    if not items:
+        print(f"kfh-probe causal: no usable trace in {args.traces} ({len(skipped)} left out)", file=sys.stderr)
+        return 2
+    model = load_model(args.model, args.dtype, args.device)
+    check_model_matches(manifest, model, allow_finetuned=args.allow_finetuned)
+    print(f"{len(items)} traces ({len(skipped)} left out); heads {heads}", file=sys.stderr)
+    summary = run_causal(model, tokenizer, items, heads, config, pad_token_id(tokenizer), progress=not args.quiet)
+    print(format_causal_table(summary))
+    if args.json:
+        settings = {
+            "model": args.model_name or args.model, "fingerprint": model_fingerprint(model), "manifest": Path(args.manifest).name,
+            "traces": Path(args.traces).name, "traces_used": len(items),
+            "traces_left_out": {"count": len(skipped), "reasons": [s.to_dict() for s in skipped]},
+            "k": "the trace's essential steps (labeled), else round(k_fraction * K)" if config.k is None else config.k,
+            "k_fraction": config.k_fraction, "top_n": len(heads), "draws": config.draws, "seed": config.seed,
+            "max_answer_tokens": config.max_answer_tokens or "2 |F| + 16 per trace", "dtype": args.dtype,
+        }
+        atomic_write_json(args.json, {"format": "kfh-causal", "settings": settings, **summary})
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
@@ -139,7 +188,8 @@ def cmd_plot(args) -> int:
     from .manifest import load_manifest
     from .views import plot_heatmap
 
-    plot_heatmap(load_manifest(args.manifest), args.out, args.top_n)
+    panels = ("sra", "sra_redundant_after") if args.redundant_after else ("sra",)
+    plot_heatmap(load_manifest(args.manifest), args.out, args.top_n, panels)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
@@ -188,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--top-n", type=int, help="recommended heads for training (default: from the ensemble curve)")
     sweep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     sweep.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    sweep.add_argument("--permutations", type=int, default=1000,
+                       help="draws of the permutation null for heads (step scores shuffled within each trace; default 1000)")
     sweep.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
     sweep.add_argument("--backend", default="hf", choices=["hf", "nnsight", "lens"], help="attention capture backend")
     sweep.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the manifest)")
@@ -196,6 +248,30 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=cmd_sweep)
+
+    causal = sub.add_parser("causal", help="delete the steps the top heads rate highest / lowest, ablate the heads; "
+                            "does the model still write the right answer?")
+    causal.add_argument("--model", help="Hugging Face model folder (default: the embedded organism)")
+    causal.add_argument("--traces", help="trace JSONL, labeled or not (default: the organism's labeled traces)")
+    causal.add_argument("--manifest", help="KFH manifest of the model (default: the organism's)")
+    causal.add_argument("--json", help="write the results here (written atomically)")
+    causal.add_argument("--k", type=int, help="steps deleted per trace (default: its essential steps when labeled, "
+                        "else --k-fraction of its steps)")
+    causal.add_argument("--k-fraction", type=float, default=0.3, help="fraction of an unlabeled trace's steps deleted (default 0.3)")
+    causal.add_argument("--top-n", type=int, help="heads to use (default: the manifest's top_n)")
+    causal.add_argument("--draws", type=int, default=5, help="random draws of steps (per trace) and of heads (default 5)")
+    causal.add_argument("--seed", type=int, default=0)
+    causal.add_argument("--batch-size", type=int, default=32,
+                        help="sequences per forward (default 32; a labeled trace brings 6 + 2 x draws of them)")
+    causal.add_argument("--max-answer-tokens", type=int, help="answer tokens written at most (default: 2 |F| + 16 per trace)")
+    causal.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
+    causal.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
+    causal.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    causal.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    causal.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the JSON)")
+    causal.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
+    causal.add_argument("--quiet", action="store_true", help="no progress bar")
+    causal.set_defaults(func=cmd_causal)
 
     show = sub.add_parser("show", help="ranked table of a manifest")
     show.add_argument("manifest")
@@ -206,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("manifest")
     plot.add_argument("--out", required=True)
     plot.add_argument("--top-n", type=int, help="heads to outline (default: the manifest's top_n)")
+    plot.add_argument("--redundant-after", action="store_true",
+                      help="add a second panel: SRA over only the pairs whose redundant step comes after the essential one")
     plot.set_defaults(func=cmd_plot)
 
     compare = sub.add_parser("compare", help="rank agreement of two manifests")

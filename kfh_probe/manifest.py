@@ -2,7 +2,9 @@
 
 The manifest is what training runs, notebooks and other tools consume: every head's SRA with a
 bootstrap interval, sorted, the top-k ensemble curve, and enough about the model to refuse the wrong
-one.
+one. Version 2 adds the controls: per head the SRA over the pairs whose redundant step comes after /
+before the essential one, a ``baselines`` block (position, step length, permutation null) and
+``probe.reliability`` (split-half agreement). Version 1 files stay readable everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from torch import nn
 from .capture import model_shape
 
 FORMAT = "kfh-manifest"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_BASELINES = ("position_later", "position_earlier", "step_length")
+_NULL_KEYS = ("draws", "seed", "head_sra_p95", "best_head_sra_p95", "heads_above_head_p95")
 _MODEL_KEYS = ("name_or_path", "architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "fingerprint")
 _SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 
@@ -76,9 +81,11 @@ def validate_manifest(data: object) -> list[str]:
     problems = []
     if data.get("format") != FORMAT:
         problems.append(f"'format' must be {FORMAT!r}, got {data.get('format')!r}")
-    if data.get("version") != VERSION:
-        problems.append(f"'version' must be {VERSION}, got {data.get('version')!r}")
-    for key in ("model", "probe", "heads", "top_n", "ensemble"):
+    version = data.get("version")
+    if version not in READABLE_VERSIONS:
+        problems.append(f"'version' must be one of {list(READABLE_VERSIONS)}, got {version!r}")
+    required = ("model", "probe", "heads", "top_n", "ensemble") + (("baselines",) if version == 2 else ())
+    for key in required:
         if key not in data:
             problems.append(f"missing field {key!r}")
     model = data.get("model")
@@ -90,6 +97,8 @@ def validate_manifest(data: object) -> list[str]:
     heads = data.get("heads")
     if isinstance(heads, list) and isinstance(model, dict) and all(isinstance(model.get(k), int) for k in ("num_layers", "num_heads")):
         problems += _validate_heads(heads, model["num_layers"], model["num_heads"], set(data.get("probe", {}).get("layers") or range(model["num_layers"])))
+        if version == 2:
+            problems += _validate_controls(heads)
     elif "heads" in data and not isinstance(heads, list):
         problems.append("'heads' must be a list")
     top_n = data.get("top_n")
@@ -98,6 +107,43 @@ def validate_manifest(data: object) -> list[str]:
     ensemble = data.get("ensemble")
     if "ensemble" in data and not (isinstance(ensemble, list) and all(isinstance(e, dict) and {"k", "sra"} <= e.keys() for e in ensemble)):
         problems.append("'ensemble' must be a list of {k, sra, ...} objects")
+    if version == 2 and "baselines" in data:
+        problems += _validate_baselines(data["baselines"])
+    if version == 2 and isinstance(data.get("probe"), dict) and "reliability" not in data["probe"]:
+        problems.append("probe: missing 'reliability' (null when fewer than 2 traces have pairs)")
+    return problems
+
+
+def _is_fraction(value: object) -> bool:
+    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+def _validate_controls(heads: list) -> list[str]:
+    """Version 2: every head carries ``sra_redundant_after/before`` (a fraction or null) and their intervals."""
+    problems = []
+    for i, head in enumerate(heads):
+        if not isinstance(head, dict):
+            continue
+        for direction in ("after", "before"):
+            key = f"sra_redundant_{direction}"
+            if key not in head or f"{key}_ci95" not in head:
+                problems.append(f"heads[{i}]: missing {key!r} or {key + '_ci95'!r}")
+            elif head[key] is not None and not _is_fraction(head[key]):
+                problems.append(f"heads[{i}]: {key} {head[key]!r} is outside [0, 1]")
+    return problems
+
+
+def _validate_baselines(baselines: object) -> list[str]:
+    if not isinstance(baselines, dict):
+        return ["'baselines' must be an object"]
+    problems = []
+    for name in _BASELINES:
+        entry = baselines.get(name)
+        if not (isinstance(entry, dict) and "sra" in entry and (entry["sra"] is None or _is_fraction(entry["sra"]))):
+            problems.append(f"baselines.{name} must be an object with 'sra' in [0, 1] (or null)")
+    null = baselines.get("permutation_null")
+    if not (isinstance(null, dict) and all(k in null for k in _NULL_KEYS)):
+        problems.append(f"baselines.permutation_null must have {', '.join(_NULL_KEYS)}")
     return problems
 
 

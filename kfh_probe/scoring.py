@@ -8,11 +8,17 @@ answer rows and averaged over the step's tokens:
 The SRA of a head is, per trace, the fraction of (essential, redundant) step pairs in which the
 essential step scores higher (ties count 1/2) -- a per-trace AUC -- averaged over the traces that
 have at least one pair.
+
+Controls (manifest version 2): the same AUC over only the pairs whose redundant step comes after
+(or before) the essential one, a permutation null, and the split-half reliability of the ranking.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+DIRECTIONS = ("after", "before")
 
 
 def step_scores(answer_attention: torch.Tensor, step_spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -39,34 +45,50 @@ def step_scores(answer_attention: torch.Tensor, step_spans: list[tuple[int, int]
     return (totals / (ends - starts)).to(answer_attention.dtype)
 
 
-def pair_auc(scores: torch.Tensor, essential: torch.Tensor, redundant: torch.Tensor) -> torch.Tensor | None:
+def _pair_mask(essential: torch.Tensor, redundant: torch.Tensor, direction: str | None) -> torch.Tensor:
+    """``[E, R]`` bool: which (essential, redundant) pairs count (all; or redundant after / before)."""
+    ess_at = essential.nonzero().flatten()
+    red_at = redundant.nonzero().flatten()
+    if direction is None:
+        return torch.ones((len(ess_at), len(red_at)), dtype=torch.bool)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be None, 'after' or 'before', got {direction!r}")
+    later = red_at[None, :] > ess_at[:, None]
+    return later if direction == "after" else ~later
+
+
+def pair_auc(
+    scores: torch.Tensor, essential: torch.Tensor, redundant: torch.Tensor, direction: str | None = None
+) -> torch.Tensor | None:
     """Per-trace AUC of essential over redundant steps, for many heads at once.
 
     Args:
         scores: ``[heads, K]`` step scores of one trace (any number of leading head rows).
         essential, redundant: ``[K]`` bool masks (unlabelled steps are in neither).
+        direction: None counts every pair; ``"after"`` only the pairs whose redundant step comes
+            later in the trace than the essential one, ``"before"`` only those where it comes earlier.
 
     Returns:
-        ``[heads]`` fraction of (essential, redundant) pairs ordered correctly, ties 1/2; None when
-        the trace has no pair.
+        ``[heads]`` fraction of the counted pairs ordered correctly, ties 1/2; None when the trace
+        has no such pair.
     """
-    ess = scores[:, essential]
-    red = scores[:, redundant]
-    if ess.shape[1] == 0 or red.shape[1] == 0:
+    mask = _pair_mask(essential, redundant, direction)
+    if not bool(mask.any()):
         return None
-    diff = ess[:, :, None] - red[:, None, :]
+    diff = scores[:, essential][:, :, None] - scores[:, redundant][:, None, :]
     wins = (diff > 0).double() + 0.5 * (diff == 0).double()
-    return wins.mean(dim=(1, 2))
+    return (wins * mask).sum(dim=(1, 2)) / mask.sum()
 
 
 def per_trace_auc(
-    trace_scores: list[torch.Tensor], labels: list[list[str | None]]
+    trace_scores: list[torch.Tensor], labels: list[list[str | None]], direction: str | None = None
 ) -> tuple[torch.Tensor, list[int], int]:
     """Per-trace AUC of every head, for the traces that have at least one pair.
 
     Args:
         trace_scores: per trace, ``[heads, K_i]`` step scores (heads flattened, e.g. L*H).
         labels: per trace, K_i labels ("essential", "redundant" or None).
+        direction: which pairs count (see :func:`pair_auc`).
 
     Returns:
         ``(auc, used, pairs)``: ``auc`` is ``[traces_with_pairs, heads]`` float64, ``used`` the
@@ -78,11 +100,11 @@ def per_trace_auc(
             raise ValueError(f"trace {i}: {scores.shape[-1]} step scores but {len(trace_labels)} labels")
         essential = torch.tensor([lab == "essential" for lab in trace_labels], dtype=torch.bool)
         redundant = torch.tensor([lab == "redundant" for lab in trace_labels], dtype=torch.bool)
-        auc = pair_auc(scores, essential, redundant)
+        auc = pair_auc(scores, essential, redundant, direction)
         if auc is not None:
             rows.append(auc)
             used.append(i)
-            pairs += int(essential.sum()) * int(redundant.sum())
+            pairs += int(_pair_mask(essential, redundant, direction).sum())
     if not rows:
         width = trace_scores[0].shape[0] if trace_scores else 0
         return torch.zeros((0, width), dtype=torch.float64), used, 0
@@ -142,3 +164,96 @@ def greedy_ensemble(
         sums = [total + scores[head : head + 1].double() for total, scores in zip(sums, trace_scores)]
         path.append((head, float(gains[best])))
     return path
+
+
+def permutation_null(
+    trace_scores: list[torch.Tensor], labels: list[list[str | None]], draws: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """SRA of every head when each trace's step scores are permuted among its labelled steps, ``draws`` times.
+
+    One permutation per trace and draw serves every head (it is a shuffle of the trace's labels), so
+    the maximum over heads of a draw is a null for the best head too. Each AUC comes from midranks
+    (Mann-Whitney): for a trace whose essential steps are S among its labelled steps,
+
+        AUC = (sum_{k in S} rank_k - n_E (n_E + 1) / 2) / (n_E n_R),
+
+    ranks among the labelled steps with ties averaged, which equals :func:`pair_auc` (ties 1/2). Rank
+    sums are half-integers, so they are exact however the matrix products are split.
+
+    Args:
+        trace_scores: per trace, ``[heads, K_i]`` step scores.
+        labels: per trace, K_i labels; traces without an (essential, redundant) pair are left out.
+        draws: permutations.
+        seed: seed of ``numpy.random.default_rng``.
+
+    Returns:
+        ``[draws, heads]`` float64 SRA under the null (zeros when no trace has a pair).
+    """
+    from scipy.stats import rankdata
+
+    ranks, n_ess, n_red = [], [], []
+    for scores, trace_labels in zip(trace_scores, labels):
+        labelled = [k for k, lab in enumerate(trace_labels) if lab in ("essential", "redundant")]
+        e = sum(lab == "essential" for lab in trace_labels)
+        if e == 0 or e == len(labelled):
+            continue
+        ranks.append(rankdata(scores[:, labelled].double().numpy(), axis=-1))  # [heads, m]
+        n_ess.append(e)
+        n_red.append(len(labelled) - e)
+    heads = trace_scores[0].shape[0] if trace_scores else 0
+    if not ranks:
+        return np.zeros((draws, heads))
+    traces, width = len(ranks), max(r.shape[1] for r in ranks)
+    padded = np.zeros((traces, width, heads))
+    lengths = np.array([r.shape[1] for r in ranks])
+    for i, r in enumerate(ranks):
+        padded[i, : r.shape[1]] = r.T
+    e, w = np.array(n_ess, dtype=np.float64), np.array(n_ess, dtype=np.float64) * np.array(n_red)
+    offset = (e * (e + 1) / 2)[:, None, None]
+    rng = np.random.default_rng(seed)
+    out = np.empty((draws, heads))
+    chunk = max(1, (1 << 20) // (traces * max(width, heads)))  # about 8 MB per array: stays in cache
+    for start in range(0, draws, chunk):
+        d = min(chunk, draws - start)
+        keys = rng.random((d, traces, width))
+        keys[:, np.arange(width)[None, :] >= lengths[:, None]] = np.inf  # padding never drawn
+        order = keys.argsort(axis=-1)  # a uniform permutation of each trace's steps
+        chosen = np.zeros_like(keys)  # [d, traces, width]: the shuffled essential set, its first n_E steps
+        np.put_along_axis(chosen, order, np.broadcast_to(np.arange(width) < e[:, None], keys.shape).astype(np.float64), axis=-1)
+        sums = np.matmul(chosen.transpose(1, 0, 2), padded)  # [traces, d, heads] rank sums
+        out[start : start + d] = ((sums - offset) / w[:, None, None]).mean(axis=0)
+    return out
+
+
+def split_half_reliability(auc: torch.Tensor, top_n: int, seed: int = 0) -> dict | None:
+    """Agreement of the head ranking between two seeded random halves of the traces.
+
+    Args:
+        auc: ``[traces, heads]`` per-trace AUC (traces with at least one pair).
+        top_n: size of the top set compared.
+
+    Returns:
+        ``spearman`` (rank correlation of every head's SRA on one half with the other; None when a
+        half ranks no head above another), ``top_n``, ``top_n_overlap`` (heads in both halves' top N,
+        ties by head index), ``traces`` (the two halves' sizes) and ``seed``; None with fewer than 2 traces.
+    """
+    from scipy.stats import spearmanr
+
+    traces, heads = auc.shape
+    if traces < 2:
+        return None
+    order = torch.randperm(traces, generator=torch.Generator().manual_seed(seed))
+    half = traces // 2
+    first, second = auc[order[:half]].mean(dim=0), auc[order[half:]].mean(dim=0)
+
+    def best(sra: torch.Tensor) -> set[int]:
+        return set(sorted(range(heads), key=lambda r: (-float(sra[r]), r))[:top_n])
+
+    rho = float(spearmanr(first.numpy(), second.numpy()).statistic) if heads > 1 else float("nan")
+    return {
+        "spearman": None if np.isnan(rho) else rho,
+        "top_n": top_n,
+        "top_n_overlap": len(best(first) & best(second)),
+        "traces": [half, traces - half],
+        "seed": seed,
+    }

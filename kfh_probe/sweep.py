@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -18,7 +19,10 @@ from .backends import get_backend
 from .capture import model_shape
 from .manifest import FORMAT, VERSION
 from .partials import PartStore, plan_batches
-from .scoring import bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, step_scores
+from .scoring import (
+    DIRECTIONS, bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, permutation_null, split_half_reliability,
+    step_scores,
+)
 from .segmentation import SegmenterConfig
 from .traces import SkippedTrace, Trace, TraceFileError
 
@@ -35,8 +39,9 @@ class SweepConfig:
         layers: layers to probe (all when None).
         batch_size: traces per forward (right-padded; results do not depend on it).
         top_n: heads recommended for training; chosen from the ensemble curve when None.
-        seed: seed of the bootstrap.
+        seed: seed of the bootstrap, the permutation null and the split halves.
         bootstrap: bootstrap resamples for the 95% intervals.
+        permutations: draws of the permutation null (step scores shuffled within each trace).
         marker: end-of-thinking marker.
         segmenter: how traces without steps are segmented (labeled files carry their steps).
         skip_invalid: leave out broken traces (counted in the manifest) instead of failing.
@@ -48,6 +53,7 @@ class SweepConfig:
     top_n: int | None = None
     seed: int = 0
     bootstrap: int = 1000
+    permutations: int = 1000
     marker: str = "</think>"
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     skip_invalid: bool = False
@@ -182,6 +188,53 @@ def collect_step_scores_resumable(
     return store.load(len(tokenized))
 
 
+def _rounded(value: float) -> float:
+    return round(float(value), 6)
+
+
+def _sra_with_ci(auc: torch.Tensor, config: SweepConfig) -> tuple[list[float | None], list[list[float] | None]]:
+    """Per head (columns of ``auc``, ``[traces, heads]``): SRA and bootstrap interval, rounded; None without traces."""
+    if auc.shape[0] == 0:
+        return [None] * auc.shape[1], [None] * auc.shape[1]
+    ci = bootstrap_ci(auc, config.bootstrap, config.seed)
+    return [_rounded(v) for v in auc.mean(dim=0)], [[_rounded(lo), _rounded(hi)] for lo, hi in ci]
+
+
+def baselines_block(
+    flat: list[torch.Tensor], labels: list[list[str | None]], step_lengths: list[list[int]], sra: torch.Tensor,
+    config: SweepConfig,
+) -> dict:
+    """The manifest's ``baselines``: SRA of rankings no head is needed for, and a null for heads.
+
+    ``position_later`` ranks a trace's steps by position (later higher), ``position_earlier`` the
+    reverse, ``step_length`` by length in tokens (longer higher); ``permutation_null`` gives the 95th
+    percentile of one head's SRA, and of the best head's, when every trace's step scores are permuted
+    (:func:`kfh_probe.scoring.permutation_null`), and how many heads exceed the first.
+
+    Args:
+        flat: per trace, ``[heads, K]`` step scores; sra: ``[heads]`` the heads' SRA.
+    """
+    rankings = {
+        "position_later": [torch.arange(len(lab), dtype=torch.float64)[None] for lab in labels],
+        "position_earlier": [-torch.arange(len(lab), dtype=torch.float64)[None] for lab in labels],
+        "step_length": [torch.tensor(lengths, dtype=torch.float64)[None] for lengths in step_lengths],
+    }
+    block: dict = {}
+    for name, scores in rankings.items():
+        values, intervals = _sra_with_ci(per_trace_auc(scores, labels)[0], config)
+        block[name] = {"sra": values[0], "ci95": intervals[0]}
+    null = permutation_null(flat, labels, config.permutations, config.seed)
+    head_p95 = float(np.quantile(null, 0.95))
+    block["permutation_null"] = {
+        "draws": config.permutations,
+        "seed": config.seed,
+        "head_sra_p95": _rounded(head_p95),
+        "best_head_sra_p95": _rounded(np.quantile(null.max(axis=1), 0.95)),
+        "heads_above_head_p95": int((sra > head_p95).sum()),
+    }
+    return block
+
+
 def build_manifest(
     step_score_list: list[torch.Tensor],
     labels: list[list[str | None]],
@@ -189,11 +242,13 @@ def build_manifest(
     model_block: dict,
     probe_block: dict,
     config: SweepConfig,
+    step_lengths: list[list[int]],
 ) -> dict:
-    """Rank every probed head by SRA and assemble the manifest (design page).
+    """Rank every probed head by SRA and assemble the manifest (design page, schema version 2).
 
     Args:
         step_score_list: per trace, ``[layers, heads, K]``.
+        step_lengths: per trace, the K steps' lengths in tokens (for the step-length baseline).
     """
     num_heads = model_block["num_heads"]
     flat = [s.reshape(len(layers) * num_heads, -1) for s in step_score_list]  # row = layer_pos * H + head
@@ -204,18 +259,20 @@ def build_manifest(
             "check the labels (kfh-probe label) or use more traces"
         )
     sra = auc.mean(dim=0)
-    ci = bootstrap_ci(auc, config.bootstrap, config.seed)
+    values, intervals = _sra_with_ci(auc, config)
+    directional, direction_counts = {}, {}
+    for direction in DIRECTIONS:
+        d_auc, d_used, d_pairs = per_trace_auc(flat, labels, direction)
+        directional[direction] = _sra_with_ci(d_auc, config)
+        direction_counts |= {f"traces_redundant_{direction}": len(d_used), f"pairs_redundant_{direction}": d_pairs}
     order = sorted(range(len(sra)), key=lambda r: (-float(sra[r]), r))
-    heads = [
-        {
-            "layer": layers[r // num_heads],
-            "head": r % num_heads,
-            "sra": round(float(sra[r]), 6),
-            "ci95": [round(float(ci[r, 0]), 6), round(float(ci[r, 1]), 6)],
-            "traces": len(used),
-        }
-        for r in order
-    ]
+    heads = []
+    for r in order:
+        head = {"layer": layers[r // num_heads], "head": r % num_heads, "sra": values[r], "ci95": intervals[r], "traces": len(used)}
+        for direction, (d_values, d_intervals) in directional.items():
+            head[f"sra_redundant_{direction}"] = d_values[r]
+            head[f"sra_redundant_{direction}_ci95"] = d_intervals[r]
+        heads.append(head)
     with_pairs = [flat[i] for i in used]
     used_labels = [labels[i] for i in used]
     ensemble = []
@@ -235,15 +292,21 @@ def build_manifest(
     else:
         best = max(e["sra"] for e in ensemble)
         top_n = next(e["k"] for e in ensemble if e["sra"] >= best - TOP_N_TOLERANCE)
+    reliability = split_half_reliability(auc, top_n, config.seed)
+    if reliability is not None and reliability["spearman"] is not None:
+        reliability["spearman"] = _rounded(reliability["spearman"])
     probe = {
         **probe_block,
         "traces_used": len(step_score_list),
         "traces_with_pairs": len(used),
         "traces_without_pairs": len(step_score_list) - len(used),
         "pairs": pairs,
+        **direction_counts,
+        "reliability": reliability,
         "layers": layers,
         "seed": config.seed,
         "bootstrap_resamples": config.bootstrap,
+        "permutation_draws": config.permutations,
         "segmenter": config.segmenter.to_dict(),
         "marker": config.marker,
         "query_span": QUERY_SPAN,
@@ -260,6 +323,7 @@ def build_manifest(
         "top_n": top_n,
         "ensemble": ensemble,
         "greedy_ensemble": greedy,
+        "baselines": baselines_block(flat, labels, step_lengths, sra, config),
     }
 
 

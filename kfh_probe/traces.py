@@ -7,7 +7,9 @@ broken records are returned separately as :class:`SkippedTrace` so the caller ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,3 +183,31 @@ def read_traces(
     if problems and not skip_invalid:
         raise TraceFileError(path, problems)
     return traces, problems
+
+
+def delete_steps(trace: Trace, drop: set[int], marker: str = "</think>") -> Trace:
+    """``trace`` with the steps at ``drop`` removed from its reasoning; the prompt, the other steps (with
+    their labels), the marker and the final answer stay as they were.
+
+    A deleted first step leaves its leading think opener (``<think>`` for the marker ``</think>``) and the
+    whitespace after it at the front of the reasoning, so the result keeps the format the model saw;
+    the kept steps still concatenate exactly to the new reasoning.
+
+    Raises:
+        ValueError: the trace has no steps, or ``drop`` names a step it does not have.
+    """
+    if trace.steps is None:
+        raise ValueError(f"trace {trace.id!r} has no steps to delete")
+    if not drop <= set(range(len(trace.steps))):
+        raise ValueError(f"trace {trace.id!r} has {len(trace.steps)} steps; cannot delete {sorted(drop)}")
+    kept = [step for k, step in enumerate(trace.steps) if k not in drop]
+    opener = marker.replace("</", "<", 1) if marker.startswith("</") else ""
+    head = re.match(re.escape(opener) + r"\s*", trace.steps[0].text) if opener else None
+    if 0 in drop and head is not None:
+        if kept:
+            kept[0] = Step(head.group(0) + kept[0].text, kept[0].label)
+        else:
+            kept = [Step(head.group(0), None)]
+    answer = trace.response.split(marker, 1)[1]
+    reasoning = "".join(step.text for step in kept)
+    return dataclasses.replace(trace, response=reasoning + marker + answer, steps=tuple(kept) if kept else None)

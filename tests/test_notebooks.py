@@ -49,10 +49,11 @@ def test_kfh_heatmaps_notebook(tmp_path):
     run_notebook(
         "01_kfh_heatmaps.ipynb",
         f"N_TRACES = 24\nOUT_DIR = {str(tmp_path)!r}\nTRACES = None\nMODEL = None\nBATCH_SIZE = 8\n"
-        "BOOTSTRAP = 50\nEXAMPLE_TRACES = 2\nTEXT_TRACES = 1\nTEXT_TOP_HEADS = 2\nRANDOM_DRAWS = 20\nSEED = 0",
+        "BOOTSTRAP = 50\nEXAMPLE_TRACES = 2\nTEXT_TRACES = 1\nTEXT_TOP_HEADS = 2\nRANDOM_DRAWS = 20\nCAUSAL_TRACES = 2\n"
+        "CAUSAL_DRAWS = 2\nSEED = 0",
     )
     check_pngs(tmp_path, ["kfh_sra_heatmap.png", "kfh_step_scores.png", "kfh_attention_text.png",
-                          "kfh_ensemble_curve.png", "kfh_vs_random.png"])
+                          "kfh_ensemble_curve.png", "kfh_vs_random.png", "kfh_causal.png"])
 
 
 def test_attnpo_training_notebook_trains_when_no_metrics(tmp_path):
