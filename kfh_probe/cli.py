@@ -172,12 +172,15 @@ def cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loading import GGUF_FILE_HELP
+
     parser = argparse.ArgumentParser(prog="kfh-probe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kfh-probe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="rank every head by Step Ranking Accuracy and write a KFH manifest")
-    sweep.add_argument("--model", help="Hugging Face model folder (default: the embedded organism)")
+    sweep.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
+    sweep.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     sweep.add_argument("--traces", help="labeled trace JSONL (default: the organism's labeled traces)")
     sweep.add_argument("--out", required=True, help="manifest path (written atomically)")
     sweep.add_argument("--layers", help="layers to probe, e.g. '0-3,8' (default: all)")
@@ -237,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     from .manifest import ManifestError, ManifestMismatchError
     from .traces import TraceFileError
 
+    from .loading import model_path
+
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "gguf_file", None) is not None:
+            args.model = model_path(args.model, args.gguf_file)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

@@ -23,18 +23,32 @@ import re
 from dataclasses import asdict, dataclass, field
 
 CONFUSED = (
-    "Wait", "But", "However", "Hold on", "Looking back", "Hmm, wait", "Hmm, no", "Hmm, but",
-    "Hmm, let me double-check", "Let me double-check", "Let me verify", "Let me check",
-    "Let me make sure", "Let's verify", "Just to confirm", "Is that right?", "Let me recheck",
-    "Let me re-check", "Let me confirm", "Let me re-examine", "Hmm, actually", "Actually, wait",
+    "Wait", "But", "However", "Hold on", "Looking back", "I don't see any errors", "Hmm, wait", "Hmm, no",
+    "Hmm, but", "Hmm, just", "Hmm, let me double-check", "Hmm, let me verify", "Hmm, let me make sure",
+    "Hmm, let me check", "No,",
+    "Let me double-check", "Let me just double-check", "Let's double-check", "Let's just double-check",
+    "Just to double-check",
+    "Let me verify", "Let me just verify", "Let's verify", "Let's just verify", "Just to verify",
+    "Let me confirm", "Let me just confirm", "Let's confirm", "Let's just confirm", "Just to confirm",
+    "Let me check", "Let me just check", "Let's check", "Let's just check", "Just to check",
+    "Let me recap", "Let me just recap", "Let's recap", "Let's just recap", "Just to recap",
+    "Let me make sure", "Let me just make sure", "Let's make sure", "Just to make sure",
+    "So, is", "Is it", "Is that right?", "Is there", "Right?",
+    # not in the reference's lists; common in R1-style traces (kept from this project's first version)
+    "Let me recheck", "Let me re-check", "Let me re-examine", "Hmm, actually", "Actually, wait",
     "On second thought", "Double-checking",
 )
-BRANCHING = ("Alternatively", "Another approach", "Another way", "Let me try another", "Or maybe")
-PROGRESSION = (
-    "Let me", "Let's", "Okay", "Hmm", "Now", "Alright", "First,", "Second,", "Third,", "Then", "Next",
-    "Finally", "Since", "Because", "Given that", "To find", "We need", "I need", "Starting with",
+BRANCHING = (
+    "Alternatively", "Another approach", "Another way", "Another idea", "Another thought", "I guess another way",
+    "I guess another approach", "Let me just think if there",
+    "Let me try another", "Or maybe",  # not in the reference's list (kept from this project's first version)
 )
-SUMMARY = ("So", "Therefore", "Thus", "Hence", "Okay, so", "Putting it all together", "In summary")
+PROGRESSION = (
+    "Let me", "Let's", "I ", "We ", "Okay", "Hmm", "Now", "Alright", "First,", "First off,", "Second,", "Third,",
+    "Starting", "Then", "Next", "Finally", "Similarly", "Again", "In this case", "Because", "Given that",
+    "The problem gives", "To ", "Since",
+)
+SUMMARY = ("So", "Therefore", "Thus", "Hence", "Hmm, so", "Okay, so", "Putting it all together", "In summary")
 FINAL = ("**Final Answer",)
 
 _ANYWHERE_FAMILIES = ("confused", "branching", "final")
