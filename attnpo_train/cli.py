@@ -158,8 +158,15 @@ def _load_for_eval(path: str, device: str):
 
 def _evaluations(path: str, prompts, args: argparse.Namespace) -> dict:
     """Greedy, and avg@K when --samples is given, of the model folder ``path``."""
+    from attnpo_train.rewards import resolve_grader
+
     model, tokenizer = _load_for_eval(path, args.device)
-    common = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "marker": args.marker}
+    try:
+        grader = resolve_grader(args.grader, organism=args.data is None)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    common = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "marker": args.marker,
+              "grader": grader}
     out = {"greedy": evaluate(model, tokenizer, prompts, **common)}
     if args.samples is not None:
         out["sampled"] = evaluate(model, tokenizer, prompts, **common, samples=args.samples,
@@ -252,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=512)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--marker", default="</think>", help="end-of-thinking marker")
+    ev.add_argument("--grader", choices=("auto", "math-verify", "exact"), default="auto",
+                    help="correctness: math-verify (symbolic), exact (integers exactly); auto (default): exact on "
+                         "the organism's problems, math-verify on --data")
     ev.add_argument("--samples", type=int, help="also evaluate avg@K: K sampled responses per problem")
     ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for --samples (0.6)")
     ev.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p for --samples (0.95)")
