@@ -127,6 +127,53 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from functools import partial
+
+    from .generate import (
+        DEFAULT_INSTRUCTION, GenerateConfig, VLLMSampler, generate_traces, load_prompt_template, read_problems, sample_hf,
+    )
+    from .io import file_sha256
+    from .loading import load_model, load_tokenizer, model_folder
+    from .manifest import model_fingerprint
+
+    config = GenerateConfig(
+        samples=args.samples, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed, marker=args.marker, grader=args.grader,
+        correct_only=args.correct_only, engine=args.engine,
+    )
+    tokenizer = load_tokenizer(args.model)
+    template = load_prompt_template(args.prompt_template) if args.prompt_template else None
+    instruction = DEFAULT_INSTRUCTION if args.instruction is None else args.instruction
+    problems = read_problems(args.problems, tokenizer, template, instruction, args.think_prefix, args.correct_only)
+    if args.correct_only:
+        from attnpo_train.rewards import resolve_grader
+
+        resolve_grader(config.grader, organism=False)  # math-verify missing fails here, before sampling
+    print(f"{len(problems)} problems x {config.samples} samples; loading {args.model}", file=sys.stderr)
+    model = load_model(args.model, args.dtype, args.device)
+    key = {"model": str(args.model), "fingerprint": model_fingerprint(model), "problems_sha256": file_sha256(args.problems),
+           "prompts": [p.prompt for p in problems], "config": vars(config)}
+    if config.engine == "vllm":
+        del model  # vLLM loads its own copy
+        sample = VLLMSampler(model_folder(args.model), args.dtype, tokenizer)
+    else:
+        sample = partial(sample_hf, model, tokenizer)
+    try:
+        counts = generate_traces(problems, sample, config, args.out, key, args.overwrite, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are in {args.out}; run the same command again to continue", file=sys.stderr)
+        return 130
+    except FileExistsError as err:
+        print(f"kfh-probe generate: {err}", file=sys.stderr)
+        return 2
+    graded = f"; {counts['correct']} of {counts['graded']} graded correct ({config.grader})" if counts["graded"] else ""
+    print(f"wrote {args.out}: {counts['kept']} of {counts['responses']} responses kept{graded}; "
+          f"{counts['truncated']} truncated (no EOS within {config.max_new_tokens} tokens: marked, refused by the "
+          f"sweep); {counts['no_marker']} finished without exactly one {config.marker!r}", file=sys.stderr)
+    return 0
+
+
 def cmd_show(args) -> int:
     from .manifest import load_manifest
     from .views import format_table
@@ -172,6 +219,7 @@ def cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import DEFAULT_INSTRUCTION
     from .loading import GGUF_FILE_HELP
 
     parser = argparse.ArgumentParser(prog="kfh-probe", description=__doc__.splitlines()[0])
@@ -199,6 +247,39 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=cmd_sweep)
+
+    gen = sub.add_parser("generate", help="sample traces from a model on a problems file (the sweep's input)",
+                         description="Sample K responses per problem and write them in the trace format. Rows: "
+                                     '{"id", "problem" or "prompt", "answer"}; "problem" goes through the chat '
+                                     'template (or --prompt-template), "prompt" is the exact model input.')
+    gen.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
+    gen.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    gen.add_argument("--problems", required=True, help="problems JSONL")
+    gen.add_argument("--out", required=True, help="trace JSONL (rewritten atomically after every batch; resumes)")
+    gen.add_argument("--samples", type=int, default=1, help="responses per problem, K (default 1)")
+    gen.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0: greedy (default 0.6)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p (default 0.95)")
+    gen.add_argument("--max-new-tokens", type=int, default=4096, help="response budget; longer responses are "
+                     "marked truncated (default 4096)")
+    gen.add_argument("--batch-size", type=int, default=8, help="sequences per generate call (default 8)")
+    gen.add_argument("--seed", type=int, default=0, help="seed (batch b is sampled with a seed of (seed, b))")
+    gen.add_argument("--prompt-template", help="file with $problem: its text is the exact model input (instead "
+                     "of the chat template)")
+    gen.add_argument("--instruction", help="appended to each problem in the chat template (default: "
+                     f"{DEFAULT_INSTRUCTION!r}; '' for none)")
+    gen.add_argument("--think-prefix", default="", help="text the response is made to start with, appended to the "
+                     "prompt (e.g. '<think>\n'; default none)")
+    gen.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    gen.add_argument("--correct-only", action="store_true", help="keep only responses graded correct")
+    gen.add_argument("--grader", choices=("math-verify", "exact"), default="math-verify",
+                     help="who decides correctness (default math-verify)")
+    gen.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers generate (default); "
+                     "vllm: vLLM when installed")
+    gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (default float32)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output instead of refusing")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
 
     show = sub.add_parser("show", help="ranked table of a manifest")
     show.add_argument("manifest")
@@ -237,10 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .backends import BackendNotInstalledError
     from .capture import UnsupportedModelError
+    from .loading import model_path
     from .manifest import ManifestError, ManifestMismatchError
     from .traces import TraceFileError
-
-    from .loading import model_path
 
     args = build_parser().parse_args(argv)
     try:
