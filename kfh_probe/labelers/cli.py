@@ -204,17 +204,16 @@ def cmd_label(args) -> int:
     except LabelerError as err:
         print(f"kfh-probe label: {err}. Nothing was written.", file=sys.stderr)
         return 2
-    skipped = sorted(skipped + run.skipped, key=lambda p: p.line)
-    if not run.traces:
-        print(f"kfh-probe label: no trace of {args.traces} could be labelled ({len(skipped)} skipped); nothing was written",
-              file=sys.stderr)
-        return 2
-    atomic_write_jsonl(args.out, [t.to_record() for t in run.traces])
-    run.skipped = skipped
-    print(f"wrote {args.out} ({args.labeler}): {run.summary()}", file=sys.stderr)
-    for problem in skipped[:20]:
+    run.skipped = sorted(skipped + run.skipped, key=lambda p: p.line)
+    if run.traces:
+        atomic_write_jsonl(args.out, [t.to_record() for t in run.traces])
+        print(f"wrote {args.out} ({args.labeler}): {run.summary()}", file=sys.stderr)
+    else:
+        print(f"kfh-probe label: no trace of {args.traces} could be labelled ({args.labeler}: {run.summary()}); "
+              "nothing was written", file=sys.stderr)
+    for problem in run.skipped[:20]:
         print(f"  skipped {args.traces}:{problem.line} (id {problem.id!r}): {problem.reason}", file=sys.stderr)
-    return 0
+    return 0 if run.traces else 2
 
 
 def cmd_label_report(args) -> int:
