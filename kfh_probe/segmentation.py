@@ -2,14 +2,16 @@
 
 Two modes:
 
-- ``"phrases"`` (default): the reference rules of the AttnPO authors (method page, section 2). The text is
-  cut in front of transition phrases. Progression and summary phrases cut only at the start of a line;
-  confused, branching and final phrases cut anywhere a word starts. At one position the longest
-  matching phrase decides the family. Pieces shorter than ``min_chars`` are then merged into a
-  neighbour, following the reference: short confused or branching pieces merge forward; short
-  progression or summary pieces merge backward when the next piece is confused, otherwise forward; a
-  summary piece that is little more than its trigger always merges forward; the final-answer piece is
-  never merged. A piece that would merge past either end merges the other way.
+- ``"phrases"`` (default): the reference rules of the AttnPO authors (method page, section 2; the phrase
+  lists are the reference's, plus a few). The text is cut in front of transition phrases. Progression
+  and summary phrases cut only at the start of a line; confused, branching and final phrases cut
+  anywhere a word starts. At one position the longest matching phrase decides the family. Pieces
+  shorter than ``min_chars`` are then merged into a neighbour, following the reference: short confused
+  or branching pieces merge forward; short progression pieces (and the text before the first phrase)
+  merge backward when the next piece is confused, otherwise forward; short summary pieces merge
+  backward, unless little more than their trigger (15 characters at most beyond it), which merge
+  forward; the final-answer piece is never merged. A piece that would merge past either end merges the
+  other way. Where this differs from the reference's code, and why: ``docs/method.md``.
 - ``"blank-line"``: cut after every blank line; pieces shorter than ``min_chars`` merge forward (the
   last one backward).
 
@@ -52,7 +54,7 @@ SUMMARY = ("So", "Therefore", "Thus", "Hence", "Hmm, so", "Okay, so", "Putting i
 FINAL = ("**Final Answer",)
 
 _ANYWHERE_FAMILIES = ("confused", "branching", "final")
-_LITTLE_MORE_THAN_TRIGGER = 8  # characters beyond the trigger for a summary piece to count as bare
+_LITTLE_MORE_THAN_TRIGGER = 15  # characters beyond the trigger for a summary piece to count as bare
 
 
 @dataclass(frozen=True)
@@ -172,14 +174,11 @@ def _merge_direction(pieces: list[_Piece], i: int, text: str) -> int:
     piece = pieces[i]
     nxt = pieces[i + 1] if i + 1 < len(pieces) else None
     if piece.family == "summary":
-        body = text[piece.start:piece.end].strip()
-        if len(body) <= len(piece.trigger) + _LITTLE_MORE_THAN_TRIGGER:
-            direction = +1
-        else:
-            direction = -1 if nxt is not None and nxt.family == "confused" else +1
-    elif piece.family == "progression":
+        bare = piece.end - piece.start - len(piece.trigger) <= _LITTLE_MORE_THAN_TRIGGER
+        direction = +1 if bare else -1
+    elif piece.family in ("progression", "start"):
         direction = -1 if nxt is not None and nxt.family == "confused" else +1
-    else:  # confused, branching, or text before the first phrase
+    else:  # confused or branching
         direction = +1
     can_forward = nxt is not None and nxt.family != "final"
     can_backward = i > 0
