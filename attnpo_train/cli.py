@@ -286,3 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"attnpo-train {args.command}: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
