@@ -128,7 +128,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    import hashlib
     from functools import partial
+
+    from attnpo_train.rewards import resolve_grader
 
     from .generate import (
         DEFAULT_INSTRUCTION, GenerateConfig, VLLMSampler, generate_traces, load_prompt_template, read_problems, sample_hf,
@@ -146,14 +149,12 @@ def cmd_generate(args) -> int:
     template = load_prompt_template(args.prompt_template) if args.prompt_template else None
     instruction = DEFAULT_INSTRUCTION if args.instruction is None else args.instruction
     problems = read_problems(args.problems, tokenizer, template, instruction, args.think_prefix, args.correct_only)
-    if args.correct_only:
-        from attnpo_train.rewards import resolve_grader
-
-        resolve_grader(config.grader, organism=False)  # math-verify missing fails here, before sampling
+    resolve_grader(config.grader, organism=False)  # a grader that cannot run fails here, before sampling
     print(f"{len(problems)} problems x {config.samples} samples; loading {args.model}", file=sys.stderr)
     model = load_model(args.model, args.dtype, args.device)
+    prompts = hashlib.sha256("\0".join(p.prompt for p in problems).encode("utf-8")).hexdigest()
     key = {"model": str(args.model), "fingerprint": model_fingerprint(model), "problems_sha256": file_sha256(args.problems),
-           "prompts": [p.prompt for p in problems], "config": vars(config)}
+           "prompts_sha256": prompts, "config": vars(config)}
     if config.engine == "vllm":
         del model  # vLLM loads its own copy
         sample = VLLMSampler(model_folder(args.model), args.dtype, tokenizer)
