@@ -10,6 +10,7 @@ sees, and the manifest's fingerprint, are those of the dequantized model. The ca
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -58,11 +59,18 @@ def model_folder(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
+        stat = path.stat()
+        return _converted(path.resolve(), stat.st_size, stat.st_mtime_ns)
     if not (path / "config.json").is_file():
         what = "no such file or folder" if not path.exists() else "no config.json, and not a .gguf file"
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder or a GGUF file ({what})")
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _converted(gguf: Path, size: int, mtime_ns: int) -> Path:
+    """``convert_gguf`` once per process for an unchanged file (the model and its tokenizer both ask)."""
+    return convert_gguf(gguf)
 
 
 def convert_gguf(gguf: Path) -> Path:
