@@ -150,10 +150,7 @@ def _eval_prompts(args: argparse.Namespace):
 def _load_for_eval(path: str, device: str):
     from kfh_probe.loading import load_model, load_tokenizer
 
-    from attnpo_train.loop import require_model_dir
-
     try:
-        require_model_dir(path)
         return load_model(path, "float32", device), load_tokenizer(path)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load {path}: {err}") from None
@@ -161,8 +158,15 @@ def _load_for_eval(path: str, device: str):
 
 def _evaluations(path: str, prompts, args: argparse.Namespace) -> dict:
     """Greedy, and avg@K when --samples is given, of the model folder ``path``."""
+    from attnpo_train.rewards import resolve_grader
+
     model, tokenizer = _load_for_eval(path, args.device)
-    common = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "marker": args.marker}
+    try:
+        grader = resolve_grader(args.grader, organism=args.data is None)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    common = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "marker": args.marker,
+              "grader": grader}
     out = {"greedy": evaluate(model, tokenizer, prompts, **common)}
     if args.samples is not None:
         out["sampled"] = evaluate(model, tokenizer, prompts, **common, samples=args.samples,
@@ -212,6 +216,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kfh_probe.loading import GGUF_FILE_HELP
+
     parser = argparse.ArgumentParser(prog="attnpo-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -223,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its shipped KFH manifest.",
     )
     run.add_argument("--config", help="YAML file of TrainConfig settings")
-    run.add_argument("--model", help="policy model folder (default: the embedded model organism)")
+    run.add_argument("--model", help="policy model folder or .gguf file (default: the embedded model organism)")
+    run.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     run.add_argument("--manifest", help="KFH manifest (required for attnpo unless the organism is trained)")
     run.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: the organism's task generator)")
     run.add_argument("--out", help="output folder (default: runs/attnpo)")
@@ -244,13 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
         "problems, also ground-truth steps per response (essential, redundant by kind, missing). With --base, "
         "also: " + _EFFICIENCY_HELP + "; and AES (O1-Pruner, weights 3 and 5).",
     )
-    ev.add_argument("--model", required=True, help="model folder (e.g. OUT/final of a run)")
+    ev.add_argument("--model", required=True, help="model folder (e.g. OUT/final of a run) or .gguf file")
+    ev.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     ev.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: organism task problems)")
     ev.add_argument("--base", help="base model folder to compare with (adds the efficiency score)")
     ev.add_argument("--n", type=int, help="first N prompts of --data (default all; 100 organism problems)")
     ev.add_argument("--max-new-tokens", type=int, default=512)
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--marker", default="</think>", help="end-of-thinking marker")
+    ev.add_argument("--grader", choices=("auto", "math-verify", "exact"), default="auto",
+                    help="correctness: math-verify (symbolic), exact (integers exactly); auto (default): exact on "
+                         "the organism's problems, math-verify on --data")
     ev.add_argument("--samples", type=int, help="also evaluate avg@K: K sampled responses per problem")
     ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature for --samples (0.6)")
     ev.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p for --samples (0.95)")
@@ -262,9 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kfh_probe.loading import model_path
+
     args = build_parser().parse_args(argv)
     try:
+        if args.gguf_file is not None:
+            try:
+                args.model = model_path(args.model, args.gguf_file)
+            except FileNotFoundError as err:
+                raise InputError(str(err)) from None
         return args.func(args)
     except InputError as err:
         print(f"attnpo-train {args.command}: {err}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from attnpo_train.rewards import GRADERS
+
 METHODS = ("rloo", "tlmre", "attnpo")
 CREDITS = ("attention", "shuffled", "oracle")
 ESTIMATORS = ("rloo", "grpo")
@@ -58,6 +60,10 @@ class TrainConfig:
     ground-truth labels (redundant 0, essential above the baseline), the ceiling of this rescaling."""
     marker: str = "</think>"
     """End-of-thinking marker that separates reasoning from the final answer."""
+    grader: str = "auto"
+    """Who decides correctness: "math-verify" (symbolic, for real data), "exact" (integers exactly, for
+    the organism) or "auto" (exact on the organism's task, math-verify on a data file); see
+    ``attnpo_train.rewards``."""
 
     # --- policy loss ---------------------------------------------------------------------------
     clip_eps: float = 0.2
@@ -120,6 +126,7 @@ class TrainConfig:
         _check(self.horizon >= 0, "horizon", self.horizon, ">= 0")
         _check(self.top_n_heads is None or self.top_n_heads >= 1, "top_n_heads", self.top_n_heads, ">= 1 or null")
         _check(len(self.marker) > 0, "marker", self.marker, "a non-empty string")
+        _check_choice("grader", self.grader, ("auto", *GRADERS))
         _check(0.0 < self.clip_eps < 1.0, "clip_eps", self.clip_eps, "in (0, 1)")
         _check(self.dual_clip > 1.0, "dual_clip", self.dual_clip, "> 1")
         _check(self.kl_coef >= 0.0, "kl_coef", self.kl_coef, ">= 0")

@@ -20,7 +20,7 @@ from torch import nn
 from attnpo_train.advantages import group_accuracy, rescale_group
 from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt
-from attnpo_train.rewards import correctness, length_penalised_rewards
+from attnpo_train.rewards import correctness, length_penalised_rewards, resolve_grader
 from attnpo_train.rollouts import Rollouts
 from attnpo_train.truth import ratings_truth
 from kfh_probe.alignment import TokenizedTrace, align_generated, collate
@@ -37,15 +37,16 @@ def rollout_rewards(rollouts: Rollouts, prompts: list[Prompt], config: TrainConf
     """Correctness and reward of every rollout.
 
     Returns:
-        (correct [P, G] float 0/1: the boxed answer after the marker matches and the response ended
-         with EOS; rewards [P, G] float32: ``length_penalised_rewards`` per group for "tlmre" and
+        (correct [P, G] float 0/1: the boxed answer after the marker matches (``config.grader``) and the
+         response ended with EOS; rewards [P, G] float32: ``length_penalised_rewards`` per group for "tlmre" and
          "attnpo", the correctness itself for "rloo").
     """
     g = rollouts.group_size
+    grader = resolve_grader(config.grader, organism=config.data is None)
     lengths = rollouts.response_lengths.view(len(prompts), g)
     finished = torch.tensor(rollouts.finished, dtype=torch.float32).view(len(prompts), g)
     correct = torch.stack(
-        [correctness(rollouts.texts[i * g : (i + 1) * g], p.answer, config.marker) for i, p in enumerate(prompts)]
+        [correctness(rollouts.texts[i * g : (i + 1) * g], p.answer, config.marker, grader) for i, p in enumerate(prompts)]
     ) * finished
     if config.method == "rloo":
         return correct, correct.clone()

@@ -46,12 +46,13 @@ def evaluate(
     temperature: float | None = None,
     top_p: float = 1.0,
     seed: int = 0,
+    grader: str = "math-verify",
 ) -> dict:
     """Accuracy and response length of ``model`` on ``prompts``: greedy (``temperature`` None, then
     ``samples`` must be 1) or avg@``samples`` at ``temperature`` / ``top_p``, seeded with ``seed``.
 
     A response that reaches ``max_new_tokens`` without EOS counts as incorrect (as in training). The
-    global torch RNG is left as it was.
+    global torch RNG is left as it was. ``grader``: ``"math-verify"`` or ``"exact"`` (``attnpo_train.rewards``).
 
     Returns:
         {"n" (problems), "samples", "temperature" (None for greedy), "top_p", "accuracy" (fraction, avg@K),
@@ -69,7 +70,7 @@ def evaluate(
         rollouts = generate_rollouts(model, tokenizer, prompts, samples, max_new_tokens, temperature,
                                      batch_size=batch_size, top_p=top_p)
     rows = [(prompts[i // samples], text, done) for i, (text, done) in enumerate(zip(rollouts.texts, rollouts.finished))]
-    correct = [bool(done) and bool(correctness([text], prompt.answer, marker)[0]) for prompt, text, done in rows]
+    correct = [bool(done) and bool(correctness([text], prompt.answer, marker, grader)[0]) for prompt, text, done in rows]
     total = len(rows)
     result = {
         "n": len(prompts),

@@ -197,12 +197,6 @@ class RunInputs:
     pad_id: int
 
 
-def require_model_dir(path: str | Path) -> None:
-    """Refuse a path that is not a local Hugging Face model folder (before any loader tries the Hub)."""
-    if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-
-
 def prepare_run(config: TrainConfig) -> RunInputs:
     """Load and check everything a run needs, refusing bad inputs before any training.
 
@@ -216,7 +210,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
             weight fingerprint unless ``config.allow_finetuned``), naming the mismatch.
         ValueError: a missing path or an impossible setting (more heads asked for than ranked).
     """
-    from kfh_probe.loading import load_model, load_tokenizer, pad_token_id
+    from kfh_probe.loading import load_model, load_tokenizer, model_folder, pad_token_id
     from kfh_probe.manifest import check_model_matches, load_manifest, top_heads
 
     if config.model is None:
@@ -234,7 +228,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
                 f"credit 'oracle' needs ground-truth step labels, which only the organism's task has; "
                 f"{config.data} does not hold organism prompts"
             ) from None
-    require_model_dir(config.model)
+    model_folder(config.model)  # refuses a path that is neither a model folder nor a GGUF file, before any work
     source = PromptSource(prompts)
     manifest = load_manifest(config.manifest) if config.method == "attnpo" else None
     tokenizer = load_tokenizer(config.model)

@@ -3,19 +3,34 @@
 Method page (docs/attnpo-method.md), section 5; paper: "AttnPO" (arXiv 2602.09953). The reward is the
 TLMRE form the authors' code uses: a correct response earns 1 minus a length penalty that depends on
 where its length sits among the group's correct responses; an incorrect response earns 0.
+
+Two graders decide whether an extracted answer is right (``answers_match``):
+
+- ``"math-verify"`` for real data: Hugging Face's ``math-verify`` (the verifier of open-r1 and TRL's
+  examples) compares the answer and the reference symbolically, so ``0.5`` matches ``\\frac{1}{2}``,
+  ``x = 5`` and ``5 \\text{ cm}`` match ``5``, and, by math-verify's own choice, ``50\\%`` matches both
+  ``0.5`` and ``50``.
+- ``"exact"`` for the embedded organism, whose answers are integers: integers compared exactly, other
+  answers by their normalised strings.
+
+``"auto"`` (the trainer's and ``attnpo-train eval``'s default) is ``"exact"`` on the organism's task and
+``"math-verify"`` on a data file (``resolve_grader``).
 """
 
 import re
+import threading
 from collections.abc import Sequence
 
 import torch
 
-try:  # optional dependency (`pip install kfh-attnpo[math]`): symbolic equality of answers
+try:
     from math_verify import parse as _mv_parse
     from math_verify import verify as _mv_verify
-except ImportError:
+except ImportError:  # a dependency of the project; absent only in a broken install
     _mv_parse = None
     _mv_verify = None
+
+GRADERS = ("math-verify", "exact")
 
 _BOXED = "\\boxed{"
 # "1,234,567" (commas only as thousands separators) or plain digits, after stripping a leading "+".
@@ -74,46 +89,67 @@ def _as_integer(normalised: str) -> int | None:
     return int(text.replace(",", ""))
 
 
-def answers_match(predicted: str, reference: str) -> bool:
+def resolve_grader(grader: str, organism: bool) -> str:
+    """``"auto"`` -> ``"exact"`` on the organism's task, ``"math-verify"`` on real data; others as given."""
+    if grader == "auto":
+        return "exact" if organism else "math-verify"
+    if grader not in GRADERS:
+        raise ValueError(f"grader must be 'auto' or one of {GRADERS}, got {grader!r}")
+    if grader == "math-verify" and _mv_verify is None:
+        raise ValueError("grader 'math-verify' needs the math-verify package: pip install math-verify")
+    return grader
+
+
+def answers_match(predicted: str, reference: str, grader: str = "math-verify") -> bool:
     """Whether a predicted final answer equals the reference answer (method page section 5).
 
-    1. Both spell integers (after normalisation, a leading ``+`` and thousands commas removed):
-       compared exactly as integers, and a mismatch is final.
-    2. Otherwise: equality of the normalised strings (see ``_normalise``).
-    3. Otherwise, when ``math_verify`` is importable: its symbolic equality (``verify(gold, pred)``).
-       Without it, no symbolic check is made (so ``0.5`` does not match ``\\frac{1}{2}``).
+    Both graders:
+
+    1. Equal normalised strings (see ``_normalise``) match.
+    2. Both spell integers (after normalisation, a leading ``+`` and thousands commas removed):
+       compared exactly as integers, and the comparison is final.
+
+    Then ``"exact"`` says no; ``"math-verify"`` asks ``math_verify.verify(parse(reference),
+    parse(predicted))`` (an answer it cannot parse does not match).
     """
     pred, ref = _normalise(predicted), _normalise(reference)
     if not pred or not ref:
         return False
+    if pred == ref:
+        return True
     pred_int, ref_int = _as_integer(pred), _as_integer(ref)
     if pred_int is not None and ref_int is not None:
         return pred_int == ref_int
-    if pred == ref:
-        return True
-    if _mv_verify is None:
+    if resolve_grader(grader, organism=False) == "exact":
         return False
+    # math-verify's timeouts use signal.alarm, which only the main thread may set.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        return bool(_mv_verify(_mv_parse(f"${reference}$"), _mv_parse(f"${predicted}$")))
+        gold = _mv_parse(f"${reference}$", parsing_timeout=timeout)
+        answer = _mv_parse(f"${predicted}$", parsing_timeout=timeout)
+        return bool(_mv_verify(gold, answer, timeout_seconds=timeout))
     except Exception:  # math_verify raises on unparsable LaTeX; an unparsable answer does not match
         return False
 
 
-def correctness(responses: Sequence[str], reference: str, marker: str = "</think>") -> torch.Tensor:
+def correctness(
+    responses: Sequence[str], reference: str, marker: str = "</think>", grader: str = "math-verify"
+) -> torch.Tensor:
     """0/1 correctness of each response of one group against the reference answer.
 
     Args:
         responses: the G decoded responses of one prompt.
         reference: the reference final answer.
         marker: the end-of-thinking marker.
+        grader: ``"math-verify"`` or ``"exact"`` (module docstring).
     Returns:
         float32 tensor [G]: 1.0 where ``extract_final_answer`` finds an answer that ``answers_match``
-        the reference, else 0.0.
+        the reference, else 0.0 (no ``\\boxed{}`` answer after the marker: 0.0).
     """
     scores = []
     for response in responses:
         answer = extract_final_answer(response, marker)
-        scores.append(float(answer is not None and answers_match(answer, reference)))
+        scores.append(float(answer is not None and answers_match(answer, reference, grader)))
     return torch.tensor(scores, dtype=torch.float32)
 
 

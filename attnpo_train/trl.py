@@ -106,6 +106,8 @@ class AttnPOConfig(GRPOConfig):
             Use p in the baseline and the attenuation magnitude; `False` takes p = 1 there (ablation).
         attnpo_marker (`str`, *optional*, defaults to `"</think>"`):
             End-of-thinking marker that separates reasoning from the final answer.
+        attnpo_grader (`str`, *optional*, defaults to `"math-verify"`):
+            Who decides correctness: `"math-verify"` (symbolic) or `"exact"` (integers exactly, the organism).
         attnpo_allow_finetuned (`bool`, *optional*, defaults to `False`):
             Accept a manifest whose weight fingerprint differs (the policy is a fine-tune of the probed
             model, or is loaded in another dtype than the probe used). The shape must match regardless.
@@ -135,6 +137,7 @@ class AttnPOConfig(GRPOConfig):
         default=True, metadata={"help": "Use the group accuracy p in the baseline and magnitude (False: p = 1)."}
     )
     attnpo_marker: str = field(default="</think>", metadata={"help": "End-of-thinking marker."})
+    attnpo_grader: str = field(default="math-verify", metadata={"help": "Correctness: 'math-verify' or 'exact'."})
     attnpo_allow_finetuned: bool = field(
         default=False, metadata={"help": "Accept a manifest whose weight fingerprint differs from the policy's."}
     )
@@ -231,9 +234,9 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         matches the reference (``attnpo_train.rewards.correctness``), else 0.0. Feeds only TRL's own
         ``reward`` metrics; the advantages come from ``attnpo_advantages``."""
         _, texts, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
-        marker = self.args.attnpo_marker
+        marker, grader = self.args.attnpo_marker, self.args.attnpo_grader
         return [
-            float(done) * float(correctness([text], str(ref), marker)[0])
+            float(done) * float(correctness([text], str(ref), marker, grader)[0])
             for text, done, ref in zip(texts, finished, answer, strict=True)
         ]
 

@@ -17,23 +17,23 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from attnpo_train.data import load_prompts
-from attnpo_train.loop import require_model_dir
+from kfh_probe.loading import model_folder
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer
 
 
 @dataclass
 class ScriptArguments:
-    model: str = field(metadata={"help": "Local Hugging Face model folder of the policy."})
+    model: str = field(metadata={"help": "Local Hugging Face model folder or .gguf file of the policy."})
     data: str = field(metadata={"help": "JSONL file of {prompt, answer} rows."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
 
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, AttnPOConfig)).parse_args_into_dataclasses()
-    require_model_dir(script.model)
+    folder = model_folder(script.model)  # a GGUF file is dequantized once into a cached folder
     dataset = Dataset.from_list([{"prompt": p.text, "answer": p.answer} for p in load_prompts(script.data)])
-    tokenizer = AutoTokenizer.from_pretrained(script.model, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(script.model, dtype=script.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=script.dtype)
     trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     trainer.save_state()

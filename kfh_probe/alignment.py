@@ -4,9 +4,14 @@ Two entry points, both aligned on the token ids the model really sees (no re-tok
 text, a defect of the reference):
 
 - :func:`tokenize_trace` for trace files: the text ``prompt + response`` is tokenised once with
-  offsets, and each token belongs to the character span in which it starts.
+  offsets.
 - :func:`align_generated` for responses the policy just generated: the character offsets of the
   generated ids come from decoding them incrementally.
+
+A token belongs to the step that holds its first non-whitespace character (a token of whitespace only:
+its first character). BPE tokenizers write a word with the space before it (`` Wait``), so a step cut
+in front of a mid-line "Wait" gets the token `` Wait`` that opens it, instead of leaving it at the end
+of the step before.
 
 A token that overlaps the end-of-thinking marker belongs to neither a step nor F. F runs from the
 first token after the marker to the end of the sequence, EOS included (method page, section 1).
@@ -46,10 +51,27 @@ class AlignmentError(ValueError):
     """A trace whose steps or answer cannot be placed on tokens."""
 
 
+def visible_starts(text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """The character each token is placed by: its first non-whitespace character in ``text``.
+
+    Args:
+        spans: ``[start, end)`` characters of each token; ``start == end`` (no text) gives ``-1``.
+    Returns:
+        one offset per token: ``start`` plus the token's leading whitespace, or ``start`` for a token
+        of whitespace only, or ``-1``.
+    """
+    starts = []
+    for start, end in spans:
+        piece = text[start:end]
+        stripped = piece.lstrip()
+        starts.append(-1 if end <= start else start + (len(piece) - len(stripped) if stripped else 0))
+    return starts
+
+
 def _spans_from_offsets(
     starts: list[int], step_chars: list[tuple[int, int]], marker_chars: tuple[int, int]
 ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    """Token spans of steps and F, given each token's first character (``-1`` for none)."""
+    """Token spans of steps and F, given the character each token is placed by (``-1`` for none)."""
     marker_start, marker_end = marker_chars
     n = len(starts)
     step_spans = []
@@ -110,7 +132,7 @@ def tokenize_trace(
     except NotImplementedError as err:
         raise AlignmentError(f"tokenizer {type(tokenizer).__name__} cannot return offsets: {err}") from err
     ids = list(encoded["input_ids"])
-    starts = [s if e > s else -1 for s, e in encoded["offset_mapping"]]
+    starts = visible_starts(text, [tuple(span) for span in encoded["offset_mapping"]])
     eos_text = tokenizer.eos_token
     if append_eos and tokenizer.eos_token_id is not None and not (eos_text and response.endswith(eos_text)):
         ids.append(tokenizer.eos_token_id)
@@ -160,6 +182,8 @@ def align_generated(
     text, starts = generated_char_offsets(tokenizer, response_ids)
     if text.count(marker) != 1:
         return None
+    visible = visible_starts(text, list(zip(starts, starts[1:] + [len(text)])))
+    starts = [v if v >= 0 else s for v, s in zip(visible, starts)]  # a token that adds no text: where it is
     reasoning = text.split(marker)[0]
     local = segment_spans(reasoning, segmenter)
     marker_start = len(reasoning)

@@ -176,6 +176,54 @@ def cmd_causal(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import hashlib
+    from functools import partial
+
+    from attnpo_train.rewards import resolve_grader
+
+    from .generate import (
+        DEFAULT_INSTRUCTION, GenerateConfig, VLLMSampler, generate_traces, load_prompt_template, read_problems, sample_hf,
+    )
+    from .io import file_sha256
+    from .loading import load_model, load_tokenizer, model_folder
+    from .manifest import model_fingerprint
+
+    config = GenerateConfig(
+        samples=args.samples, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed, marker=args.marker, grader=args.grader,
+        correct_only=args.correct_only, engine=args.engine,
+    )
+    tokenizer = load_tokenizer(args.model)
+    template = load_prompt_template(args.prompt_template) if args.prompt_template else None
+    instruction = DEFAULT_INSTRUCTION if args.instruction is None else args.instruction
+    problems = read_problems(args.problems, tokenizer, template, instruction, args.think_prefix, args.correct_only)
+    resolve_grader(config.grader, organism=False)  # a grader that cannot run fails here, before sampling
+    print(f"{len(problems)} problems x {config.samples} samples; loading {args.model}", file=sys.stderr)
+    model = load_model(args.model, args.dtype, args.device)
+    prompts = hashlib.sha256("\0".join(p.prompt for p in problems).encode("utf-8")).hexdigest()
+    key = {"model": str(args.model), "fingerprint": model_fingerprint(model), "problems_sha256": file_sha256(args.problems),
+           "prompts_sha256": prompts, "config": vars(config)}
+    if config.engine == "vllm":
+        del model  # vLLM loads its own copy
+        sample = VLLMSampler(model_folder(args.model), args.dtype, tokenizer)
+    else:
+        sample = partial(sample_hf, model, tokenizer)
+    try:
+        counts = generate_traces(problems, sample, config, args.out, key, args.overwrite, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are in {args.out}; run the same command again to continue", file=sys.stderr)
+        return 130
+    except FileExistsError as err:
+        print(f"kfh-probe generate: {err}", file=sys.stderr)
+        return 2
+    graded = f"; {counts['correct']} of {counts['graded']} graded correct ({config.grader})" if counts["graded"] else ""
+    print(f"wrote {args.out}: {counts['kept']} of {counts['responses']} responses kept{graded}; "
+          f"{counts['truncated']} truncated (no EOS within {config.max_new_tokens} tokens: marked, refused by the "
+          f"sweep); {counts['no_marker']} finished without exactly one {config.marker!r}", file=sys.stderr)
+    return 0
+
+
 def cmd_show(args) -> int:
     from .manifest import load_manifest
     from .views import format_table
@@ -222,12 +270,16 @@ def cmd_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import DEFAULT_INSTRUCTION
+    from .loading import GGUF_FILE_HELP
+
     parser = argparse.ArgumentParser(prog="kfh-probe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kfh-probe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="rank every head by Step Ranking Accuracy and write a KFH manifest")
-    sweep.add_argument("--model", help="Hugging Face model folder (default: the embedded organism)")
+    sweep.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
+    sweep.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     sweep.add_argument("--traces", help="labeled trace JSONL (default: the organism's labeled traces)")
     sweep.add_argument("--out", required=True, help="manifest path (written atomically)")
     sweep.add_argument("--layers", help="layers to probe, e.g. '0-3,8' (default: all)")
@@ -251,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     causal = sub.add_parser("causal", help="delete the steps the top heads rate highest / lowest, ablate the heads; "
                             "does the model still write the right answer?")
-    causal.add_argument("--model", help="Hugging Face model folder (default: the embedded organism)")
+    causal.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
+    causal.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     causal.add_argument("--traces", help="trace JSONL, labeled or not (default: the organism's labeled traces)")
     causal.add_argument("--manifest", help="KFH manifest of the model (default: the organism's)")
     causal.add_argument("--json", help="write the results here (written atomically)")
@@ -272,6 +325,39 @@ def build_parser() -> argparse.ArgumentParser:
     causal.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
     causal.add_argument("--quiet", action="store_true", help="no progress bar")
     causal.set_defaults(func=cmd_causal)
+
+    gen = sub.add_parser("generate", help="sample traces from a model on a problems file (the sweep's input)",
+                         description="Sample K responses per problem and write them in the trace format. Rows: "
+                                     '{"id", "problem" or "prompt", "answer"}; "problem" goes through the chat '
+                                     'template (or --prompt-template), "prompt" is the exact model input.')
+    gen.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
+    gen.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    gen.add_argument("--problems", required=True, help="problems JSONL")
+    gen.add_argument("--out", required=True, help="trace JSONL (rewritten atomically after every batch; resumes)")
+    gen.add_argument("--samples", type=int, default=1, help="responses per problem, K (default 1)")
+    gen.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0: greedy (default 0.6)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus top-p (default 0.95)")
+    gen.add_argument("--max-new-tokens", type=int, default=4096, help="response budget; longer responses are "
+                     "marked truncated (default 4096)")
+    gen.add_argument("--batch-size", type=int, default=8, help="sequences per generate call (default 8)")
+    gen.add_argument("--seed", type=int, default=0, help="seed (batch b is sampled with a seed of (seed, b))")
+    gen.add_argument("--prompt-template", help="file with $problem: its text is the exact model input (instead "
+                     "of the chat template)")
+    gen.add_argument("--instruction", help="appended to each problem in the chat template (default: "
+                     f"{DEFAULT_INSTRUCTION!r}; '' for none)")
+    gen.add_argument("--think-prefix", default="", help="text the response is made to start with, appended to the "
+                     "prompt (e.g. '<think>\n'; default none)")
+    gen.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    gen.add_argument("--correct-only", action="store_true", help="keep only responses graded correct")
+    gen.add_argument("--grader", choices=("math-verify", "exact"), default="math-verify",
+                     help="who decides correctness (default math-verify)")
+    gen.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="hf: transformers generate (default); "
+                     "vllm: vLLM when installed")
+    gen.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (default float32)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output instead of refusing")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=cmd_generate)
 
     show = sub.add_parser("show", help="ranked table of a manifest")
     show.add_argument("manifest")
@@ -312,11 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .backends import BackendNotInstalledError
     from .capture import UnsupportedModelError
+    from .loading import model_path
     from .manifest import ManifestError, ManifestMismatchError
     from .traces import TraceFileError
 
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "gguf_file", None) is not None:
+            args.model = model_path(args.model, args.gguf_file)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

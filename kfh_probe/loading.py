@@ -1,7 +1,21 @@
-"""Loading a local Hugging Face causal LM and its tokenizer, the same way for every command."""
+"""Loading a local Hugging Face causal LM and its tokenizer, the same way for every command.
+
+A model is a Hugging Face folder (``config.json``, weights, tokenizer) or a GGUF file (llama.cpp's
+format; ``--model FILE.gguf``, or ``--model DIR --gguf-file NAME``). A GGUF file is dequantized once by
+transformers' GGUF support (the ``gguf`` package) and saved as a float32 safetensors folder in the
+cache, keyed by the file's SHA-256; every later load reads that folder, so the weights every command
+sees, and the manifest's fingerprint, are those of the dequantized model. The cache lives in
+``$KFH_ATTNPO_CACHE``, else ``$XDG_CACHE_HOME/kfh-attnpo``, else ``~/.cache/kfh-attnpo``.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,8 +32,90 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+GGUF_FILE_HELP = "a GGUF file inside the --model folder (or pass the .gguf file itself as --model)"
+
+
+def model_path(model: str | None, gguf_file: str | None = None) -> str | None:
+    """The ``--model`` argument of a command, with ``--gguf-file NAME`` joined to it (``DIR/NAME``)."""
+    if gguf_file is None:
+        return model
+    if model is None or not Path(model).is_dir():
+        raise FileNotFoundError(f"--gguf-file {gguf_file} needs --model to be the folder that holds it; {model} is not a folder")
+    return str(Path(model) / gguf_file)
+
+
+def cache_root() -> Path:
+    """Where converted models are kept (module docstring)."""
+    if os.environ.get("KFH_ATTNPO_CACHE"):
+        return Path(os.environ["KFH_ATTNPO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kfh-attnpo"
+
+
+def model_folder(path: str | Path) -> Path:
+    """The Hugging Face folder of ``path``: the folder itself, or a GGUF file's converted copy.
+
+    Raises:
+        FileNotFoundError: ``path`` is neither a folder with ``config.json`` nor a ``.gguf`` file.
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        return _converted(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    if not (path / "config.json").is_file():
+        what = "no such file or folder" if not path.exists() else "no config.json, and not a .gguf file"
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder or a GGUF file ({what})")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _converted(gguf: Path, size: int, mtime_ns: int) -> Path:
+    """``convert_gguf`` once per process for an unchanged file (the model and its tokenizer both ask)."""
+    return convert_gguf(gguf)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize ``gguf`` into a float32 safetensors folder in the cache, once per file content.
+
+    The folder is built under a temporary name beside its final one and renamed when complete, so an
+    interrupted conversion leaves nothing that a later load would take for finished. It holds the
+    model, the tokenizer (chat template included) and ``kfh_source.json`` (the file and its SHA-256).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import file_sha256
+
+    sha = file_sha256(gguf)
+    target = cache_root() / "gguf" / f"{gguf.stem}-{sha[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"converting {gguf} to a safetensors folder (once): {target}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except ImportError as err:
+            raise ValueError(f"loading {gguf} needs the gguf package: pip install gguf ({err})") from None
+        # The weights are dequantized already: save them as the plain float32 model they now are.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kfh_source.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "sha256": sha}) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """``AutoModelForCausalLM.from_pretrained`` on a local folder, in eval mode.
+    """``AutoModelForCausalLM.from_pretrained`` on a local folder or a GGUF file, in eval mode.
 
     The attention implementation is the model's default (sdpa where supported); capture never needs
     eager. Answer rows are computed in float32 whatever ``dtype`` the weights have.
@@ -28,18 +124,15 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(model_folder(path), dtype=DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 
 
 def load_tokenizer(path: str | Path):
-    """``AutoTokenizer.from_pretrained`` on a local folder; it must return offsets."""
+    """``AutoTokenizer.from_pretrained`` on a local folder or a GGUF file; it must return offsets."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(path))
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(path))
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"the tokenizer in {path} is not a fast tokenizer, so it cannot return character offsets")
     return tokenizer

@@ -2,14 +2,16 @@
 
 Two modes:
 
-- ``"phrases"`` (default): the reference rules of the AttnPO authors (method page, section 2). The text is
-  cut in front of transition phrases. Progression and summary phrases cut only at the start of a line;
-  confused, branching and final phrases cut anywhere a word starts. At one position the longest
-  matching phrase decides the family. Pieces shorter than ``min_chars`` are then merged into a
-  neighbour, following the reference: short confused or branching pieces merge forward; short
-  progression or summary pieces merge backward when the next piece is confused, otherwise forward; a
-  summary piece that is little more than its trigger always merges forward; the final-answer piece is
-  never merged. A piece that would merge past either end merges the other way.
+- ``"phrases"`` (default): the reference rules of the AttnPO authors (method page, section 2; the phrase
+  lists are the reference's, plus a few). The text is cut in front of transition phrases. Progression
+  and summary phrases cut only at the start of a line; confused, branching and final phrases cut
+  anywhere a word starts. At one position the longest matching phrase decides the family. Pieces
+  shorter than ``min_chars`` are then merged into a neighbour, following the reference: short confused
+  or branching pieces merge forward; short progression pieces (and the text before the first phrase)
+  merge backward when the next piece is confused, otherwise forward; short summary pieces merge
+  backward, unless little more than their trigger (15 characters at most beyond it), which merge
+  forward; the final-answer piece is never merged. A piece that would merge past either end merges the
+  other way. Where this differs from the reference's code, and why: ``docs/method.md``.
 - ``"blank-line"``: cut after every blank line; pieces shorter than ``min_chars`` merge forward (the
   last one backward).
 
@@ -23,22 +25,36 @@ import re
 from dataclasses import asdict, dataclass, field
 
 CONFUSED = (
-    "Wait", "But", "However", "Hold on", "Looking back", "Hmm, wait", "Hmm, no", "Hmm, but",
-    "Hmm, let me double-check", "Let me double-check", "Let me verify", "Let me check",
-    "Let me make sure", "Let's verify", "Just to confirm", "Is that right?", "Let me recheck",
-    "Let me re-check", "Let me confirm", "Let me re-examine", "Hmm, actually", "Actually, wait",
+    "Wait", "But", "However", "Hold on", "Looking back", "I don't see any errors", "Hmm, wait", "Hmm, no",
+    "Hmm, but", "Hmm, just", "Hmm, let me double-check", "Hmm, let me verify", "Hmm, let me make sure",
+    "Hmm, let me check", "No,",
+    "Let me double-check", "Let me just double-check", "Let's double-check", "Let's just double-check",
+    "Just to double-check",
+    "Let me verify", "Let me just verify", "Let's verify", "Let's just verify", "Just to verify",
+    "Let me confirm", "Let me just confirm", "Let's confirm", "Let's just confirm", "Just to confirm",
+    "Let me check", "Let me just check", "Let's check", "Let's just check", "Just to check",
+    "Let me recap", "Let me just recap", "Let's recap", "Let's just recap", "Just to recap",
+    "Let me make sure", "Let me just make sure", "Let's make sure", "Just to make sure",
+    "So, is", "Is it", "Is that right?", "Is there", "Right?",
+    # not in the reference's lists; common in R1-style traces (kept from this project's first version)
+    "Let me recheck", "Let me re-check", "Let me re-examine", "Hmm, actually", "Actually, wait",
     "On second thought", "Double-checking",
 )
-BRANCHING = ("Alternatively", "Another approach", "Another way", "Let me try another", "Or maybe")
-PROGRESSION = (
-    "Let me", "Let's", "Okay", "Hmm", "Now", "Alright", "First,", "Second,", "Third,", "Then", "Next",
-    "Finally", "Since", "Because", "Given that", "To find", "We need", "I need", "Starting with",
+BRANCHING = (
+    "Alternatively", "Another approach", "Another way", "Another idea", "Another thought", "I guess another way",
+    "I guess another approach", "Let me just think if there",
+    "Let me try another", "Or maybe",  # not in the reference's list (kept from this project's first version)
 )
-SUMMARY = ("So", "Therefore", "Thus", "Hence", "Okay, so", "Putting it all together", "In summary")
+PROGRESSION = (
+    "Let me", "Let's", "I ", "We ", "Okay", "Hmm", "Now", "Alright", "First,", "First off,", "Second,", "Third,",
+    "Starting", "Then", "Next", "Finally", "Similarly", "Again", "In this case", "Because", "Given that",
+    "The problem gives", "To ", "Since",
+)
+SUMMARY = ("So", "Therefore", "Thus", "Hence", "Hmm, so", "Okay, so", "Putting it all together", "In summary")
 FINAL = ("**Final Answer",)
 
 _ANYWHERE_FAMILIES = ("confused", "branching", "final")
-_LITTLE_MORE_THAN_TRIGGER = 8  # characters beyond the trigger for a summary piece to count as bare
+_LITTLE_MORE_THAN_TRIGGER = 15  # characters beyond the trigger for a summary piece to count as bare
 
 
 @dataclass(frozen=True)
@@ -158,14 +174,11 @@ def _merge_direction(pieces: list[_Piece], i: int, text: str) -> int:
     piece = pieces[i]
     nxt = pieces[i + 1] if i + 1 < len(pieces) else None
     if piece.family == "summary":
-        body = text[piece.start:piece.end].strip()
-        if len(body) <= len(piece.trigger) + _LITTLE_MORE_THAN_TRIGGER:
-            direction = +1
-        else:
-            direction = -1 if nxt is not None and nxt.family == "confused" else +1
-    elif piece.family == "progression":
+        bare = piece.end - piece.start - len(piece.trigger) <= _LITTLE_MORE_THAN_TRIGGER
+        direction = +1 if bare else -1
+    elif piece.family in ("progression", "start"):
         direction = -1 if nxt is not None and nxt.family == "confused" else +1
-    else:  # confused, branching, or text before the first phrase
+    else:  # confused or branching
         direction = +1
     can_forward = nxt is not None and nxt.family != "final"
     can_backward = i > 0

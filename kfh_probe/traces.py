@@ -101,6 +101,12 @@ def parse_record(record: object, line: int, marker: str = "</think>") -> Trace:
     answer = record.get("answer")
     if answer is not None and not isinstance(answer, (str, int)):
         raise ValueError("field 'answer' must be a string")
+    truncated = record.get("truncated", False)
+    if not isinstance(truncated, bool):
+        raise ValueError(f"field 'truncated' must be true or false, got {truncated!r}")
+    if truncated:
+        raise ValueError("the response is truncated (generation stopped at its token budget before the end of "
+                         "the sequence), so its final answer is incomplete")
     response = record["response"]
     count = response.count(marker)
     if count != 1:

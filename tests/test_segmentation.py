@@ -100,3 +100,33 @@ def test_split_response_needs_exactly_one_marker():
     assert split_response("a</think>b") == ("a", "b")
     assert split_response("no marker") is None
     assert split_response("a</think>b</think>c") is None
+
+
+@pytest.mark.parametrize(
+    "phrase, family",
+    [
+        ("No, that is wrong", "confused"),
+        ("Let me just double-check", "confused"),
+        ("Let's just verify", "confused"),
+        ("Just to make sure", "confused"),
+        ("Let me recap", "confused"),  # the recap family
+        ("Let's just recap", "confused"),
+        ("Another idea", "branching"),
+        ("I guess another way", "branching"),
+        ("Hmm, so", "summary"),
+        ("Similarly", "progression"),
+        ("First off,", "progression"),
+    ],
+)
+def test_reference_phrases_are_recognised_with_their_family(phrase, family):
+    assert SegmenterConfig().match(phrase + " more", 0)[1] == family
+
+
+def test_restored_reference_phrases_cut_where_the_reference_cuts():
+    config = SegmenterConfig(min_chars=0)
+    text = "We get 12. No, that ignores the tax. Let me just double-check the rate.\nSimilarly for B.\nHmm, so 13."
+    assert segment_reasoning(text, config) == [
+        "We get 12. ", "No, that ignores the tax. ", "Let me just double-check the rate.\n", "Similarly for B.\n",
+        "Hmm, so 13."]
+    # "No," needs its comma, as in the reference: "No one" opens no step
+    assert segment_reasoning("x No one said so.", config) == ["x No one said so."]

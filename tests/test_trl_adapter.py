@@ -61,10 +61,12 @@ def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
     train = args.to_train_config(args.num_generations)
     defaults = TrainConfig(group_size=args.num_generations)
     prefixed = [f.name for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
-    assert len(prefixed) == 14
+    assert len(prefixed) == 15
     for name in prefixed:
-        if name != "attnpo_manifest":
+        if name not in ("attnpo_manifest", "attnpo_grader"):
             assert getattr(args, name) == getattr(defaults, name[len("attnpo_"):]), name
+    # TRL trains on data files, so it grades with math-verify (the trainer's "auto" means: organism -> exact)
+    assert args.attnpo_grader == train.grader == "math-verify"
     assert train.method == "attnpo" and train.manifest == str(manifest_file)
     with pytest.raises(ValueError, match="config 'attnpo_delta' must be in \\[0, 1\\]"):
         trl_args(tmp_path, manifest_file, attnpo_delta=1.5)

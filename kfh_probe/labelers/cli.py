@@ -37,7 +37,7 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge", action="append", default=[], metavar="URL=MODEL",
                    help="an OpenAI-compatible endpoint and model, e.g. http://localhost:8000/v1=qwen (repeatable)")
     g.add_argument("--judge-local", action="append", default=[], metavar="DIR",
-                   help="a local Hugging Face chat model folder as a judge (repeatable)")
+                   help="a local Hugging Face chat model folder or .gguf file as a judge (repeatable)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY; optional)")
     g.add_argument("--prompt-template", help="prompt template file ($question, $steps, $num_steps, $answer); "
@@ -55,8 +55,11 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_ablation_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    from ..loading import GGUF_FILE_HELP
+
     g = p.add_argument_group("ablation labeller")
     g.add_argument("--model", help=model_help)
+    g.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     how = g.add_mutually_exclusive_group()
     how.add_argument("--threshold", type=float, default=None,
                      help="essential when deleting the step drops the answer's log-probability by at least this many nats (default 1.0)")
@@ -77,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     label.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segmenter_args(label)
     _add_judge_args(label)
-    _add_ablation_args(label, "model folder for --labeler ablation (default: the embedded organism)")
+    _add_ablation_args(label, "model folder or .gguf file for --labeler ablation (default: the embedded organism)")
     label.set_defaults(func=cmd_label)
 
     report = subparsers.add_parser("label-report", help="measure the labellers against the organism's ground truth")
@@ -201,17 +204,16 @@ def cmd_label(args) -> int:
     except LabelerError as err:
         print(f"kfh-probe label: {err}. Nothing was written.", file=sys.stderr)
         return 2
-    skipped = sorted(skipped + run.skipped, key=lambda p: p.line)
-    if not run.traces:
-        print(f"kfh-probe label: no trace of {args.traces} could be labelled ({len(skipped)} skipped); nothing was written",
-              file=sys.stderr)
-        return 2
-    atomic_write_jsonl(args.out, [t.to_record() for t in run.traces])
-    run.skipped = skipped
-    print(f"wrote {args.out} ({args.labeler}): {run.summary()}", file=sys.stderr)
-    for problem in skipped[:20]:
+    run.skipped = sorted(skipped + run.skipped, key=lambda p: p.line)
+    if run.traces:
+        atomic_write_jsonl(args.out, [t.to_record() for t in run.traces])
+        print(f"wrote {args.out} ({args.labeler}): {run.summary()}", file=sys.stderr)
+    else:
+        print(f"kfh-probe label: no trace of {args.traces} could be labelled ({args.labeler}: {run.summary()}); "
+              "nothing was written", file=sys.stderr)
+    for problem in run.skipped[:20]:
         print(f"  skipped {args.traces}:{problem.line} (id {problem.id!r}): {problem.reason}", file=sys.stderr)
-    return 0
+    return 0 if run.traces else 2
 
 
 def cmd_label_report(args) -> int:

@@ -7,7 +7,8 @@ as the single user message.
 
 A judge must reply ``{"steps": [{"step": 1, "label": "essential"}, ...]}`` with one entry per step
 (surrounding text and code fences are tolerated). A reply that does not parse is asked again, up to
-``malformed_retries`` times, bypassing the cache; if it still does not parse the trace fails with
+``malformed_retries`` times, bypassing the cache and sampling (a greedy re-ask would repeat the
+reply); if it still does not parse the trace fails with
 the judge's name and the parse error (an error, or a counted skip with ``--skip-invalid``).
 
 Consensus over J judges, per step:
@@ -154,7 +155,7 @@ class JudgeLabeler:
         """``(labels or None, last parse error, malformed replies)`` of one judge on one trace."""
         error, malformed = "", 0
         for attempt in range(self.malformed_retries + 1):
-            content = judge.ask(messages, use_cache=attempt == 0)
+            content = judge.ask(messages, attempt)
             try:
                 labels = parse_verdict(content, num_steps)
             except VerdictError as err:

@@ -29,6 +29,8 @@ from .base import LabelerError
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = (429, 500, 502, 503, 504)
+REASK_TEMPERATURE = 0.7
+"""Temperature of a re-ask after a malformed reply: a greedy re-ask would repeat the same reply."""
 MAX_RETRY_AFTER = 60.0
 
 
@@ -87,17 +89,18 @@ class ChatJudge:
     def label(self) -> str:
         return f"{self.url}={self.model}"
 
-    def body(self, messages: Messages) -> dict:
-        return {"model": self.model, "messages": messages, "temperature": 0}
+    def body(self, messages: Messages, attempt: int = 0) -> dict:
+        return {"model": self.model, "messages": messages, "temperature": REASK_TEMPERATURE if attempt else 0}
 
-    def ask(self, messages: Messages, use_cache: bool = True) -> str:
-        """The judge's reply to ``messages`` (from the cache when it has it).
+    def ask(self, messages: Messages, attempt: int = 0) -> str:
+        """The judge's reply to ``messages``: greedy, from the cache when it has it; a re-ask
+        (``attempt`` > 0, after a malformed reply) bypasses the cache and samples.
 
         Raises:
             JudgeUnavailable: the endpoint could not be reached or refused, after the retries.
         """
-        body = self.body(messages)
-        if use_cache and self.cache is not None:
+        body = self.body(messages, attempt)
+        if attempt == 0 and self.cache is not None:
             cached = self.cache.get(self.url, self.model, body)
             if cached is not None:
                 return cached
@@ -157,9 +160,10 @@ class ChatJudge:
 
 
 class LocalJudge:
-    """A local Hugging Face chat model as a judge: the same messages through the tokenizer's chat
-    template when it has one (else system and user text joined by blank lines), greedy decoding.
-    Calls are serialised (one model, one forward at a time)."""
+    """A local Hugging Face chat model (folder or GGUF file) as a judge: the same messages through the
+    tokenizer's chat template when it has one (else system and user text joined by blank lines), greedy
+    decoding; a re-ask samples at ``REASK_TEMPERATURE``, seeded by the attempt. Calls are serialised
+    (one model, one forward at a time)."""
 
     def __init__(self, path: str | Path, max_new_tokens: int = 512, device: str = "cpu",
                  cache: AnswerCache | None = None):
@@ -178,13 +182,13 @@ class LocalJudge:
     def body(self, messages: Messages) -> dict:
         return {"model": self.model_name, "messages": messages, "max_new_tokens": self.max_new_tokens}
 
-    def ask(self, messages: Messages, use_cache: bool = True) -> str:
+    def ask(self, messages: Messages, attempt: int = 0) -> str:
         import torch
 
         from ..loading import pad_token_id
 
         body = self.body(messages)
-        if use_cache and self.cache is not None:
+        if attempt == 0 and self.cache is not None:
             cached = self.cache.get(self.url, self.model_name, body)
             if cached is not None:
                 return cached
@@ -192,11 +196,13 @@ class LocalJudge:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        with self._lock, torch.no_grad():
+        sampling = {"do_sample": True, "temperature": REASK_TEMPERATURE, "top_k": 0} if attempt else {"do_sample": False}
+        with self._lock, torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(attempt)
             self.requests += 1
             ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-            out = self.model.generate(**ids, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                      pad_token_id=pad_token_id(self.tokenizer))
+            out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, pad_token_id=pad_token_id(self.tokenizer),
+                                      **sampling)
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def remember(self, messages: Messages, content: str) -> None:

@@ -1,0 +1,367 @@
+"""``kfh-probe generate``: sample reasoning traces from a causal LM on a file of problems.
+
+Problems are JSONL rows ``{"id", "problem" or "prompt", "answer"?}``:
+
+- ``problem``: the question; the model input is the tokenizer's chat template applied to one user
+  message (the question, a blank line, ``instruction``), or ``prompt_template`` (a
+  :class:`string.Template` with ``$problem``) rendered as the exact model input instead;
+- ``prompt``: the exact model input, used as it is;
+
+then ``think_prefix`` is appended (text the response is made to start with, e.g. ``"<think>\\n"`` for
+a model whose chat template does not open the thinking block itself). It belongs to the trace's
+``prompt``, since the model did not write it.
+
+Every problem gets ``samples`` responses. The (problem, sample) pairs are cut, in file order, into
+batches of ``batch_size`` sequences, and batch ``b`` is sampled with the seed ``(seed, b)``
+(``batch_seed``), so a run gives the same traces whether it ran in one go or was resumed. Records
+are the design page's trace format plus ``problem_id``, ``sample``, ``response_tokens``,
+``truncated`` (True: no end-of-sequence token within ``max_new_tokens``; the trace reader refuses such
+a record, so a cut-off answer is never taken for a complete one) and ``correct`` (the graded answer,
+None without a reference answer).
+
+Output: after every batch the output file is rewritten atomically with every record kept so far,
+then ``OUT.run.json`` records the run's key and how many batches and records are done. A rerun of
+the same command continues after the last finished batch (records of a batch written after the last
+``OUT.run.json`` are dropped and sampled again, with the same seed). ``OUT.run.json`` is removed when
+the run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+"""Appended to a ``problem`` in the chat-template path (DeepSeek-R1's recommended instruction)."""
+
+
+class ProblemFileError(ValueError):
+    """A problems file with rows that cannot be used; the message names each by line and id."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem as the model sees it.
+
+    Attributes:
+        id: unique id (``line-N`` when the row has none).
+        prompt: the exact model input, think prefix included.
+        answer: reference answer, if given.
+        line: 1-based line in the problems file.
+    """
+
+    id: str
+    prompt: str
+    answer: str | None
+    line: int
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """How responses are sampled and kept (recorded in ``OUT.run.json``).
+
+    Attributes:
+        samples: responses per problem (K).
+        temperature: sampling temperature; 0 is greedy decoding (then ``samples`` must be 1).
+        top_p: nucleus sampling mass, in (0, 1].
+        max_new_tokens: response budget; a response without EOS within it is ``truncated``.
+        batch_size: sequences per ``generate`` call.
+        seed: base seed of every batch (``batch_seed``).
+        marker: end-of-thinking marker, for grading.
+        grader: ``"math-verify"`` or ``"exact"`` (``attnpo_train.rewards``).
+        correct_only: keep only responses graded correct.
+        engine: ``"hf"`` (transformers ``generate``) or ``"vllm"``.
+    """
+
+    samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 4096
+    batch_size: int = 8
+    seed: int = 0
+    marker: str = "</think>"
+    grader: str = "math-verify"
+    correct_only: bool = False
+    engine: str = "hf"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.samples >= 1, f"samples must be >= 1, got {self.samples}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.temperature > 0 or self.samples == 1, "greedy decoding (temperature 0) gives one response per problem: pass --samples 1"),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
+            (self.max_new_tokens >= 1, f"max-new-tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
+            (self.engine in ("hf", "vllm"), f"engine must be 'hf' or 'vllm', got {self.engine!r}"),
+            (bool(self.marker), "the marker must be a non-empty string"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def load_prompt_template(path: str | Path) -> string.Template:
+    """A ``$problem`` template from ``path`` (``$$`` for a literal ``$``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the template lacks ``$problem`` or names another placeholder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt template not found: {path}")
+    template = string.Template(path.read_text(encoding="utf-8"))
+    names = {m.group("named") or m.group("braced") for m in template.pattern.finditer(template.template)} - {None}
+    if names != {"problem"}:
+        raise ValueError(f"{path}: a prompt template must use exactly the placeholder $problem; it has {sorted(names) or 'none'}")
+    return template
+
+
+def model_input(problem: str, tokenizer, template: string.Template | None, instruction: str) -> str:
+    """The exact model input for a ``problem`` row (module docstring), before the think prefix."""
+    if template is not None:
+        return template.substitute(problem=problem)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: pass --prompt-template FILE (with $problem), "
+                         "or give each row an exact 'prompt'")
+    content = f"{problem}\n\n{instruction}" if instruction else problem
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
+def read_problems(path: str | Path, tokenizer, template: string.Template | None = None,
+                  instruction: str = DEFAULT_INSTRUCTION, think_prefix: str = "", need_answers: bool = False) -> list[Problem]:
+    """Read and check a problems file (module docstring); every bad row is reported at once.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ProblemFileError: naming the file and each bad row by line and id.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"problems file not found: {path}")
+    problems: list[Problem] = []
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row_id = None
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("expected a JSON object")
+            row_id = row.get("id", f"line-{line_no}")
+            if row_id in seen:
+                raise ValueError(f"duplicate id (first seen on line {seen[row_id]})")
+            problems.append(_problem(row, row_id, line_no, tokenizer, template, instruction, think_prefix, need_answers))
+            seen[row_id] = line_no
+        except json.JSONDecodeError as err:
+            errors.append(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})")
+        except ValueError as err:
+            errors.append(f"{path}:{line_no} (id {row_id!r}): {err}")
+    if errors:
+        shown = "\n".join(f"  {e}" for e in errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+        raise ProblemFileError(f"{len(errors)} unusable row(s) in {path}:\n{shown}")
+    if not problems:
+        raise ProblemFileError(f"{path}: no problems (the file is empty)")
+    return problems
+
+
+def _problem(row: dict, row_id: object, line: int, tokenizer, template, instruction: str, think_prefix: str,
+             need_answers: bool) -> Problem:
+    if not isinstance(row_id, str) or not row_id:
+        raise ValueError(f"field 'id' must be a non-empty string, got {row_id!r}")
+    has_problem, has_prompt = "problem" in row, "prompt" in row
+    if has_problem == has_prompt:
+        raise ValueError("give exactly one of 'problem' (the question; the chat template is applied) and "
+                         "'prompt' (the exact model input)")
+    text = row["problem"] if has_problem else row["prompt"]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"field {'problem' if has_problem else 'prompt'!r} must be a non-empty string")
+    answer = row.get("answer")
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip()):
+        raise ValueError(f"field 'answer' must be a non-empty string or a number, got {answer!r}")
+    if need_answers and answer is None:
+        raise ValueError("no 'answer': --correct-only grades every response against its reference answer")
+    prompt = model_input(text, tokenizer, template, instruction) if has_problem else text
+    return Problem(row_id, prompt + think_prefix, None if answer is None else str(answer).strip(), line)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch``: a pure function of the run's seed and the batch index."""
+    return (seed * 1_000_003 + batch) % (2**63 - 1)
+
+
+def plan_batches(num_problems: int, samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """``(problem index, sample index)`` pairs in file order, cut into batches of ``batch_size``."""
+    pairs = [(i, k) for i in range(num_problems) for k in range(samples)]
+    return [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
+
+
+def sample_hf(model, tokenizer, prompts: list[str], config: GenerateConfig, seed: int) -> list[tuple[str, bool, int]]:
+    """One batch through transformers ``generate`` (left padding, KV cache), the trainer's own sampler.
+
+    Returns:
+        per prompt ``(response text, truncated, response tokens)``; the text keeps special tokens
+        (so the marker survives) and drops the final EOS; tokens count EOS.
+    """
+    import torch
+
+    from attnpo_train.data import Prompt
+    from attnpo_train.rollouts import generate_rollouts
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rollouts = generate_rollouts(
+            model, tokenizer, [Prompt(str(i), p, "") for i, p in enumerate(prompts)], 1, config.max_new_tokens,
+            config.temperature or None, top_p=config.top_p,
+        )
+    return [(text, not done, len(ids)) for text, done, ids in zip(rollouts.texts, rollouts.finished, rollouts.response_ids)]
+
+
+class VLLMSampler:
+    """The same batches through vLLM (``--engine vllm``): token-id prompts (no second BOS), special
+    tokens kept in the text, a per-request seed (``batch_seed`` plus the position in the batch)."""
+
+    def __init__(self, folder: str | Path, dtype: str, tokenizer):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ValueError("--engine vllm needs vLLM: pip install vllm (on a machine with a GPU it supports)") from None
+        self.llm = LLM(model=str(folder), dtype=dtype)
+        self.tokenizer = tokenizer
+
+    def __call__(self, prompts: list[str], config: GenerateConfig, seed: int) -> list[tuple[str, bool, int]]:
+        from vllm import SamplingParams
+
+        from attnpo_train.rollouts import decode_responses
+
+        requests = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+        params = [
+            SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+                           seed=(seed + j) % (2**31 - 1), skip_special_tokens=False)
+            for j in range(len(prompts))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        ids = [list(o.outputs[0].token_ids) for o in outputs]
+        trimmed, texts, _ = decode_responses(self.tokenizer, ids, {self.tokenizer.eos_token_id})
+        return [(text, o.outputs[0].finish_reason == "length", len(t)) for text, o, t in zip(texts, outputs, trimmed)]
+
+
+def make_record(problem: Problem, sample: int, text: str, truncated: bool, tokens: int, config: GenerateConfig) -> dict:
+    """The trace record of one response (module docstring), graded when the problem has an answer."""
+    correct = None
+    if problem.answer is not None:
+        from attnpo_train.rewards import correctness
+
+        correct = not truncated and bool(correctness([text], problem.answer, config.marker, config.grader)[0])
+    record = {"id": f"{problem.id}#{sample}", "prompt": problem.prompt, "response": text}
+    if problem.answer is not None:
+        record["answer"] = problem.answer
+    record.update(problem_id=problem.id, sample=sample, response_tokens=tokens, truncated=truncated, correct=correct)
+    return record
+
+
+COUNTS = ("responses", "kept", "truncated", "no_marker", "graded", "correct")
+"""What a run counts over every response it sampled (``generate_traces``)."""
+
+
+@dataclass
+class Progress:
+    """What ``OUT.run.json`` holds: the run's key, batches finished, records kept in OUT, counts so far."""
+
+    key: dict
+    batches: int = 0
+    records: int = 0
+    counts: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or dict.fromkeys(COUNTS, 0)
+
+    def count(self, record: dict, kept: bool, marker: str) -> None:
+        """Add one sampled response to the counts."""
+        finished = not record["truncated"]
+        for name, hit in (("responses", True), ("kept", kept), ("truncated", not finished),
+                          ("no_marker", finished and record["response"].count(marker) != 1),
+                          ("graded", record["correct"] is not None), ("correct", bool(record["correct"]))):
+            self.counts[name] += int(hit)
+
+
+def resume_state(out: Path, key: dict, overwrite: bool) -> tuple[Progress, list[dict]]:
+    """Where a run with ``key`` starts: ``(progress, records kept so far)``.
+
+    Raises:
+        FileExistsError: ``out`` exists and is no unfinished run of the same key, and not ``overwrite``.
+    """
+    state_file = run_file(out)
+    if state_file.is_file():
+        saved = json.loads(state_file.read_text(encoding="utf-8"))
+        if saved.get("key") == key and out.is_file():
+            lines = out.read_text(encoding="utf-8").splitlines()[: saved["records"]]
+            print(f"resuming {out}: {saved['batches']} batch(es), {saved['records']} record(s) done", file=sys.stderr)
+            return Progress(key, saved["batches"], saved["records"], saved["counts"]), [json.loads(x) for x in lines]
+        if not overwrite:
+            raise FileExistsError(f"{state_file} belongs to an unfinished run with other settings; rerun that command "
+                                  "to finish it, or pass --overwrite to start afresh")
+    elif out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (a finished run); pass --overwrite to generate it again")
+    return Progress(key), []
+
+
+def run_file(out: Path) -> Path:
+    return out.with_name(out.name + ".run.json")
+
+
+def save_progress(out: Path, progress: Progress, records: list[dict]) -> None:
+    """OUT first, then the progress file (a crash in between leaves extra records that resume drops)."""
+    from .io import atomic_write_json, atomic_write_jsonl
+
+    atomic_write_jsonl(out, records)
+    atomic_write_json(run_file(out), asdict(progress))
+
+
+Sampler = Callable[[list[str], GenerateConfig, int], list[tuple[str, bool, int]]]
+"""``(prompts, config, seed) -> [(response text, truncated, response tokens)]``: ``sample_hf`` or ``VLLMSampler``."""
+
+
+def generate_traces(problems: list[Problem], sample: Sampler, config: GenerateConfig, out: str | Path, key: dict,
+                    overwrite: bool = False, progress: bool = True) -> dict:
+    """Sample every batch not done yet, writing ``out`` after each (module docstring).
+
+    Args:
+        key: what identifies the run's inputs (model, problems, settings); a rerun with the same key
+            resumes.
+    Returns:
+        counts over every response of the run (resumed batches included): ``responses``, ``kept``,
+        ``truncated``, ``no_marker`` (finished responses without exactly one marker), ``graded``,
+        ``correct``.
+    Raises:
+        FileExistsError: see ``resume_state``.
+        KeyboardInterrupt: the batches finished before it are saved.
+    """
+    out = Path(out)
+    state, records = resume_state(out, key, overwrite)
+    batches = plan_batches(len(problems), config.samples, config.batch_size)
+    bar = tqdm(total=len(problems) * config.samples, initial=sum(len(b) for b in batches[: state.batches]),
+               unit="response", desc="generate", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for b in range(state.batches, len(batches)):
+        pairs = batches[b]
+        results = sample([problems[i].prompt for i, _ in pairs], config, batch_seed(config.seed, b))
+        for (i, k), (text, truncated, tokens) in zip(pairs, results, strict=True):
+            record = make_record(problems[i], k, text, truncated, tokens, config)
+            kept = not config.correct_only or bool(record["correct"])
+            state.count(record, kept, config.marker)
+            if kept:
+                records.append(record)
+        state.batches, state.records = b + 1, len(records)
+        save_progress(out, state, records)
+        bar.update(len(pairs))
+    bar.close()
+    run_file(out).unlink(missing_ok=True)
+    return dict(state.counts)
