@@ -58,6 +58,11 @@ class TrainConfig:
     ground-truth labels (redundant 0, essential above the baseline), the ceiling of this rescaling."""
     marker: str = "</think>"
     """End-of-thinking marker that separates reasoning from the final answer."""
+    fused_scoring: bool = True
+    """AttnPO only: rate the steps inside the policy-gradient forward of each update micro-batch (the
+    update is on-policy, so that forward's attention is the current policy's), with no forward of its own.
+    False runs the separate no-grad scoring forward before the update instead (kept for checking: the two
+    give the same per-token advantages up to float rounding)."""
 
     # --- policy loss ---------------------------------------------------------------------------
     clip_eps: float = 0.2
