@@ -376,6 +376,41 @@ def control_seed(config: TrainConfig, step: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+def answer_row_recorder(
+    ratings: list[StepRating | None],
+    lengths: list[int],
+    offsets: list[int],
+    shape: torch.Size,
+    heads: dict[int, list[int]],
+    device: torch.device,
+) -> AnswerRowRecorder:
+    """A recorder of the answer rows of the rated sequences of a padded batch (the others get none).
+
+    Args:
+        ratings: per row b of the batch, its rating (None: not rated).
+        lengths: per row, prompt + response tokens; offsets: per row, the column where its first token
+            sits (0 with right padding, the left padding otherwise).
+        shape: [B, T] of the batch; heads: per layer, the query heads to keep.
+    """
+    answer_mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    for b, (rating, length, offset) in enumerate(zip(ratings, lengths, offsets)):
+        if rating is not None:
+            answer_mask[b, offset + length - rating.answer_len : offset + length] = True
+    rows, row_valid = answer_rows(answer_mask)
+    return AnswerRowRecorder(rows, row_valid, heads)
+
+
+def scored_rating(rating: StepRating, answer_attention: torch.Tensor, prompt_len: int) -> StepRating:
+    """``rating`` with the step scores of ``kfh_step_scores``, from its sequence's answer-row sums.
+
+    Args:
+        answer_attention: [N, T_i] per head, the attention each position of the sequence (prompt and
+            response, from its first token) receives summed over the answer rows.
+    """
+    spans = [(a + prompt_len, b + prompt_len) for a, b in rating.spans]
+    return StepRating(rating.spans, step_scores(answer_attention.float().cpu(), spans).mean(dim=0), rating.answer_len)
+
+
 class UpdateCredit(Protocol):
     """Per-token advantages that come out of the policy-gradient forward, one micro-batch at a time.
 
@@ -425,6 +460,7 @@ class FusedStepCredit:
         truth: per rollout, whether each rated step is essential (None without ``prompt_texts``).
         seconds: time spent in ``observe``'s recording and in ``token_advantages`` so far (what AttnPO
             adds to a TLMRE update; on a GPU this is host time, kernels run asynchronously).
+        handed_out: per rollout, the per-token advantages ``token_advantages`` returned (None before).
     """
 
     def __init__(
@@ -452,6 +488,7 @@ class FusedStepCredit:
         self._rollouts, self._correct, self._advantages = rollouts, correct, advantages
         self._step, self._config = step, config
         self._gammas: list[torch.Tensor | None] = [None] * len(ratings)
+        self.handed_out: list[torch.Tensor | None] = [None] * len(ratings)
         self._parts: list[dict] = []
         self.seconds = 0.0
 
@@ -472,12 +509,10 @@ class FusedStepCredit:
         start = time.perf_counter()
         if model.training and getattr(model.config, "attention_dropout", 0.0):
             raise ValueError("attention dropout is active (model.train()); step scores need the eval-mode attention")
-        answer_mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-        for b in rated:
-            end = self._length(indices[b])
-            answer_mask[b, end - self._ratings[indices[b]].answer_len : end] = True
-        rows, row_valid = answer_rows(answer_mask)
-        recorder = AnswerRowRecorder(rows, row_valid, self._heads)
+        recorder = answer_row_recorder(
+            [self._ratings[i] for i in indices], [self._length(i) for i in indices], [0] * len(indices),
+            input_ids.shape, self._heads, input_ids.device,
+        )
 
         def timed(*args) -> None:
             begin = time.perf_counter()
@@ -492,11 +527,8 @@ class FusedStepCredit:
         picked = torch.stack([recorder.results[layer][:, j] for layer, j in self._head_order], dim=1)  # [B, N, T]
         for b in rated:
             i = indices[b]
-            rating = self._ratings[i]
-            prompt_len = len(self._rollouts.prompt_ids[i])
-            spans = [(a + prompt_len, c + prompt_len) for a, c in rating.spans]
-            scores = step_scores(picked[b, :, : self._length(i)].float().cpu(), spans).mean(dim=0)
-            self._ratings[i] = StepRating(rating.spans, scores, rating.answer_len)
+            self._ratings[i] = scored_rating(self._ratings[i], picked[b, :, : self._length(i)],
+                                             len(self._rollouts.prompt_ids[i]))
         self.seconds += time.perf_counter() - start
 
     def token_advantages(self, indices: list[int]) -> list[torch.Tensor]:
@@ -509,8 +541,9 @@ class FusedStepCredit:
                     ratings[i] = StepRating(ratings[i].spans, ratings[i].scores[self._orders[i]], ratings[i].answer_len)
         values, stats = rescale_rollouts(self._rollouts, self._correct, self._advantages, ratings, self._step,
                                          self._config, indices=indices)
-        for i, gammas in zip(indices, stats["gammas"]):
+        for i, gammas, row in zip(indices, stats["gammas"], values):
             self._gammas[i] = gammas
+            self.handed_out[i] = row
         self._parts.append(stats)
         self.seconds += time.perf_counter() - start
         return values

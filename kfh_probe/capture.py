@@ -299,6 +299,8 @@ class AnswerRowRecorder:
     """An ``AttentionObserver`` that keeps, per layer, the answer-row attention of the heads asked for.
 
     Detached float32 (computed under ``torch.no_grad``, so it may watch a forward that builds a graph).
+    A batch run as consecutive row chunks of one padded tensor (as TRL computes log-probs) is recorded
+    whole: each call of a layer takes the next rows of ``rows`` and its result is appended.
 
     Args:
         rows, row_valid: ``[batch, R]`` answer-row positions and their validity (``answer_rows``).
@@ -332,10 +334,13 @@ class AnswerRowRecorder:
         layer = module.layer_idx
         if layer not in self.heads:
             return
+        done = self.results[layer].shape[0] if layer in self.results else 0
+        chunk = slice(done, done + query.shape[0])
         with torch.no_grad():
-            probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows, self.row_valid,
-                                        self.heads[layer])
-            self.results[layer] = probs.sum(dim=2) if self.reduce == "sum" else probs
+            probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows[chunk],
+                                        self.row_valid[chunk], self.heads[layer])
+            probs = probs.sum(dim=2) if self.reduce == "sum" else probs
+            self.results[layer] = probs if layer not in self.results else torch.cat([self.results[layer], probs])
         if self.stop_after is not None and layer == self.stop_after:
             raise _StopForward
 

@@ -24,22 +24,6 @@ ORGANISM = default_model_dir()
 TOLERANCE = 1e-6  # the issue's bound on |fused - unfused| per-token advantage
 
 
-class RecordingCredit:
-    """An ``UpdateCredit`` that forwards to another and keeps the advantages it handed to the update."""
-
-    def __init__(self, inner: FusedStepCredit) -> None:
-        self.inner = inner
-        self.values: dict[int, torch.Tensor] = {}
-
-    def observe(self, model, indices, input_ids):
-        return self.inner.observe(model, indices, input_ids)
-
-    def token_advantages(self, indices):
-        values = self.inner.token_advantages(indices)
-        self.values.update(zip(indices, values))
-        return values
-
-
 def both_paths(model, tokenizer, rollouts, prompts, heads, config, prompt_texts=None):
     """(unfused advantages, stats, gradients), (fused advantages, stats, gradients) of one update."""
     correct, rewards = rollout_rewards(rollouts, prompts, config)
@@ -48,11 +32,9 @@ def both_paths(model, tokenizer, rollouts, prompts, heads, config, prompt_texts=
     results = []
     for fused in (False, True):
         if fused:
-            credit = RecordingCredit(FusedStepCredit(tokenizer, rollouts, correct, advantages, heads, 3, config,
-                                                     prompt_texts))
+            credit = FusedStepCredit(tokenizer, rollouts, correct, advantages, heads, 3, config, prompt_texts)
             loop.accumulate_policy_gradient(model, None, rollouts, credit, config, pad_id)
-            values = [credit.values[i] for i in range(len(rollouts.response_ids))]
-            stats = credit.inner.stats()
+            values, stats = credit.handed_out, credit.stats()
         else:
             values, stats = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages, heads, 3, config,
                                                     pad_id, prompt_texts)
@@ -119,17 +101,16 @@ def test_fused_and_unfused_scoring_agree_on_a_qwen2_with_bf16_weights(byte_token
 
 def test_fused_and_unfused_seeded_runs_log_the_same_metrics(tmp_path):
     config = TrainConfig(method="attnpo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=320, horizon=0,
-                         lr=2e-3, seed=3, model=str(ORGANISM), manifest=str(default_manifest_path()),
-                         out=str(tmp_path / "fused"), checkpoint_every=10)
+                         lr=2e-3, seed=3, micro_batch_size=3, model=str(ORGANISM),
+                         manifest=str(default_manifest_path()), out=str(tmp_path / "fused"), checkpoint_every=10)
     fused = loop.train(loop.prepare_run(config), config, progress=False)
     unfused_config = dataclasses.replace(config, fused_scoring=False, out=str(tmp_path / "unfused"))
     unfused = loop.train(loop.prepare_run(unfused_config), unfused_config, progress=False)
-    assert [m.keys() for m in fused] == [m.keys() for m in unfused]
     assert sum(m["rescaled_responses"] for m in fused) > 0 and len({m["loss"] for m in fused}) == 3
-    for f, u in zip(fused, unfused):
-        for key in f.keys() - set(loop.TIMING_FIELDS):
-            assert f[key] == (u[key] if u[key] is None else pytest.approx(u[key], rel=1e-6, abs=1e-9)), key
-        assert f["time_scoring_s"] > 0
+    timing = set(loop.TIMING_FIELDS)
+    assert [{k: v for k, v in m.items() if k not in timing} for m in fused] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in unfused]
+    assert all(m["time_scoring_s"] > 0 for m in fused)
 
 
 def test_attention_calls_leave_the_forward_and_its_gradients_untouched(byte_tokenizer):
