@@ -426,7 +426,9 @@ class UpdateCredit(Protocol):
     reduce them to whatever per-token signal it needs; ``FusedStepCredit`` is AttnPO's.
     """
 
-    def observe(self, model: nn.Module, indices: list[int], input_ids: torch.Tensor) -> contextlib.AbstractContextManager:
+    def observe(
+        self, model: nn.Module, indices: list[int], input_ids: torch.Tensor
+    ) -> contextlib.AbstractContextManager:
         ...
 
     def token_advantages(self, indices: list[int]) -> list[torch.Tensor]:

@@ -100,7 +100,8 @@ def _sequence_batch(rollouts: Rollouts, indices: list[int], pad_id: int) -> tupl
 
 
 def _advantage_batch(rollouts: Rollouts, indices: list[int], values: list[torch.Tensor], width: int) -> torch.Tensor:
-    """[B, width] per-token advantages ``values[b]`` of rollout ``indices[b]``, placed like ``_sequence_batch``'s mask."""
+    """[B, width] per-token advantages ``values[b]`` of rollout ``indices[b]``, placed as ``_sequence_batch``
+    places its response mask."""
     advantages = torch.zeros((len(indices), width), dtype=torch.float32)
     for b, (i, row) in enumerate(zip(indices, values)):
         first = len(rollouts.prompt_ids[i]) - 1

@@ -26,8 +26,9 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
   forward (``_get_per_token_logps_and_entropies``) and no forward is added. Otherwise (TRL's default
   on-policy settings) one no-grad forward per ``attnpo_micro_batch_size`` correct completions runs,
   stopped after the deepest head's layer. The two give the same advantages up to float rounding (TRL
-  left-pads prompts; rotary attention depends on relative positions only). TRL's loss forward is not
-  used: TRL computes the advantages before any loss forward, and they are part of its buffered batch.
+  left-pads prompts; rotary attention depends on relative positions only), except under mixed
+  precision: TRL's forward runs under bf16 autocast, the separate one in the weights' dtype. TRL's loss
+  forward is not used: TRL computes the advantages before any loss forward and buffers them.
   TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
   and every TRL loss type multiplies them elementwise with the per-token ratio.
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
@@ -42,7 +43,7 @@ advantages of all of it, rates the steps of its own correct completions (the exp
 split across ranks), gathers the ratings, rescales the whole batch and keeps its slice. All ranks hold
 the same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
 
-The KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
+The separate KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
 ``unwrap_model_for_generation`` (which gathers ZeRO-3 shards into full weights on each rank, as TRL's
 own generation does by default) in eval mode; the training mode and gradient checkpointing are
 restored afterwards. A PEFT policy is scored with its adapters active.

@@ -123,7 +123,8 @@ def r1shape_case(device: str, tokens: int, group_size: int, vocab: int) -> dict:
 
 
 def updates(case: dict, device: str) -> dict:
-    """One timed update of each kind: {kind: (seconds, time_scoring_s, token advantages, peak GiB or None)}."""
+    """One timed update of each kind: {kind: (seconds, time_scoring_s, token advantages, peak GiB or None,
+    seconds before the update)}."""
     model, tokenizer, rollouts, config = case["model"], case["tokenizer"], case["rollouts"], case["config"]
     pad_id = tokenizer.pad_token_id
     correct, rewards = rollout_rewards(rollouts, case["prompts"], config)
@@ -151,7 +152,7 @@ def updates(case: dict, device: str) -> dict:
             scoring += values.seconds
             values = values.handed_out
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        out[kind] = (seconds, scoring, values, peak)
+        out[kind] = (seconds, scoring, values, peak, before_update)
         model.zero_grad(set_to_none=True)
     return out
 
@@ -180,6 +181,7 @@ def main() -> None:
         rounds = [updates(case, args.device) for _ in range(args.repeats)]
         time_s = {k: statistics.median(r[k][0] for r in rounds) for k in ("tlmre", "unfused", "fused")}
         scoring_s = {k: statistics.median(r[k][1] for r in rounds) for k in ("unfused", "fused")}
+        fused_before = statistics.median(r["fused"][4] for r in rounds)  # alignment (and ground truth)
         last = rounds[-1]
         diff = max(float((a - b).abs().max()) for a, b in zip(last["fused"][2], last["unfused"][2]))
         lengths = case["rollouts"].response_lengths.float()
@@ -187,6 +189,7 @@ def main() -> None:
                "scoring_seconds": scoring_s, "fused_over_tlmre": time_s["fused"] / time_s["tlmre"],
                "unfused_over_tlmre": time_s["unfused"] / time_s["tlmre"], "max_abs_advantage_diff": diff,
                "fused_scoring_over_tlmre": scoring_s["fused"] / time_s["tlmre"],
+               "fused_scoring_before_update_seconds": fused_before,
                "rollout_seconds": case["rollout_s"]}
         if case["rollout_s"] is not None:
             row["scoring_share_of_step"] = {
@@ -200,7 +203,8 @@ def main() -> None:
               f"attnpo fused {time_s['fused']:.3f}")
         print(f"  attnpo / tlmre: unfused {row['unfused_over_tlmre']:.3f} | fused {row['fused_over_tlmre']:.3f}")
         print(f"  time_scoring_s: unfused {scoring_s['unfused']:.4f} | fused {scoring_s['fused']:.4f} "
-              f"({scoring_s['fused'] / time_s['tlmre']:.2%} of the TLMRE update)")
+              f"({scoring_s['fused'] / time_s['tlmre']:.2%} of the TLMRE update; {fused_before:.4f} of it before "
+              f"the update: alignment{' and ground truth' if case['prompt_texts'] else ''})")
         if "scoring_share_of_step" in row:
             share = row["scoring_share_of_step"]
             print(f"  rollout s {case['rollout_s']:.3f}; scoring share of a step: unfused {share['unfused']:.2%} | "

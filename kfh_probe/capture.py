@@ -255,6 +255,7 @@ def interface_call_rows(
     rows: torch.Tensor,
     row_valid: torch.Tensor,
     heads: list[int] | None = None,
+    row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Answer-row probabilities of one call of an attention-interface function, from its arguments.
 
@@ -265,6 +266,8 @@ def interface_call_rows(
             ``softcap``, ``s_aux`` (sinks) and ``position_bias``.
         rows: ``[batch, R]`` long query positions; row_valid: ``[batch, R]`` bool.
         heads: query heads to compute (all when None); the others cost nothing.
+        row_mask: this call's ``answer_row_logits_mask`` when already computed (layers that receive the
+            same mask share it).
 
     Returns:
         ``[batch, heads or len(heads), R, T]`` float32, zero on padded rows.
@@ -275,7 +278,8 @@ def interface_call_rows(
     if query.shape[2] != key.shape[2]:
         raise UnsupportedModelError("answer-row capture needs a forward without a KV cache (query and key lengths differ)")
     rows = rows.to(query.device)
-    row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
+    if row_mask is None:
+        row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
@@ -329,6 +333,7 @@ class AnswerRowRecorder:
         self.reduce = reduce
         self.stop_after = stop_after
         self.results: dict[int, torch.Tensor] = {}
+        self._row_masks: dict[tuple, tuple] = {}  # (mask id, chunk, T, window) -> (mask, its answer-row mask)
 
     def __call__(self, module, query, key, attention_mask, kwargs) -> None:
         layer = module.layer_idx
@@ -337,8 +342,14 @@ class AnswerRowRecorder:
         done = self.results[layer].shape[0] if layer in self.results else 0
         chunk = slice(done, done + query.shape[0])
         with torch.no_grad():
+            cache_key = (id(attention_mask), done, key.shape[2], kwargs.get("sliding_window"))
+            cached = self._row_masks.get(cache_key)
+            if cached is None or cached[0] is not attention_mask:
+                rows = self.rows[chunk].to(query.device)
+                cached = (attention_mask, answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs))
+                self._row_masks[cache_key] = cached
             probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows[chunk],
-                                        self.row_valid[chunk], self.heads[layer])
+                                        self.row_valid[chunk], self.heads[layer], row_mask=cached[1])
             probs = probs.sum(dim=2) if self.reduce == "sum" else probs
             self.results[layer] = probs if layer not in self.results else torch.cat([self.results[layer], probs])
         if self.stop_after is not None and layer == self.stop_after:

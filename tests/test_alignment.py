@@ -70,7 +70,9 @@ def test_generated_offsets_of_whole_token_texts_equal_the_incremental_decoding(b
     """Text whose tokens each decode to whole characters takes the batched path; the starts are those
     the incremental decoding (the path for multi-byte pieces) gives."""
 
-    class OneAtATime:  # the same tokenizer without batch_decode's shortcut: incremental decoding only
+    class OneAtATime:  # the same tokenizer without the batched shortcut: incremental decoding only
+        backend_tokenizer = None
+
         def decode(self, ids, skip_special_tokens=False):
             return byte_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
