@@ -1,8 +1,8 @@
 """What AttnPO's step scoring costs: an AttnPO update against a TLMRE update on the same rollouts.
 
 Three updates of the same rollouts, from the group advantages to the gradient left in ``.grad``
-(``attnpo_train.loop.accumulate_policy_gradient``), timed in turns so that load on the machine hits
-all three alike:
+(``attnpo_train.loop.accumulate_policy_gradient``), timed in turns, each round in a rotated order, so
+that load on the machine hits all three alike:
 
   tlmre:    uniform per-token advantages, then the update;
   unfused:  AttnPO with the separate no-grad scoring forward (``attnpo_token_advantages``, as with
@@ -122,7 +122,7 @@ def r1shape_case(device: str, tokens: int, group_size: int, vocab: int) -> dict:
                 rollout_s=None)
 
 
-def updates(case: dict, device: str) -> dict:
+def updates(case: dict, device: str, first: int = 0) -> dict:
     """One timed update of each kind: {kind: (seconds, time_scoring_s, token advantages, peak GiB or None,
     seconds before the update)}."""
     model, tokenizer, rollouts, config = case["model"], case["tokenizer"], case["rollouts"], case["config"]
@@ -130,7 +130,8 @@ def updates(case: dict, device: str) -> dict:
     correct, rewards = rollout_rewards(rollouts, case["prompts"], config)
     advantages = group_advantages(rewards, config.estimator)
     out = {}
-    for kind in ("tlmre", "unfused", "fused"):
+    kinds = ("tlmre", "unfused", "fused")
+    for kind in kinds[first:] + kinds[:first]:  # rounds rotate the order, so drifting load hits all alike
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
@@ -178,7 +179,7 @@ def main() -> None:
         case = organism_case(args.device, args.seed, args.repeats) if name == "organism" else \
             r1shape_case(args.device, args.tokens, args.group_size, args.vocab)
         updates(case, args.device)  # warm-up
-        rounds = [updates(case, args.device) for _ in range(args.repeats)]
+        rounds = [updates(case, args.device, r % 3) for r in range(args.repeats)]
         time_s = {k: statistics.median(r[k][0] for r in rounds) for k in ("tlmre", "unfused", "fused")}
         scoring_s = {k: statistics.median(r[k][1] for r in rounds) for k in ("unfused", "fused")}
         fused_before = statistics.median(r["fused"][4] for r in rounds)  # alignment (and ground truth)

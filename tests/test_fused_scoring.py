@@ -16,6 +16,7 @@ from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollou
 from attnpo_train.data import Prompt
 from attnpo_train.rollouts import Rollouts, generate_rollouts
 from conftest import R1_TRACES, tiny_model
+from test_attnpo_loop import SHORT_55
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
 from kfh_probe.organism import default_manifest_path, default_model_dir
 from kfh_probe.organism.task import generate_problems
@@ -87,8 +88,8 @@ def test_fused_and_unfused_scoring_give_the_same_advantages_and_gradients_on_the
 def test_fused_and_unfused_scoring_agree_on_a_qwen2_with_bf16_weights(byte_tokenizer):
     model = tiny_model("qwen2", vocab_size=len(byte_tokenizer)).to(torch.bfloat16)
     prompt = R1_TRACES[0]["prompt"]
-    answers = [R1_TRACES[0]["response"], R1_TRACES[0]["response"].replace("Yes.", "Yes, that is right."),
-               R1_TRACES[0]["response"].replace("\\boxed{55}", "\\boxed{54}")]
+    # all correct (p = 1), three lengths: the shortest has A > 0 (Pos-Adv), the longest A < 0 (Neg-Adv)
+    answers = [R1_TRACES[0]["response"], R1_TRACES[0]["response"].replace("Yes.", "Yes, that is right."), SHORT_55]
     prompt_ids = byte_tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = [byte_tokenizer(r, add_special_tokens=False)["input_ids"] + [byte_tokenizer.eos_token_id]
                     for r in answers]
@@ -97,6 +98,7 @@ def test_fused_and_unfused_scoring_agree_on_a_qwen2_with_bf16_weights(byte_token
     unfused, fused = both_paths(model, byte_tokenizer, rollouts, [Prompt("p", prompt, "55")], [(2, 1), (1, 3), (2, 0)],
                                 config)
     assert_same_credit(unfused, fused, grad_tolerance=0.0)
+    assert unfused[1]["attenuated_steps"] > 0
 
 
 def test_fused_and_unfused_seeded_runs_log_the_same_metrics(tmp_path):
