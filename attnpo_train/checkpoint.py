@@ -27,8 +27,9 @@ from torch import nn
 from attnpo_train.config import TrainConfig
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out")
-"""Config fields a resumed run may change; any other difference is refused."""
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring")
+"""Config fields a resumed run may change; any other difference is refused (``fused_scoring`` changes
+where the step scores are computed, not what they are)."""
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
 _CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")

@@ -64,6 +64,11 @@ class TrainConfig:
     """Who decides correctness: "math-verify" (symbolic, for real data), "exact" (integers exactly, for
     the organism) or "auto" (exact on the organism's task, math-verify on a data file); see
     ``attnpo_train.rewards``."""
+    fused_scoring: bool = True
+    """AttnPO only: rate the steps inside the policy-gradient forward of each update micro-batch (the
+    update is on-policy, so that forward's attention is the current policy's), with no forward of its own.
+    False runs the separate no-grad scoring forward before the update instead (kept for checking: the two
+    give the same per-token advantages up to float rounding)."""
 
     # --- policy loss ---------------------------------------------------------------------------
     clip_eps: float = 0.2

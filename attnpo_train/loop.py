@@ -9,7 +9,9 @@ Read it top to bottom. One training step (``train``):
    the TLMRE length-penalised reward (methods "tlmre", "attnpo") or plain correctness ("rloo")
    (``attnpo_train.credit.rollout_rewards``), then the group advantages (``group_advantages``);
 3. for "attnpo", rate the steps of every correct response with the top-N Key-Focus Heads of the current
-   policy and rescale its advantage step by step (``attnpo_train.credit.attnpo_token_advantages``);
+   policy and rescale its advantage step by step; by default inside the update's own forward, one
+   micro-batch at a time (``attnpo_train.credit.FusedStepCredit``), with ``fused_scoring: false`` in a
+   separate no-grad forward before it (``attnpo_train.credit.attnpo_token_advantages``);
    other methods spread the advantage uniformly over the response (``uniform_token_advantages``);
 4. one AdamW step on the token-mean PPO-clip loss, with gradient clipping and an optional KL term
    against the frozen initial policy (``accumulate_policy_gradient``, then ``optimizer.step``);
@@ -59,6 +61,8 @@ from attnpo_train.checkpoint import (
 )
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import (
+    FusedStepCredit,
+    UpdateCredit,
     attnpo_token_advantages,
     phrase_counts,
     rollout_rewards,
@@ -79,25 +83,30 @@ TIMING_FIELDS = ("time_rollout_s", "time_scoring_s", "time_update_s")
 # ---------------------------------------------------------------------------------------------------
 
 
-def _sequence_batch(
-    rollouts: Rollouts, token_advantages: list[torch.Tensor], indices: list[int], pad_id: int
-) -> tuple[torch.Tensor, ...]:
-    """Right-padded prompt+response ids and the [B, T-1] response mask and advantages, aligned with
-    the next-token log-probs (position t predicts token t+1)."""
+def _sequence_batch(rollouts: Rollouts, indices: list[int], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded prompt+response ids [B, T], their attention mask [B, T] and the [B, T-1] response
+    mask, aligned with the next-token log-probs (position t predicts token t+1)."""
     sequences = [rollouts.prompt_ids[i] + rollouts.response_ids[i] for i in indices]
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
     mask = torch.zeros((len(indices), width - 1), dtype=torch.float32)
-    advantages = torch.zeros((len(indices), width - 1), dtype=torch.float32)
     for b, (i, seq) in enumerate(zip(indices, sequences)):
         input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[b, : len(seq)] = 1
         first = len(rollouts.prompt_ids[i]) - 1
-        n = len(rollouts.response_ids[i])
-        mask[b, first : first + n] = 1.0
-        advantages[b, first : first + n] = token_advantages[i]
-    return input_ids, attention_mask, mask, advantages
+        mask[b, first : first + len(rollouts.response_ids[i])] = 1.0
+    return input_ids, attention_mask, mask
+
+
+def _advantage_batch(rollouts: Rollouts, indices: list[int], values: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[B, width] per-token advantages ``values[b]`` of rollout ``indices[b]``, placed as ``_sequence_batch``
+    places its response mask."""
+    advantages = torch.zeros((len(indices), width), dtype=torch.float32)
+    for b, (i, row) in enumerate(zip(indices, values)):
+        first = len(rollouts.prompt_ids[i]) - 1
+        advantages[b, first : first + len(row)] = row
+    return advantages
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -111,7 +120,7 @@ def accumulate_policy_gradient(
     model: nn.Module,
     ref_model: nn.Module | None,
     rollouts: Rollouts,
-    token_advantages: list[torch.Tensor],
+    token_advantages: list[torch.Tensor] | UpdateCredit,
     config: TrainConfig,
     pad_id: int,
 ) -> dict[str, float]:
@@ -120,6 +129,10 @@ def accumulate_policy_gradient(
     Micro-batches of ``config.micro_batch_size`` sequences are accumulated with the whole batch's token
     count as the denominator, so the gradient is that of the full batch's token mean. The caller applies
     it (``optimizer.step()``), so that the weight update and the run's bookkeeping happen together.
+
+    Args:
+        token_advantages: one float32 tensor [response_len_i] per rollout, or an ``UpdateCredit`` that
+            computes each micro-batch's advantages from that micro-batch's own forward (fused scoring).
 
     Returns:
         "loss", "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean" (token-weighted over
@@ -134,14 +147,19 @@ def accumulate_policy_gradient(
     indices = list(range(len(rollouts.response_ids)))
     for start in range(0, len(indices), config.micro_batch_size):
         chunk = indices[start : start + config.micro_batch_size]
-        input_ids, attention_mask, mask, advantages = (
-            t.to(device) for t in _sequence_batch(rollouts, token_advantages, chunk, pad_id)
-        )
+        input_ids, attention_mask, mask = (t.to(device) for t in _sequence_batch(rollouts, chunk, pad_id))
         ref_logprobs = None
         if ref_model is not None:
             with torch.no_grad():
                 ref_logprobs = sequence_logprobs(ref_model, input_ids, attention_mask)
-        logprobs = sequence_logprobs(model, input_ids, attention_mask)
+        if isinstance(token_advantages, list):
+            logprobs = sequence_logprobs(model, input_ids, attention_mask)
+            values = [token_advantages[i] for i in chunk]
+        else:
+            with token_advantages.observe(model, chunk, input_ids):
+                logprobs = sequence_logprobs(model, input_ids, attention_mask)
+            values = token_advantages.token_advantages(chunk)
+        advantages = _advantage_batch(rollouts, chunk, values, mask.shape[1]).to(device)
         loss, stats = ppo_clip_loss(
             logprobs,
             logprobs.detach(),  # on-policy: the sampling policy is the current one (module docstring)
@@ -268,19 +286,26 @@ def train_step(
     truth_steps = mean_accounting([step_accounting(p, r) for p, r in zip(prompt_texts, rollouts.texts)])
     rescale_stats = {"rescaled_responses": 0.0, "frac_attenuated": 0.0, "mean_gamma": 1.0}
     credit_stats: dict[str, float | None] = {}
-    if config.method == "attnpo":
+    known_truth = prompt_texts if truth_steps is not None else None
+    fused = None
+    if config.method == "attnpo" and config.fused_scoring:
+        fused = FusedStepCredit(tokenizer, rollouts, correct, advantages, inputs.heads, step, config, known_truth)
+        token_advantages: list[torch.Tensor] | UpdateCredit = fused
+    elif config.method == "attnpo":
         token_advantages, stats = attnpo_token_advantages(
-            model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id,
-            prompt_texts=prompt_texts if truth_steps is not None else None,
+            model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id, known_truth
         )
-        rescale_stats = {k: stats[k] for k in rescale_stats}
-        if stats["truth"] is not None:
-            credit_stats = credit_precision(stats["gammas"], advantages.reshape(-1).tolist(), stats["truth"])
     else:
         token_advantages = uniform_token_advantages(advantages, rollouts)
     t2 = time.perf_counter()
     update = accumulate_policy_gradient(model, ref_model, rollouts, token_advantages, config, inputs.pad_id)
     t3 = time.perf_counter()
+    in_update = 0.0 if fused is None else fused.seconds  # the fused scoring's share of the update pass
+    if config.method == "attnpo":
+        stats = stats if fused is None else fused.stats()
+        rescale_stats = {k: stats[k] for k in rescale_stats}
+        if stats["truth"] is not None:
+            credit_stats = credit_precision(stats["gammas"], advantages.reshape(-1).tolist(), stats["truth"])
     phrases = [phrase_counts(text, config.marker) for text in rollouts.texts]
     return {
         "step": step + 1,
@@ -297,8 +322,8 @@ def train_step(
         "summary_per_response": _mean([c["summary"] for c in phrases]),
         **update,
         "time_rollout_s": t1 - t0,
-        "time_scoring_s": t2 - t1,
-        "time_update_s": t3 - t2,
+        "time_scoring_s": t2 - t1 + in_update,
+        "time_update_s": t3 - t2 - in_update,
     }
 
 

@@ -16,10 +16,19 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
   (``attnpo_train.rollouts`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
   ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
   (RLOO by default), ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's
-  top-N Key-Focus Heads in one no-grad forward per micro-batch that records answer rows only) and
-  ``rescale_rollouts`` (``rescale_group``: difficulty-aware baseline, Pos-/Neg-Adv attenuation,
-  schedule). For the same prompts, completions and weights the advantages are therefore exactly the
-  lightweight trainer's.
+  top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
+  difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same prompts, completions and
+  weights the advantages are therefore the lightweight trainer's.
+- Where the scores' attention comes from. When TRL runs a no-grad forward of the policy over the
+  completions anyway, to compute ``old_per_token_logps`` (``gradient_accumulation_steps`` is not a
+  multiple of ``steps_per_generation * num_iterations``, e.g. ``num_iterations > 1``; or vLLM with
+  ``vllm_importance_sampling_correction``), the top-N heads' answer rows are recorded during that
+  forward (``_get_per_token_logps_and_entropies``) and no forward is added. Otherwise (TRL's default
+  on-policy settings) one no-grad forward per ``attnpo_micro_batch_size`` correct completions runs,
+  stopped after the deepest head's layer. The two give the same advantages up to float rounding (TRL
+  left-pads prompts; rotary attention depends on relative positions only), except under mixed
+  precision: TRL's forward runs under bf16 autocast, the separate one in the weights' dtype. TRL's loss
+  forward is not used: TRL computes the advantages before any loss forward and buffers them.
   TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
   and every TRL loss type multiplies them elementwise with the per-token ratio.
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
@@ -34,7 +43,7 @@ advantages of all of it, rates the steps of its own correct completions (the exp
 split across ranks), gathers the ratings, rescales the whole batch and keeps its slice. All ranks hold
 the same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
 
-The KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
+The separate KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
 ``unwrap_model_for_generation`` (which gathers ZeRO-3 shards into full weights on each rank, as TRL's
 own generation does by default) in eval mode; the training mode and gradient checkpointing are
 restored afterwards. A PEFT policy is scored with its adapters active.
@@ -56,11 +65,18 @@ from trl.models import unwrap_model_for_generation
 
 from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
-from attnpo_train.credit import rate_steps, rescale_rollouts, rollout_rewards
+from attnpo_train.credit import (
+    StepRating,
+    answer_row_recorder,
+    rate_steps,
+    rescale_rollouts,
+    rollout_rewards,
+    scored_rating,
+)
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from attnpo_train.rollouts import Rollouts, decode_responses
-from kfh_probe.capture import attention_modules
+from kfh_probe.capture import attention_calls, attention_modules
 from kfh_probe.loading import pad_token_id
 from kfh_probe.manifest import ManifestMismatchError, check_model_matches, load_manifest, top_heads
 
@@ -228,6 +244,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             raise ManifestMismatchError(f"{err} (AttnPOConfig: attnpo_allow_finetuned=True)") from None
         self._attnpo_pad_id = pad_token_id(self._tokenizer)
         self._attnpo_generated: tuple[list[list[int]], list[list[int]]] | None = None
+        self._attnpo_answers: list[Any] | None = None  # this rank's answers while a batch is generated and scored
+        self._attnpo_captured: list[StepRating | None] | None = None  # ratings read off TRL's old-logps forward
 
     def attnpo_correct(self, completion_ids: list[list[int]], answer: list[Any], **_: Any) -> list[float]:
         """TRL reward function: 1.0 when a completion ended with EOS and its boxed answer after the marker
@@ -250,10 +268,60 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         )
         return result
 
+    def old_logps_forward(self) -> bool:
+        """Whether TRL runs a no-grad policy forward for ``old_per_token_logps`` (TRL 1.x's own condition);
+        then the step scores are read off it, else they take a forward of their own."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's, recording the top-N heads' answer rows of this rank's correct completions when it is the
+        no-grad ``old_per_token_logps`` forward of ``_generate_and_score_completions`` (the first no-grad
+        call on the policy there, made only when ``old_logps_forward()``). A policy in training mode with
+        attention dropout is not recorded (its scores take their own eval-mode forward)."""
+        policy = _base_model(self.accelerator.unwrap_model(self.model))
+        dropout = self.model.training and getattr(policy.config, "attention_dropout", 0.0)
+        if (self._attnpo_answers is None or self._attnpo_generated is None or self._attnpo_captured is not None
+                or torch.is_grad_enabled() or model is not self.model or not self.old_logps_forward() or dropout):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+        prompt_ids, completion_ids = self._attnpo_generated
+        trimmed, _, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
+        correct = torch.tensor(self.attnpo_correct(completion_ids, self._attnpo_answers))
+        local = Rollouts(1, prompt_ids, trimmed, [""] * len(trimmed), finished)
+        config = self.args.to_train_config(self.num_generations)
+        ratings = rate_steps(None, self._tokenizer, local, correct, self._attnpo_heads, config, self._attnpo_pad_id,
+                             score=False)
+        heads: dict[int, list[int]] = {}
+        for layer, head in self._attnpo_heads:
+            heads.setdefault(layer, []).append(head)
+        width = input_ids.shape[1] - logits_to_keep  # prompts are left-padded to this width
+        offsets = [width - len(ids) for ids in prompt_ids]
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, trimmed)]
+        recorder = answer_row_recorder(ratings, lengths, offsets, input_ids.shape, heads, input_ids.device)
+        with attention_calls(policy, sorted(heads), recorder):
+            result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                *args, **kwargs)
+        if any(r is not None for r in ratings):
+            recorder.check_reported(policy)
+            picked = torch.stack([recorder.results[l][:, heads[l].index(h)] for l, h in self._attnpo_heads], dim=1)
+            ratings = [None if r is None else scored_rating(r, picked[b, :, offsets[b] : offsets[b] + lengths[b]],
+                                                            len(prompt_ids[b])) for b, r in enumerate(ratings)]
+        self._attnpo_captured = ratings
+        return result
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's generation and scoring, then ``advantages`` [B] -> AttnPO per-token advantages [B, T_completion]."""
         self._attnpo_generated = None
-        output = super()._generate_and_score_completions(inputs)
+        self._attnpo_answers = [row[ANSWER_COLUMN] for row in inputs]
+        self._attnpo_captured = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._attnpo_answers = None
+        captured, self._attnpo_captured = self._attnpo_captured, None
         if self._attnpo_generated is None:
             raise RuntimeError("TRL's _generate_and_score_completions did not call _generate; unsupported TRL version")
         prompt_ids, completion_ids = self._attnpo_generated
@@ -266,7 +334,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         token_advantages, sequence_advantages, metrics = self.attnpo_advantages(
-            prompt_ids, completion_ids, [row[ANSWER_COLUMN] for row in inputs], group_size, self.state.global_step
+            prompt_ids, completion_ids, [row[ANSWER_COLUMN] for row in inputs], group_size, self.state.global_step,
+            captured,
         )
         width = output["completion_ids"].shape[1]
         advantages = torch.zeros((len(token_advantages), width), dtype=torch.float32)
@@ -288,6 +357,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         answers: list[Any],
         group_size: int,
         step: int,
+        captured: list[StepRating | None] | None = None,
     ) -> tuple[list[torch.Tensor], list[float], dict[str, float]]:
         """AttnPO per-token advantages of this rank's completions; every rank must call it (collective).
 
@@ -296,6 +366,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
                 batch is the ranks' rows in rank order, each prompt's G completions consecutive).
             group_size: G.
             step: completed optimizer steps (the attenuation schedule's step).
+            captured: this rank's B ratings read off TRL's old-logps forward; None runs the scoring forward.
         Returns:
             (B float32 tensors [len(completion_ids[b])], the outcome advantages A_i of the whole batch
              (for TRL's completions table), metrics of the whole batch: "reward", "accuracy",
@@ -316,11 +387,13 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * len(completion_ids)
         local = slice(start, start + len(completion_ids))
         local_rollouts = Rollouts(group_size, all_prompt_ids[local], trimmed[local], texts[local], finished[local])
-        with self._scoring_model() as model:
-            ratings = rate_steps(
-                model, self._tokenizer, local_rollouts, correct.reshape(-1)[local], self._attnpo_heads, config,
-                self._attnpo_pad_id,
-            )
+        ratings = captured
+        if ratings is None:
+            with self._scoring_model() as model:
+                ratings = rate_steps(
+                    model, self._tokenizer, local_rollouts, correct.reshape(-1)[local], self._attnpo_heads, config,
+                    self._attnpo_pad_id,
+                )
         ratings = gather_object(ratings)
         token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
         metrics = {

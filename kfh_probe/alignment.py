@@ -20,6 +20,7 @@ first token after the marker to the end of the sequence, EOS included (method pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -147,13 +148,23 @@ def tokenize_trace(
 def generated_char_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
     """Decode ``ids`` and give the character where each token's text starts.
 
-    Decoding runs incrementally over a short window, so tokens that only form characters together
-    (a byte-level piece of a multi-byte character) get the offset of the character they complete.
+    When every token decodes on its own to a whole piece of text and the pieces concatenate to the
+    decoded text (byte-level BPE on text without multi-byte characters, say), the starts are the
+    pieces' running lengths (one batched decode). Otherwise decoding runs incrementally over a short
+    window, so tokens that only form characters together (a byte-level piece of a multi-byte
+    character) get the offset of the character they complete.
 
     Returns:
         ``(text, starts)`` with ``len(starts) == len(ids)``; a token that adds no text gets the
         offset of the next character.
     """
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust core: one call for all
+    single = [[i] for i in ids]
+    pieces = backend.decode_batch(single, skip_special_tokens=False) if backend is not None else \
+        tokenizer.batch_decode(single, skip_special_tokens=False)
+    joined = "".join(pieces)
+    if "\ufffd" not in joined and joined == tokenizer.decode(ids, skip_special_tokens=False):
+        return joined, list(accumulate(map(len, pieces), initial=0))[:-1]
     starts: list[int] = []
     text = ""
     prefix_offset = read_offset = 0  # decode ids[prefix_offset:] for context; ids[:read_offset] are in text

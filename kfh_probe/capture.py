@@ -15,6 +15,10 @@ in float32 for the answer rows only: ``R x T`` entries per head, never ``T x T``
 
 Models that do not call the interface (state-space models, custom attention) are refused by name,
 before the forward when the class says so, after it when a requested layer never reported.
+
+The wrapping itself is public as :func:`attention_calls`: any callable can watch the attention calls
+of chosen layers during a forward the caller runs (the trainer uses it to rate steps inside the
+policy-gradient forward it runs anyway, ``attnpo_train.credit.FusedStepCredit``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import contextlib
 import inspect
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +35,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 _LOCK = threading.Lock()
-_ACTIVE: dict[int, "_Recorder"] = {}  # id(attention module) -> recorder of the capture it belongs to
+_ACTIVE: dict[int, "AttentionObserver"] = {}  # id(attention module) -> observer of the capture it belongs to
 _WRAPPED: dict[str, object] = {}  # implementation name -> original entry (None where there was none)
 _USERS: dict[str, int] = {}  # implementation name -> captures in progress that use it
 _EDITORS: dict[int, Callable] = {}  # id(attention module) -> edit of its output (see edit_attention_outputs)
@@ -100,9 +104,9 @@ def _dispatcher(name: str):
         original = _WRAPPED[name]
         fn = original if original is not None else _own_eager(module)
         result = fn(module, query, key, value, attention_mask, *args, **kwargs)
-        recorder = _ACTIVE.get(id(module))
-        if recorder is not None:
-            recorder.record(module, query, key, attention_mask, kwargs)
+        observer = _ACTIVE.get(id(module))
+        if observer is not None:
+            observer(module, query, key, attention_mask, kwargs)
         editor = _EDITORS.get(id(module))
         if editor is not None:
             result = (editor(module, result[0]), *result[1:])
@@ -132,6 +136,50 @@ def _wrap_implementation(name: str):
                     del AttentionInterface._global_mapping[name]
                 else:
                     AttentionInterface._global_mapping[name] = original
+
+
+@contextlib.contextmanager
+def _registered(model: nn.Module, layers: list[int], registry: dict, entry) -> Iterator[None]:
+    """Route the model's attention implementation through the dispatcher and file ``entry`` under every
+    attention module of ``layers`` in ``registry`` (``_ACTIVE`` or ``_EDITORS``) for the block."""
+    modules = attention_modules(model)
+    missing = [layer for layer in layers if layer not in modules]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no attention layer(s) {missing}; it has layers 0..{max(modules)}")
+    chosen = [module for layer in sorted(set(layers)) for module in modules[layer]]
+    with _wrap_implementation(_implementation(model)):
+        with _LOCK:
+            for module in chosen:
+                registry[id(module)] = entry
+        try:
+            yield
+        finally:
+            with _LOCK:
+                for module in chosen:
+                    registry.pop(id(module), None)
+
+
+AttentionObserver = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", dict], None]
+"""``observer(module, query, key, attention_mask, kwargs)``: sees what one attention call received."""
+
+
+@contextlib.contextmanager
+def attention_calls(model: nn.Module, layers: list[int], observer: AttentionObserver) -> Iterator[None]:
+    """Within the block, call ``observer`` after every attention-interface call of the given layers.
+
+    The model's own attention function runs first and unchanged, so the forward's outputs (and its
+    gradients) do not move by a bit; the observer receives the arguments of that call: ``query``
+    ``[batch, heads, T, head_dim]`` and ``key`` ``[batch, kv_heads, T, head_dim]`` after rotary, norms and
+    biases, the mask the model passed, and the call's keyword arguments (``scaling``, ``sliding_window``,
+    ``softcap``, ...). They may require grad: an observer that keeps anything must detach it. An observer
+    may raise to end the forward early (the exception leaves the block). The caller runs the forward.
+
+    Raises:
+        UnsupportedModelError: the architecture does not route attention through the interface.
+        ValueError: a layer the model does not have.
+    """
+    with _registered(model, layers, _ACTIVE, observer):
+        yield
 
 
 def answer_row_logits_mask(
@@ -217,6 +265,8 @@ def interface_call_rows(
     kwargs: dict,
     rows: torch.Tensor,
     row_valid: torch.Tensor,
+    heads: list[int] | None = None,
+    row_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Answer-row probabilities of one call of an attention-interface function, from its arguments.
 
@@ -226,9 +276,12 @@ def interface_call_rows(
             key ``[batch, kv_heads, T, head_dim]``; ``kwargs`` may carry ``scaling``, ``sliding_window``,
             ``softcap``, ``s_aux`` (sinks) and ``position_bias``.
         rows: ``[batch, R]`` long query positions; row_valid: ``[batch, R]`` bool.
+        heads: query heads to compute (all when None); the others cost nothing.
+        row_mask: this call's ``answer_row_logits_mask`` when already computed (layers that receive the
+            same mask share it).
 
     Returns:
-        ``[batch, heads, R, T]`` float32, zero on padded rows.
+        ``[batch, heads or len(heads), R, T]`` float32, zero on padded rows.
 
     Raises:
         UnsupportedModelError: the call used a KV cache (query and key lengths differ).
@@ -236,36 +289,91 @@ def interface_call_rows(
     if query.shape[2] != key.shape[2]:
         raise UnsupportedModelError("answer-row capture needs a forward without a KV cache (query and key lengths differ)")
     rows = rows.to(query.device)
-    row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
+    if row_mask is None:
+        row_mask = answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs)
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    sinks, position_bias = kwargs.get("s_aux"), kwargs.get("position_bias")
+    if heads is not None:  # each picked query head with its own key head: a group of one
+        index = torch.tensor(heads, device=query.device)
+        key = key.index_select(1, index // (query.shape[1] // key.shape[1]))
+        query = query.index_select(1, index)
+        row_mask = row_mask if row_mask.shape[1] == 1 else row_mask.index_select(1, index)
+        sinks = None if sinks is None else sinks.index_select(0, index)
+        if position_bias is not None and position_bias.shape[1] > 1:
+            position_bias = position_bias.index_select(1, index)
     probs = answer_row_probabilities(
         query, key, rows, row_mask, scaling,
-        softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), position_bias=kwargs.get("position_bias"),
+        softcap=kwargs.get("softcap"), sinks=sinks, position_bias=position_bias,
     )
     return probs * row_valid.to(probs.device)[:, None, :, None]
 
 
-class _Recorder:
-    """Collects, per layer, the answer-row attention of the heads asked for."""
+class AnswerRowRecorder:
+    """An ``AttentionObserver`` that keeps, per layer, the answer-row attention of the heads asked for.
 
-    def __init__(self, rows: torch.Tensor, row_valid: torch.Tensor, layers: list[int], reduce: str, stop_after: int | None):
+    Detached float32 (computed under ``torch.no_grad``, so it may watch a forward that builds a graph).
+    A batch run as consecutive row chunks of one padded tensor (as TRL computes log-probs) is recorded
+    whole: each call of a layer takes the next rows of ``rows`` and its result is appended.
+
+    Args:
+        rows, row_valid: ``[batch, R]`` answer-row positions and their validity (``answer_rows``).
+        heads: per layer, the query heads to keep (None: all of them).
+        reduce: ``"sum"`` over the answer rows, or ``"rows"``.
+        stop_after: end the forward (``_StopForward``) once this layer is recorded; None runs it through.
+
+    Attributes:
+        results: per layer, ``[batch, heads, T]`` ("sum") or ``[batch, heads, R, T]`` ("rows"), heads in the
+            order asked for.
+    """
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        row_valid: torch.Tensor,
+        heads: dict[int, list[int] | None],
+        reduce: str = "sum",
+        stop_after: int | None = None,
+    ):
+        if reduce not in ("sum", "rows"):
+            raise ValueError(f"reduce must be 'sum' or 'rows', got {reduce!r}")
         self.rows = rows
         self.row_valid = row_valid
-        self.layers = set(layers)
+        self.heads = heads
         self.reduce = reduce
         self.stop_after = stop_after
         self.results: dict[int, torch.Tensor] = {}
+        self._row_masks: dict[tuple, tuple] = {}  # (mask id, chunk, T, window) -> (mask, its answer-row mask)
 
-    def record(self, module, query, key, attention_mask, kwargs) -> None:
+    def __call__(self, module, query, key, attention_mask, kwargs) -> None:
         layer = module.layer_idx
-        if layer not in self.layers:
+        if layer not in self.heads:
             return
-        probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows, self.row_valid)
-        self.results[layer] = probs.sum(dim=2) if self.reduce == "sum" else probs
+        done = self.results[layer].shape[0] if layer in self.results else 0
+        chunk = slice(done, done + query.shape[0])
+        with torch.no_grad():
+            cache_key = (id(attention_mask), done, key.shape[2], kwargs.get("sliding_window"))
+            cached = self._row_masks.get(cache_key)
+            if cached is None or cached[0] is not attention_mask:
+                rows = self.rows[chunk].to(query.device)
+                cached = (attention_mask, answer_row_logits_mask(attention_mask, rows, key.shape[2], kwargs))
+                self._row_masks[cache_key] = cached
+            probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows[chunk],
+                                        self.row_valid[chunk], self.heads[layer], row_mask=cached[1])
+            probs = probs.sum(dim=2) if self.reduce == "sum" else probs
+            self.results[layer] = probs if layer not in self.results else torch.cat([self.results[layer], probs])
         if self.stop_after is not None and layer == self.stop_after:
             raise _StopForward
+
+    def check_reported(self, model: nn.Module) -> None:
+        """Raise ``UnsupportedModelError`` when a watched layer never called the attention interface."""
+        silent = [layer for layer in sorted(self.heads) if layer not in self.results]
+        if silent:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} (attention implementation {_implementation(model)!r}) did not compute "
+                f"layer(s) {silent} through the transformers attention interface, so their attention cannot be captured"
+            )
 
 
 @dataclass(frozen=True)
@@ -332,38 +440,18 @@ def capture_answer_attention(
     Raises:
         UnsupportedModelError: naming the architecture, when its attention cannot be captured.
     """
-    if reduce not in ("sum", "rows"):
-        raise ValueError(f"reduce must be 'sum' or 'rows', got {reduce!r}")
     if model.training:
         raise ValueError("put the model in eval mode (model.eval()) before capturing attention: dropout would change it")
     modules = attention_modules(model)
     wanted = sorted(modules) if layers is None else sorted(set(layers))
-    missing = [layer for layer in wanted if layer not in modules]
-    if missing:
-        raise ValueError(f"{type(model).__name__} has no attention layer(s) {missing}; it has layers 0..{max(modules)}")
     rows, row_valid = answer_rows(answer_mask.bool())
-    recorder = _Recorder(rows, row_valid, wanted, reduce, wanted[-1] if stop_early else None)
-    name = _implementation(model)
-    with _wrap_implementation(name):
-        with _LOCK:
-            for layer in wanted:
-                for module in modules[layer]:
-                    _ACTIVE[id(module)] = recorder
+    recorder = AnswerRowRecorder(rows, row_valid, dict.fromkeys(wanted), reduce, wanted[-1] if stop_early else None)
+    with attention_calls(model, wanted, recorder):
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_forward_kwargs(model))
         except _StopForward:
             pass
-        finally:
-            with _LOCK:
-                for layer in wanted:
-                    for module in modules[layer]:
-                        _ACTIVE.pop(id(module), None)
-    silent = [layer for layer in wanted if layer not in recorder.results]
-    if silent:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} (attention implementation {name!r}) did not compute layer(s) {silent} "
-            "through the transformers attention interface, so their attention cannot be captured"
-        )
+    recorder.check_reported(model)
     values = torch.stack([recorder.results[layer] for layer in wanted], dim=1)
     return AnswerAttention(wanted, values, rows, row_valid)
 
@@ -380,18 +468,5 @@ def edit_attention_outputs(model: nn.Module, layers: list[int], edit: Callable[[
     Raises:
         UnsupportedModelError: the architecture does not route attention through the interface.
     """
-    modules = attention_modules(model)
-    missing = [layer for layer in layers if layer not in modules]
-    if missing:
-        raise ValueError(f"{type(model).__name__} has no attention layer(s) {missing}; it has layers 0..{max(modules)}")
-    chosen = [module for layer in sorted(set(layers)) for module in modules[layer]]
-    with _wrap_implementation(_implementation(model)):
-        with _LOCK:
-            for module in chosen:
-                _EDITORS[id(module)] = edit
-        try:
-            yield
-        finally:
-            with _LOCK:
-                for module in chosen:
-                    _EDITORS.pop(id(module), None)
+    with _registered(model, layers, _EDITORS, edit):
+        yield

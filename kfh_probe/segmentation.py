@@ -75,7 +75,7 @@ class SegmenterConfig:
     progression: tuple[str, ...] = PROGRESSION
     summary: tuple[str, ...] = SUMMARY
     final: tuple[str, ...] = FINAL
-    _phrases: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+    _phrases: dict[str, tuple[tuple[str, str], ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("phrases", "blank-line"):
@@ -90,8 +90,12 @@ class SegmenterConfig:
         for phrase, family in pairs:
             if not isinstance(phrase, str) or not phrase.strip():
                 raise ValueError(f"empty or non-string phrase in the {family} family: {phrase!r}")
-        # Longest first, so "Hmm, wait" (confused) wins over "Hmm" (progression) at the same position.
-        object.__setattr__(self, "_phrases", tuple(sorted(pairs, key=lambda p: -len(p[0]))))
+        # Longest first, so "Hmm, wait" (confused) wins over "Hmm" (progression) at the same position;
+        # grouped by first character, so a position is tried only against the phrases that can start there.
+        by_first: dict[str, tuple[tuple[str, str], ...]] = {}
+        for phrase, family in sorted(pairs, key=lambda p: -len(p[0])):
+            by_first[phrase[0]] = (*by_first.get(phrase[0], ()), (phrase, family))
+        object.__setattr__(self, "_phrases", by_first)
 
     def to_dict(self) -> dict:
         """The settings as plain JSON-able data."""
@@ -101,7 +105,7 @@ class SegmenterConfig:
 
     def match(self, text: str, pos: int) -> tuple[str, str] | None:
         """The longest phrase that starts a word at ``pos`` as ``(phrase, family)``, or None."""
-        for phrase, family in self._phrases:
+        for phrase, family in self._phrases.get(text[pos : pos + 1], ()):
             if text.startswith(phrase, pos):
                 end = pos + len(phrase)
                 # A phrase ending in a letter must end a word: "So" must not match "Some".

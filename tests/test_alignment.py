@@ -66,6 +66,26 @@ def test_generated_offsets_match_the_decoded_text_including_multibyte_characters
     assert starts == sorted(starts) and len(starts) == len(ids)
 
 
+def test_generated_offsets_of_whole_token_texts_equal_the_incremental_decoding(byte_tokenizer):
+    """Text whose tokens each decode to whole characters takes the batched path; the starts are those
+    the incremental decoding (the path for multi-byte pieces) gives."""
+
+    class OneAtATime:  # the same tokenizer without the batched shortcut: incremental decoding only
+        backend_tokenizer = None
+
+        def decode(self, ids, skip_special_tokens=False):
+            return byte_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def batch_decode(self, batch, skip_special_tokens=False):
+            return ["\ufffd"] * len(batch)
+
+    text = R1_TRACES[0]["response"]
+    ids = byte_tokenizer(text, add_special_tokens=False)["input_ids"] + [byte_tokenizer.eos_token_id]
+    assert all("\ufffd" not in byte_tokenizer.decode([i]) for i in ids)
+    assert generated_char_offsets(byte_tokenizer, ids) == generated_char_offsets(OneAtATime(), ids)
+    assert generated_char_offsets(byte_tokenizer, []) == ("", [])
+
+
 def test_align_generated_equals_tokenize_trace_on_the_same_ids(byte_tokenizer):
     record = R1_TRACES[1]
     from_file = tokenize_trace(byte_tokenizer, record["prompt"], record["response"])

@@ -74,16 +74,24 @@ def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
         trl_args(tmp_path, manifest_file, attnpo_manifest=None)
 
 
-def test_trl_advantages_equal_the_lightweight_trainers(tmp_path, tiny_model_dir, manifest_file, byte_tokenizer,
-                                                       monkeypatch):
-    """A fixed group through TRL's real _generate_and_score_completions gives the loop's per-token advantages."""
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path, tiny_model_dir, manifest_file,
+                                                       byte_tokenizer, monkeypatch):
+    """A fixed group through TRL's real _generate_and_score_completions gives the loop's per-token advantages:
+    with TRL's defaults from a scoring forward of their own, with num_iterations 2 read off TRL's own
+    old-logps forward (no forward added)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    args = trl_args(tmp_path, manifest_file)
+    # bf16=False: TRL's forwards run under bf16 autocast otherwise (its default, on CPU too), and the attention
+    # read off its old-logps forward is then the autocast one, not the float32 one of the scoring forward
+    args = trl_args(tmp_path, manifest_file, num_iterations=num_iterations, bf16=False)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
     trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=byte_tokenizer)
+    assert trainer.old_logps_forward() == (num_iterations == 2)
+    if num_iterations == 2:
+        monkeypatch.setattr(trainer, "_scoring_model", lambda: pytest.fail("a scoring forward of its own ran"))
 
     eos = byte_tokenizer.eos_token_id
     completions = [byte_tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in RESPONSES]
@@ -109,13 +117,14 @@ def test_trl_advantages_equal_the_lightweight_trainers(tmp_path, tiny_model_dir,
 
     got = output["advantages"]
     assert got.shape == output["completion_ids"].shape and got.dtype == torch.float32
-    for b, values in enumerate(expected):
-        assert torch.equal(got[b, : len(values)], values), b
+    assert ("old_per_token_logps" in output) == (num_iterations == 2)
+    for b, values in enumerate(expected):  # TRL's batch of 8 against the scoring batches of 8 rated ones
+        torch.testing.assert_close(got[b, : len(values)], values, atol=1e-6, rtol=0)
         assert not got[b, len(values):].any()
     assert any(len(set(v.tolist())) > 1 for v in expected), "no step was rescaled: the check would be vacuous"
     metrics = trainer._metrics["train"]
     assert metrics["attnpo/frac_attenuated"] == [stats["frac_attenuated"]]
-    assert metrics["attnpo/mean_gamma"] == [stats["mean_gamma"]]
+    assert metrics["attnpo/mean_gamma"] == [pytest.approx(stats["mean_gamma"], abs=1e-6)]
     assert metrics["attnpo/reward"] == [float(rewards.mean())]
     assert list(trainer._logs["advantages"]) == advantages.reshape(-1).tolist()
 

@@ -1,0 +1,222 @@
+"""What AttnPO's step scoring costs: an AttnPO update against a TLMRE update on the same rollouts.
+
+Three updates of the same rollouts, from the group advantages to the gradient left in ``.grad``
+(``attnpo_train.loop.accumulate_policy_gradient``), timed in turns, each round in a rotated order, so
+that load on the machine hits all three alike:
+
+  tlmre:    uniform per-token advantages, then the update;
+  unfused:  AttnPO with the separate no-grad scoring forward (``attnpo_token_advantages``, as with
+            ``fused_scoring: false``), then the update;
+  fused:    AttnPO with the scores read off the update's own forward (``FusedStepCredit``, the default).
+
+Two models:
+
+  organism: the embedded model organism, its manifest's top-N heads and rollouts it samples from its own
+            task (8 prompts x G = 8, up to 320 new tokens, temperature 1: the experiment's settings);
+            also the time to sample them, for the scoring share of a whole training step (rollout +
+            scoring + update). Its ground truth is read as the trainer does on the organism.
+  r1shape:  Qwen2 with DeepSeek-R1-Distill-Qwen-1.5B's shape (hidden 1536, 12 query heads, 2 KV heads,
+            head dim 128, MLP 8960, vocabulary 151936 unless --vocab) and 4 layers, random weights (as
+            ``bench_capture.py``), heads (1, 2), (2, 9), (3, 2); G responses of about --tokens tokens each
+            written from the organism's traces (reasoning steps repeated to length, a 64-token answer),
+            tokenised with the organism's tokenizer, one sequence per micro-batch.
+
+Printed per model: median seconds of each update, the ratios to TLMRE, the scoring time the trainer
+logs (``time_scoring_s``: alignment, ground truth, capture and gammas; for unfused also its forward),
+and the largest |fused - unfused| per-token advantage. Ratios come from the same run.
+Run:  python benchmarks/bench_scoring.py [--models organism r1shape] [--repeats 5] [--tokens 2048] [--vocab V]
+          [--group-size G] [--threads N] [--device cuda] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from attnpo_train.advantages import group_advantages
+from attnpo_train.config import TrainConfig
+from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards, uniform_token_advantages
+from attnpo_train.data import Prompt
+from attnpo_train.loop import accumulate_policy_gradient
+from attnpo_train.rollouts import Rollouts, generate_rollouts
+from kfh_probe.loading import load_model, load_tokenizer
+from kfh_probe.manifest import load_manifest, top_heads
+from kfh_probe.organism import default_manifest_path, default_model_dir, default_traces_path
+
+R1_HEADS = [(1, 2), (2, 9), (3, 2)]
+ANSWER_TOKENS = 64
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def organism_case(device: str, seed: int, repeats: int) -> dict:
+    """The organism, its top-N heads, 8 x 8 rollouts sampled from its task, and the median seconds sampling
+    them took (the same seeded rollouts ``repeats`` times)."""
+    from kfh_probe.organism.task import generate_problems
+
+    path = default_model_dir()
+    model, tokenizer = load_model(path, "float32", device), load_tokenizer(path)
+    prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(8, seed))]
+    config = TrainConfig(method="attnpo", group_size=8, horizon=0, micro_batch_size=8)
+    seconds = []
+    for _ in range(repeats):
+        torch.manual_seed(seed)
+        _sync(device)
+        start = time.perf_counter()
+        rollouts = generate_rollouts(model, tokenizer, prompts, config.group_size, 320, 1.0)
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    heads = top_heads(load_manifest(default_manifest_path()), None)
+    texts = [prompts[i // config.group_size].text for i in range(len(rollouts.texts))]
+    return dict(model=model, tokenizer=tokenizer, prompts=prompts, rollouts=rollouts, heads=heads, config=config,
+                prompt_texts=texts, rollout_s=statistics.median(seconds))
+
+
+def _r1_model(device: str, vocab: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=4, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def r1shape_case(device: str, tokens: int, group_size: int, vocab: int) -> dict:
+    """G responses of about ``tokens`` tokens to one organism prompt, for the R1-shaped random model."""
+    tokenizer = load_tokenizer(default_model_dir())
+    with open(default_traces_path(), encoding="utf-8") as handle:
+        records = [json.loads(line) for line, _ in zip(handle, range(4 * group_size))]
+    eos = tokenizer.eos_token_id
+    prompt_ids = tokenizer(records[0]["prompt"], add_special_tokens=False)["input_ids"]
+    responses, texts = [], []
+    for g in range(group_size):
+        steps = [s["text"] for r in records[g::group_size] for s in r["steps"]]
+        sentence = f"The answer is {records[0]['answer']}. "
+        answer = "</think>\n" + sentence * (ANSWER_TOKENS // len(tokenizer(sentence)["input_ids"])) + \
+            f"\\boxed{{{records[0]['answer']}}}."
+        target = tokens - 32 * g  # different lengths: the length penalty gives every response its own advantage
+        reasoning, k = "", 0
+        while len(tokenizer(reasoning + answer)["input_ids"]) < target:
+            reasoning += steps[k % len(steps)]
+            k += 1
+        ids = tokenizer(reasoning + answer, add_special_tokens=False)["input_ids"] + [eos]
+        responses.append(ids)
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    rollouts = Rollouts(group_size, [list(prompt_ids)] * group_size, responses, texts, [True] * group_size)
+    config = TrainConfig(method="attnpo", group_size=group_size, horizon=0, micro_batch_size=1)
+    return dict(model=_r1_model(device, vocab), tokenizer=tokenizer, prompts=[Prompt("p", records[0]["prompt"],
+                records[0]["answer"])], rollouts=rollouts, heads=R1_HEADS, config=config, prompt_texts=None,
+                rollout_s=None)
+
+
+def updates(case: dict, device: str, first: int = 0) -> dict:
+    """One timed update of each kind: {kind: (seconds, time_scoring_s, token advantages, peak GiB or None,
+    seconds before the update)}."""
+    model, tokenizer, rollouts, config = case["model"], case["tokenizer"], case["rollouts"], case["config"]
+    pad_id = tokenizer.pad_token_id
+    correct, rewards = rollout_rewards(rollouts, case["prompts"], config)
+    advantages = group_advantages(rewards, config.estimator)
+    out = {}
+    kinds = ("tlmre", "unfused", "fused")
+    for kind in kinds[first:] + kinds[:first]:  # rounds rotate the order, so drifting load hits all alike
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        start = time.perf_counter()
+        if kind == "tlmre":
+            values = uniform_token_advantages(advantages, rollouts)
+        elif kind == "unfused":
+            values, _ = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages, case["heads"], 0,
+                                                config, pad_id, case["prompt_texts"])
+        else:
+            values = FusedStepCredit(tokenizer, rollouts, correct, advantages, case["heads"], 0, config,
+                                     case["prompt_texts"])
+        before_update = time.perf_counter() - start
+        accumulate_policy_gradient(model, None, rollouts, values, config, pad_id)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        scoring = {"tlmre": 0.0, "unfused": before_update, "fused": before_update}[kind]
+        if kind == "fused":
+            scoring += values.seconds
+            values = values.handed_out
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        out[kind] = (seconds, scoring, values, peak, before_update)
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=("organism", "r1shape"), default=["organism", "r1shape"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each times all three updates once)")
+    parser.add_argument("--tokens", type=int, default=2048, help="response length of the r1shape model")
+    parser.add_argument("--group-size", type=int, default=4, help="responses of the r1shape model")
+    parser.add_argument("--vocab", type=int, default=151936,
+                        help="vocabulary of the r1shape model (DeepSeek-R1-Distill-Qwen's by default; a smaller one "
+                             "makes the update cheaper, so scoring a larger share of it)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    for name in args.models:
+        case = organism_case(args.device, args.seed, args.repeats) if name == "organism" else \
+            r1shape_case(args.device, args.tokens, args.group_size, args.vocab)
+        updates(case, args.device)  # warm-up
+        rounds = [updates(case, args.device, r % 3) for r in range(args.repeats)]
+        time_s = {k: statistics.median(r[k][0] for r in rounds) for k in ("tlmre", "unfused", "fused")}
+        scoring_s = {k: statistics.median(r[k][1] for r in rounds) for k in ("unfused", "fused")}
+        fused_before = statistics.median(r["fused"][4] for r in rounds)  # alignment (and ground truth)
+        last = rounds[-1]
+        diff = max(float((a - b).abs().max()) for a, b in zip(last["fused"][2], last["unfused"][2]))
+        lengths = case["rollouts"].response_lengths.float()
+        row = {"responses": len(lengths), "response_tokens_mean": float(lengths.mean()), "seconds": time_s,
+               "scoring_seconds": scoring_s, "fused_over_tlmre": time_s["fused"] / time_s["tlmre"],
+               "unfused_over_tlmre": time_s["unfused"] / time_s["tlmre"], "max_abs_advantage_diff": diff,
+               "fused_scoring_over_tlmre": scoring_s["fused"] / time_s["tlmre"],
+               "fused_scoring_before_update_seconds": fused_before,
+               "rollout_seconds": case["rollout_s"]}
+        if case["rollout_s"] is not None:
+            row["scoring_share_of_step"] = {
+                k: scoring_s[k] / (case["rollout_s"] + time_s[k]) for k in ("unfused", "fused")}
+        if args.device.startswith("cuda"):
+            row["peak_gib"] = {k: max(r[k][3] for r in rounds) for k in ("tlmre", "unfused", "fused")}
+        results[name] = row
+        print(f"{name}: {row['responses']} responses, {row['response_tokens_mean']:.0f} tokens on average; "
+              f"median of {args.repeats} on {args.device}")
+        print(f"  update s: tlmre {time_s['tlmre']:.3f} | attnpo unfused {time_s['unfused']:.3f} | "
+              f"attnpo fused {time_s['fused']:.3f}")
+        print(f"  attnpo / tlmre: unfused {row['unfused_over_tlmre']:.3f} | fused {row['fused_over_tlmre']:.3f}")
+        print(f"  time_scoring_s: unfused {scoring_s['unfused']:.4f} | fused {scoring_s['fused']:.4f} "
+              f"({scoring_s['fused'] / time_s['tlmre']:.2%} of the TLMRE update; {fused_before:.4f} of it before "
+              f"the update: alignment{' and ground truth' if case['prompt_texts'] else ''})")
+        if "scoring_share_of_step" in row:
+            share = row["scoring_share_of_step"]
+            print(f"  rollout s {case['rollout_s']:.3f}; scoring share of a step: unfused {share['unfused']:.2%} | "
+                  f"fused {share['fused']:.2%}")
+        if "peak_gib" in row:
+            print("  peak GiB: " + " | ".join(f"{k} {v:.2f}" for k, v in row["peak_gib"].items()))
+        print(f"  max |fused - unfused| per-token advantage: {diff:.2e}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
