@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -243,22 +244,20 @@ def interface_call_rows(
 
 
 class _Recorder:
-    """Collects, per layer, the answer-row attention of the heads asked for."""
+    """Runs ``compute(module, query, key, attention_mask, kwargs)`` on each requested layer's call and
+    keeps its result by layer; stops the forward after ``stop_after``."""
 
-    def __init__(self, rows: torch.Tensor, row_valid: torch.Tensor, layers: list[int], reduce: str, stop_after: int | None):
-        self.rows = rows
-        self.row_valid = row_valid
+    def __init__(self, layers: list[int], compute: Callable, stop_after: int | None):
         self.layers = set(layers)
-        self.reduce = reduce
+        self.compute = compute
         self.stop_after = stop_after
-        self.results: dict[int, torch.Tensor] = {}
+        self.results: dict[int, object] = {}
 
     def record(self, module, query, key, attention_mask, kwargs) -> None:
         layer = module.layer_idx
         if layer not in self.layers:
             return
-        probs = interface_call_rows(module, query, key, attention_mask, kwargs, self.rows, self.row_valid)
-        self.results[layer] = probs.sum(dim=2) if self.reduce == "sum" else probs
+        self.results[layer] = self.compute(module, query, key, attention_mask, kwargs)
         if self.stop_after is not None and layer == self.stop_after:
             raise _StopForward
 
@@ -329,6 +328,42 @@ def capture_answer_attention(
     """
     if reduce not in ("sum", "rows"):
         raise ValueError(f"reduce must be 'sum' or 'rows', got {reduce!r}")
+    rows, row_valid = answer_rows(answer_mask.bool())
+
+    def compute(module, query, key, mask, kwargs) -> torch.Tensor:
+        probs = interface_call_rows(module, query, key, mask, kwargs, rows, row_valid)
+        return probs.sum(dim=2) if reduce == "sum" else probs
+
+    results = capture_layer_calls(model, input_ids, attention_mask, compute, layers, stop_early)
+    return AnswerAttention(sorted(results), torch.stack([results[layer] for layer in sorted(results)], dim=1), rows, row_valid)
+
+
+@torch.no_grad()
+def capture_layer_calls(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    compute: Callable,
+    layers: list[int] | None = None,
+    stop_early: bool = True,
+) -> dict[int, object]:
+    """Run one forward and return, per requested layer, ``compute`` applied to its attention call.
+
+    ``compute(module, query, key, attention_mask, kwargs)`` receives what the model passed to its
+    attention function (query ``[batch, heads, T, head_dim]`` and key ``[batch, kv_heads, T, head_dim]``
+    after rotary, norms and biases; the 4D mask or None; ``kwargs`` with ``scaling``, ``sliding_window``,
+    ``softcap``, ...), so it can compute any reduction of the exact attention rows it needs, in chunks
+    (``interface_call_rows``), without a T x T map. The model's own attention runs unchanged.
+
+    Args:
+        model: a Hugging Face causal LM in eval mode.
+        input_ids, attention_mask: ``[batch, T]``.
+        layers: layer indices (all when None).
+        stop_early: stop the forward after the last requested layer.
+
+    Raises:
+        UnsupportedModelError: naming the architecture, when its attention cannot be captured.
+    """
     if model.training:
         raise ValueError("put the model in eval mode (model.eval()) before capturing attention: dropout would change it")
     modules = attention_modules(model)
@@ -336,8 +371,7 @@ def capture_answer_attention(
     missing = [layer for layer in wanted if layer not in modules]
     if missing:
         raise ValueError(f"{type(model).__name__} has no attention layer(s) {missing}; it has layers 0..{max(modules)}")
-    rows, row_valid = answer_rows(answer_mask.bool())
-    recorder = _Recorder(rows, row_valid, wanted, reduce, wanted[-1] if stop_early else None)
+    recorder = _Recorder(wanted, compute, wanted[-1] if stop_early else None)
     name = _implementation(model)
     with _wrap_implementation(name):
         with _LOCK:
@@ -359,5 +393,4 @@ def capture_answer_attention(
             f"{type(model).__name__} (attention implementation {name!r}) did not compute layer(s) {silent} "
             "through the transformers attention interface, so their attention cannot be captured"
         )
-    values = torch.stack([recorder.results[layer] for layer in wanted], dim=1)
-    return AnswerAttention(wanted, values, rows, row_valid)
+    return recorder.results
