@@ -61,6 +61,14 @@ class RhythmSignals:
     waad: torch.Tensor
     fai: torch.Tensor
 
+    def stacked(self) -> torch.Tensor:
+        """``[2, n]``: WAAD, then FAI (for saving a batch of a resumable run)."""
+        return torch.stack([self.waad, self.fai])
+
+    @classmethod
+    def from_stacked(cls, response_start: int, stacked: torch.Tensor) -> "RhythmSignals":
+        return cls(response_start, stacked[0], stacked[1])
+
 
 def select_heads(mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION) -> RhythmHeads:
     """Local and global heads from each head's mean backward distance.
@@ -237,3 +245,70 @@ def rhythm_signals(
             fai = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full((n,), float("nan")))
             out.append(RhythmSignals(start, waad[b, :n].clone(), fai))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rhythm file (JSONL: a header line, then one line per trace; design page)
+# ---------------------------------------------------------------------------------------------------
+
+FORMAT = "kfh-rhythm"
+VERSION = 1
+
+
+def rhythm_header(heads: RhythmHeads, window: int, fai_range: tuple[int, int], model_block: dict) -> dict:
+    """The header line of a rhythm file."""
+    return {
+        "format": FORMAT, "version": VERSION,
+        "local_heads": [list(h) for h in heads.local], "global_heads": [list(h) for h in heads.global_],
+        "window": window, "fai_range": list(fai_range), "model": model_block,
+    }
+
+
+def rhythm_record(trace_id: str, signals: RhythmSignals, digits: int = 6) -> dict:
+    """One trace's line: WAAD and FAI over its response positions (FAI null where it is undefined)."""
+    return {
+        "id": trace_id,
+        "response_start": signals.response_start,
+        "waad": [round(float(v), digits) for v in signals.waad],
+        "fai": [None if math.isnan(v) else round(float(v), digits) for v in signals.fai.tolist()],
+    }
+
+
+def read_rhythm_header(path, model_shape_block: dict | None = None) -> dict:
+    """The checked header of a rhythm file.
+
+    Args:
+        model_shape_block: when given (``model_shape`` of a model), the header's model must have this
+            shape and its heads must exist in it.
+    Raises:
+        ValueError: naming the file and what is wrong.
+    """
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:1: not a JSON header line ({err.msg})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path}:1: not a {FORMAT} version {VERSION} header")
+    for key in ("local_heads", "global_heads"):
+        heads = header.get(key)
+        if not isinstance(heads, list) or not heads or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
+        ):
+            raise ValueError(f"{path}:1: '{key}' must be a non-empty list of [layer, head]")
+    if model_shape_block is not None:
+        model = header.get("model", {})
+        wrong = [k for k in ("num_layers", "num_heads") if model.get(k) != model_shape_block[k]]
+        if wrong:
+            raise ValueError(
+                f"{path}: made for a model with " + ", ".join(f"{k} = {model.get(k)}" for k in wrong)
+                + "; this model has " + ", ".join(f"{k} = {model_shape_block[k]}" for k in wrong)
+            )
+    return header
+
+
+def heads_from_header(header: dict) -> RhythmHeads:
+    return RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
