@@ -125,3 +125,95 @@ def test_row_reductions_by_hand():
     assert band[0, 0, 0, 0].item() == pytest.approx(0.3)  # d = 3 -> key 12
     assert band[0, 0, 0, 10].item() == pytest.approx(0.2)  # d = 13 -> key 2
     assert band.sum().item() == pytest.approx(0.5)
+
+
+# --- kfh-probe rhythm ---------------------------------------------------------------------------------
+
+
+def _rhythm(model_dir, traces, out, *extra):
+    from kfh_probe.cli import main
+
+    return main(["rhythm", "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
+
+
+@pytest.fixture
+def raw_trace_file(tmp_path):
+    from conftest import R1_TRACES
+
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(__import__("json").dumps(r, ensure_ascii=False) + "\n" for r in R1_TRACES), encoding="utf-8")
+    return path
+
+
+def test_rhythm_command_writes_the_header_and_one_line_per_trace(tiny_model_dir, raw_trace_file, tmp_path):
+    import json
+
+    from conftest import R1_TRACES
+
+    from kfh_probe.alignment import tokenize_response
+    from kfh_probe.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    out = tmp_path / "r.jsonl"
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 0
+    header, *records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["format"] == "kfh-rhythm" and header["version"] == 1
+    assert header["window"] == 10 and header["fai_range"] == [10, 50]
+    assert len(header["local_heads"]) == len(header["global_heads"]) == math.ceil(0.3 * 3 * 4)
+    assert header["model"]["num_layers"] == 3 and "fingerprint" in header["model"]
+    assert [r["id"] for r in records] == [t["id"] for t in R1_TRACES]
+    model = load_model(tiny_model_dir)
+    heads = RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+    for trace, record in zip(R1_TRACES, records):
+        ids, start = tokenize_response(tokenizer, trace["prompt"], trace["response"])
+        assert ids[-1] == tokenizer.eos_token_id and record["response_start"] == start
+        _, waad, fai = _reference(_eager_maps(model, ids), start, heads)
+        assert len(record["waad"]) == len(record["fai"]) == len(ids) - start
+        assert torch.allclose(torch.tensor(record["waad"]), waad, atol=1e-4)
+        assert all(v is None for v in record["fai"][-10:]) and record["fai"][-11] is not None
+        defined = [(a, b) for a, b in zip(record["fai"], fai.tolist()) if a is not None]
+        assert torch.allclose(torch.tensor([a for a, _ in defined]), torch.tensor([b for _, b in defined]), atol=1e-5)
+    assert not (tmp_path / "r.jsonl.parts").exists()
+
+    again = tmp_path / "again.jsonl"  # --heads-from reuses the heads
+    assert _rhythm(tiny_model_dir, raw_trace_file, again, "--heads-from", str(out), "--batch-size", "1") == 0
+    assert again.read_text() == out.read_text()
+
+
+def test_interrupted_rhythm_run_leaves_no_file_and_resumes_to_the_same_bytes(
+    tiny_model_dir, raw_trace_file, tmp_path, monkeypatch
+):
+    import kfh_probe.rhythm as rhythm_module
+
+    reference = tmp_path / "reference.jsonl"
+    assert _rhythm(tiny_model_dir, raw_trace_file, reference, "--batch-size", "1") == 0
+    from conftest import interrupting
+
+    real, calls = rhythm_module.rhythm_signals, []
+    monkeypatch.setattr(rhythm_module, "rhythm_signals", interrupting(real, calls, at=2))
+    out = tmp_path / "r.jsonl"
+    out.write_text("previous")
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 130
+    assert out.read_text() == "previous"
+    assert len(list((tmp_path / "r.jsonl.parts").glob("batch-*.pt"))) == 1
+    calls.clear()
+    monkeypatch.setattr(rhythm_module, "rhythm_signals", interrupting(real, calls, at=None))
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 0
+    assert len(calls) == 1  # only the unfinished trace was computed again
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_rhythm_refuses_broken_traces_by_line_and_id_and_writes_nothing(tiny_model_dir, raw_trace_file, tmp_path, capsys):
+    from conftest import with_broken_record
+
+    broken = with_broken_record(raw_trace_file, tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert _rhythm(tiny_model_dir, broken, out) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}:2 (id 'oops')" in err
+    assert not out.exists()
+    bad_heads = tmp_path / "heads.jsonl"
+    bad_heads.write_text('{"format": "kfh-manifest"}\n')
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--heads-from", str(bad_heads)) == 2
+    assert "not a kfh-rhythm version 1 header" in capsys.readouterr().err
+    assert not out.exists()
