@@ -81,16 +81,20 @@ def test_rhythm_advantages_need_signals_only_for_positive_advantages():
         token_mask("sideways", WAAD, FAI)
 
 
-@pytest.fixture(scope="module")
-def rhythm_file(tmp_path_factory, tiny_model_dir):
+def write_rhythm_file(path, model_dir):
+    """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
     from kfh_probe.loading import load_model
     from kfh_probe.manifest import model_record
 
-    path = tmp_path_factory.mktemp("rhythm") / "rhythm.jsonl"
     heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
-    header = rhythm_header(heads, 10, (10, 50), model_record(load_model(tiny_model_dir), "tiny"))
+    header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
     path.write_text(json.dumps(header) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def rhythm_file(tmp_path_factory, tiny_model_dir):
+    return write_rhythm_file(tmp_path_factory.mktemp("rhythm") / "rhythm.jsonl", tiny_model_dir)
 
 
 @pytest.mark.parametrize("strategy", ["preplan", "anchor", "coupled"])
