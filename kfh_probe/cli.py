@@ -143,6 +143,9 @@ def cmd_rhythm(args) -> int:
 
     args.model_name = None
     _default_inputs(args)
+    if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
+        raise ValueError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
+                         f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
     traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
     tokenizer = load_tokenizer(args.model)
     kept, sequences, starts = [], [], []

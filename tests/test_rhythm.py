@@ -216,4 +216,6 @@ def test_rhythm_refuses_broken_traces_by_line_and_id_and_writes_nothing(tiny_mod
     bad_heads.write_text('{"format": "kfh-manifest"}\n')
     assert _rhythm(tiny_model_dir, raw_trace_file, out, "--heads-from", str(bad_heads)) == 2
     assert "not a kfh-rhythm version 1 header" in capsys.readouterr().err
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--fai-range", "50", "10") == 2
+    assert "0 < LO <= HI for --fai-range (got [50, 10])" in capsys.readouterr().err
     assert not out.exists()
