@@ -272,6 +272,8 @@ def main() -> None:
                         help="evaluations of every final policy (calibration runs may take t0.6 alone)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (each with --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="summarise only the runs already finished in --out; start no training")
     parser.add_argument("--out", default=str(ROOT / "runs" / "attnpo_vs_tlmre"))
     parser.add_argument("--json", default=str(ROOT / "figures" / "attnpo_vs_tlmre.json"))
     parser.add_argument("--plot", default=str(ROOT / "figures" / "attnpo_vs_tlmre.png"))
@@ -280,6 +282,11 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms
             if arm not in SINGLE_SEED_ARMS or seed == args.seeds[0]]
+    if args.cached_only:  # summarise what is finished; a benchmark still running on OUT keeps filling it
+        jobs = [(arm, seed) for arm, seed in jobs if (Path(args.out) / f"{arm}-seed{seed}" / "result.json").is_file()]
+        if not (Path(args.out) / "base.json").is_file() or not jobs:
+            raise SystemExit(f"--cached-only: {args.out} has no base.json or no finished run of these arms and seeds")
+        print(f"--cached-only: {len(jobs)} finished runs: {jobs}", flush=True)
     started = time.perf_counter()
     runs: list[dict] = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
