@@ -79,7 +79,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def _run_config(args: argparse.Namespace):
     """The run's TrainConfig with the embedded organism filled in where no path was given."""
-    from attnpo_train.config import load_config
+    from attnpo_train.config import RHYTHM_METHODS, load_config
 
     if args.config is not None and not Path(args.config).is_file():
         raise InputError(f"--config: no such file {args.config}")
@@ -95,6 +95,9 @@ def _run_config(args: argparse.Namespace):
         if not is_organism:
             raise InputError("method 'attnpo' needs the KFH manifest of --model: pass --manifest M (make one with `kfh-probe sweep`)")
         updates["manifest"] = str(_organism_manifest())
+    if config.method in RHYTHM_METHODS and config.rhythm is None and not is_organism:
+        raise InputError(f"method {config.method!r} needs the rhythm heads of --model: pass --set rhythm=R.jsonl "
+                         "(make one with `kfh-probe rhythm --model DIR --traces F --out R.jsonl`)")
     if config.data is None and not is_organism:
         raise InputError("--model was given without --data: pass the training prompts with --data F (JSONL with prompt, answer)")
     return dataclasses.replace(config, **updates)

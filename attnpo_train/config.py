@@ -16,7 +16,8 @@ import yaml
 
 from attnpo_train.rewards import GRADERS
 
-METHODS = ("rloo", "tlmre", "attnpo")
+METHODS = ("rloo", "tlmre", "attnpo", "preplan", "anchor", "coupled")
+RHYTHM_METHODS = ("preplan", "anchor", "coupled")
 CREDITS = ("attention", "shuffled", "oracle")
 ESTIMATORS = ("rloo", "grpo")
 
@@ -29,7 +30,9 @@ class TrainConfig:
     method: str = "attnpo"
     """"rloo": 0/1 correctness reward (no length penalty; the group baseline is ``estimator``'s, RLOO by
     default); "tlmre": length-penalised reward; "attnpo": tlmre + stepwise advantage rescaling
-    (section 6)."""
+    (section 6); "preplan", "anchor", "coupled": tlmre + the Preplan-and-Anchor credit strategies
+    (docs/method.md): the advantage of the top ``rhythm_top`` share of tokens by WAAD rise, FAI, or their
+    coupling is multiplied by ``rhythm_gain`` where it is non-negative."""
     estimator: str = "rloo"
     """Group baseline: "rloo" (leave-one-out, the reference) or "grpo" (mean/std normalisation)."""
     group_size: int = 8
@@ -58,6 +61,13 @@ class TrainConfig:
     controls, for the embedded organism: "shuffled" permutes each response's scores among its own steps
     (same formula and fraction attenuated, no attention information); "oracle" scores steps by their
     ground-truth labels (redundant 0, essential above the baseline), the ceiling of this rescaling."""
+    rhythm: str | None = None
+    """``kfh-probe rhythm`` file whose header gives the local and global heads, W and the FAI range of the
+    rhythm methods; None uses the organism's (``kfh_probe/data/organism_rhythm.jsonl``)."""
+    rhythm_top: float = 0.4
+    """Share of a response's tokens the rhythm methods credit (top by the signal), in (0, 1]."""
+    rhythm_gain: float = 1.5
+    """Factor on the non-negative advantage of the credited tokens, >= 1."""
     marker: str = "</think>"
     """End-of-thinking marker that separates reasoning from the final answer."""
     grader: str = "auto"
@@ -130,6 +140,8 @@ class TrainConfig:
         _check(0.0 <= self.delta <= 1.0, "delta", self.delta, "in [0, 1]")
         _check(self.horizon >= 0, "horizon", self.horizon, ">= 0")
         _check(self.top_n_heads is None or self.top_n_heads >= 1, "top_n_heads", self.top_n_heads, ">= 1 or null")
+        _check(0.0 < self.rhythm_top <= 1.0, "rhythm_top", self.rhythm_top, "in (0, 1]")
+        _check(self.rhythm_gain >= 1.0, "rhythm_gain", self.rhythm_gain, ">= 1")
         _check(len(self.marker) > 0, "marker", self.marker, "a non-empty string")
         _check_choice("grader", self.grader, ("auto", *GRADERS))
         _check(0.0 < self.clip_eps < 1.0, "clip_eps", self.clip_eps, "in (0, 1)")

@@ -59,7 +59,7 @@ from attnpo_train.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from attnpo_train.config import TrainConfig
+from attnpo_train.config import RHYTHM_METHODS, TrainConfig
 from attnpo_train.credit import (
     FusedStepCredit,
     UpdateCredit,
@@ -70,6 +70,7 @@ from attnpo_train.credit import (
 )
 from attnpo_train.data import PromptSource, load_prompts
 from attnpo_train.loss import ppo_clip_loss
+from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
 from attnpo_train.rollouts import Rollouts, generate_rollouts
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
@@ -206,6 +207,7 @@ class RunInputs:
         prompts: where prompts come from.
         heads: the top-N Key-Focus Heads as (layer, query head); empty unless the method is "attnpo".
         pad_id: id used for right padding.
+        rhythm: the rhythm heads, W and FAI range of the "preplan", "anchor" and "coupled" methods.
     """
 
     model: nn.Module
@@ -213,6 +215,7 @@ class RunInputs:
     prompts: PromptSource
     heads: list[tuple[int, int]]
     pad_id: int
+    rhythm: RhythmProbe | None = None
 
 
 def prepare_run(config: TrainConfig) -> RunInputs:
@@ -255,7 +258,12 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     if manifest is not None:
         check_model_matches(manifest, model, allow_finetuned=config.allow_finetuned)
         heads = top_heads(manifest, config.top_n_heads)
-    return RunInputs(model, tokenizer, source, heads, pad_token_id(tokenizer))
+    rhythm = None
+    if config.method in RHYTHM_METHODS:
+        from kfh_probe.organism import default_rhythm_path
+
+        rhythm = RhythmProbe.from_file(config.rhythm or default_rhythm_path(), model)
+    return RunInputs(model, tokenizer, source, heads, pad_token_id(tokenizer), rhythm)
 
 
 def _mean(values: list[float]) -> float:
@@ -286,6 +294,7 @@ def train_step(
     truth_steps = mean_accounting([step_accounting(p, r) for p, r in zip(prompt_texts, rollouts.texts)])
     rescale_stats = {"rescaled_responses": 0.0, "frac_attenuated": 0.0, "mean_gamma": 1.0}
     credit_stats: dict[str, float | None] = {}
+    rhythm_stats: dict[str, float] = {}
     known_truth = prompt_texts if truth_steps is not None else None
     fused = None
     if config.method == "attnpo" and config.fused_scoring:
@@ -295,6 +304,12 @@ def train_step(
         token_advantages, stats = attnpo_token_advantages(
             model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id, known_truth
         )
+    elif config.method in RHYTHM_METHODS:
+        token_advantages, stats = rhythm_token_advantages(
+            model, rollouts, advantages, inputs.rhythm, config.method, config.rhythm_top, config.rhythm_gain,
+            inputs.pad_id, config.micro_batch_size,
+        )
+        rhythm_stats = {"amplified_frac": stats["amplified_frac"]}
     else:
         token_advantages = uniform_token_advantages(advantages, rollouts)
     t2 = time.perf_counter()
@@ -316,6 +331,7 @@ def train_step(
         "advantage_abs_mean": float(advantages.abs().mean()),
         **rescale_stats,
         **credit_stats,
+        **rhythm_stats,
         **({} if truth_steps is None else {f"{k}_per_response" if k != "labelled_fraction" else k: v
                                             for k, v in truth_steps.items()}),
         "confused_per_response": _mean([c["confused"] for c in phrases]),

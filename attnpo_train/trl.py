@@ -31,6 +31,9 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
   forward is not used: TRL computes the advantages before any loss forward and buffers them.
   TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
   and every TRL loss type multiplies them elementwise with the per-token ratio.
+- With ``attnpo_method`` "preplan", "anchor" or "coupled" the step rating and rescaling are replaced by the
+  Preplan-and-Anchor credit of ``attnpo_train.rhythm`` (``rollout_signals`` in the same no-grad scoring
+  forward, then ``rhythm_advantages``), again the lightweight trainer's functions.
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
   produced them: ``model.generate``, transformers continuous batching, vLLM colocate or server), so
   nothing here assumes a local HF generate.
@@ -64,7 +67,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from attnpo_train.advantages import group_advantages
-from attnpo_train.config import TrainConfig
+from attnpo_train.config import RHYTHM_METHODS, TrainConfig
 from attnpo_train.credit import (
     StepRating,
     answer_row_recorder,
@@ -73,6 +76,7 @@ from attnpo_train.credit import (
     rollout_rewards,
     scored_rating,
 )
+from attnpo_train.rhythm import RhythmProbe, rhythm_advantages, rollout_signals
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from attnpo_train.rollouts import Rollouts, decode_responses
@@ -98,8 +102,19 @@ class AttnPOConfig(GRPOConfig):
     dual clip, which only acts off-policy (``num_iterations > 1`` or asynchronous generation).
 
     Parameters:
+        attnpo_method (`str`, *optional*, defaults to `"attnpo"`):
+            `"attnpo"` (Key-Focus-Head step rescaling) or a Preplan-and-Anchor strategy, `"preplan"`, `"anchor"`
+            or `"coupled"` (docs/method.md): the same TLMRE reward, with the advantage of the top `attnpo_rhythm_top`
+            share of tokens by the signal multiplied by `attnpo_rhythm_gain` where it is non-negative.
         attnpo_manifest (`str`):
-            KFH manifest (JSON) of the policy's base model; required. Checked against the model at init.
+            KFH manifest (JSON) of the policy's base model; required for `"attnpo"`. Checked against the model at init.
+        attnpo_rhythm (`str` or `None`, *optional*, defaults to `None`):
+            `kfh-probe rhythm` file of the policy's base model (its header gives the local and global heads, W and
+            the FAI range); required for the rhythm methods.
+        attnpo_rhythm_top (`float`, *optional*, defaults to `0.4`):
+            Share of a completion's tokens the rhythm methods credit.
+        attnpo_rhythm_gain (`float`, *optional*, defaults to `1.5`):
+            Factor on the non-negative advantage of the credited tokens.
         attnpo_top_n_heads (`int` or `None`, *optional*, defaults to `None`):
             Number of top Key-Focus Heads whose mean score rates steps; `None` uses the manifest's `top_n`.
         attnpo_estimator (`str`, *optional*, defaults to `"rloo"`):
@@ -131,9 +146,17 @@ class AttnPOConfig(GRPOConfig):
             Sequences per KFH scoring forward on each rank (memory only, not the maths).
     """
 
-    attnpo_manifest: str | None = field(
-        default=None, metadata={"help": "KFH manifest (JSON) of the policy's base model; required."}
+    attnpo_method: str = field(
+        default="attnpo", metadata={"help": "'attnpo', or a Preplan-and-Anchor strategy: 'preplan', 'anchor', 'coupled'."}
     )
+    attnpo_manifest: str | None = field(
+        default=None, metadata={"help": "KFH manifest (JSON) of the policy's base model; required for 'attnpo'."}
+    )
+    attnpo_rhythm: str | None = field(
+        default=None, metadata={"help": "kfh-probe rhythm file of the policy's base model; required for the rhythm methods."}
+    )
+    attnpo_rhythm_top: float = field(default=0.4, metadata={"help": "Share of tokens the rhythm methods credit."})
+    attnpo_rhythm_gain: float = field(default=1.5, metadata={"help": "Factor on the credited non-negative advantages."})
     attnpo_top_n_heads: int | None = field(
         default=None, metadata={"help": "Number of top Key-Focus Heads to use; None uses the manifest's top_n."}
     )
@@ -163,8 +186,14 @@ class AttnPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.attnpo_manifest is None:
+        if self.attnpo_method not in ("attnpo", *RHYTHM_METHODS):
+            raise ValueError(f"config 'attnpo_method' must be one of attnpo, {', '.join(RHYTHM_METHODS)}; got "
+                             f"{self.attnpo_method!r}")
+        if self.attnpo_method == "attnpo" and self.attnpo_manifest is None:
             raise ValueError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
+        if self.attnpo_method in RHYTHM_METHODS and self.attnpo_rhythm is None:
+            raise ValueError(f"attnpo_method {self.attnpo_method!r} needs 'attnpo_rhythm', a kfh-probe rhythm file of "
+                             "the policy's base model")
         if self.num_generations_eval is not None and self.num_generations_eval < 2:
             raise ValueError(
                 f"AttnPO's group baseline needs num_generations_eval >= 2 (or None); got {self.num_generations_eval}"
@@ -172,12 +201,12 @@ class AttnPOConfig(GRPOConfig):
         self.to_train_config(self.num_generations)  # the range checks of the lightweight trainer
 
     def to_train_config(self, group_size: int) -> TrainConfig:
-        """The ``TrainConfig`` whose AttnPO settings these are (method "attnpo", G = ``group_size``)."""
+        """The ``TrainConfig`` whose AttnPO settings these are (G = ``group_size``)."""
         values = {
             f.name[len(PREFIX) :]: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(PREFIX)
         }
         try:
-            return TrainConfig(method="attnpo", group_size=group_size, **values)
+            return TrainConfig(group_size=group_size, **values)
         except ValueError as err:  # name the field as it is spelled here
             message = str(err)
             for name in values:
@@ -218,8 +247,9 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             columns = getattr(dataset, "column_names", None)
             if isinstance(columns, list) and ANSWER_COLUMN not in columns:
                 raise ValueError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
-        manifest = load_manifest(args.attnpo_manifest)  # refuse a bad file before loading any weights
-        self._attnpo_heads = top_heads(manifest, args.attnpo_top_n_heads)
+        # refuse a bad file before loading any weights
+        manifest = load_manifest(args.attnpo_manifest) if args.attnpo_method == "attnpo" else None
+        self._attnpo_heads = [] if manifest is None else top_heads(manifest, args.attnpo_top_n_heads)
         super().__init__(
             model=model,
             reward_funcs=[self.attnpo_correct],
@@ -238,8 +268,10 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             )
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         attention_modules(policy)  # UnsupportedModelError, by name, for attention the probe cannot capture
+        self._attnpo_rhythm = None if manifest is not None else RhythmProbe.from_file(args.attnpo_rhythm, policy)
         try:
-            check_model_matches(manifest, policy, args.attnpo_allow_finetuned, gather_params=self._dist.gather_params)
+            if manifest is not None:
+                check_model_matches(manifest, policy, args.attnpo_allow_finetuned, gather_params=self._dist.gather_params)
         except ManifestMismatchError as err:
             raise ManifestMismatchError(f"{err} (AttnPOConfig: attnpo_allow_finetuned=True)") from None
         self._attnpo_pad_id = pad_token_id(self._tokenizer)
@@ -280,11 +312,12 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         """TRL's, recording the top-N heads' answer rows of this rank's correct completions when it is the
         no-grad ``old_per_token_logps`` forward of ``_generate_and_score_completions`` (the first no-grad
         call on the policy there, made only when ``old_logps_forward()``). A policy in training mode with
-        attention dropout is not recorded (its scores take their own eval-mode forward)."""
+        attention dropout is not recorded (its scores take their own eval-mode forward), nor is anything
+        for the rhythm methods (no Key-Focus Heads; their signals take their own forward)."""
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         dropout = self.model.training and getattr(policy.config, "attention_dropout", 0.0)
-        if (self._attnpo_answers is None or self._attnpo_generated is None or self._attnpo_captured is not None
-                or torch.is_grad_enabled() or model is not self.model or not self.old_logps_forward() or dropout):
+        if (not self._attnpo_heads or self._attnpo_answers is None or self._attnpo_generated is None
+                or self._attnpo_captured is not None or torch.is_grad_enabled() or model is not self.model or not self.old_logps_forward() or dropout):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
         prompt_ids, completion_ids = self._attnpo_generated
@@ -359,7 +392,9 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         step: int,
         captured: list[StepRating | None] | None = None,
     ) -> tuple[list[torch.Tensor], list[float], dict[str, float]]:
-        """AttnPO per-token advantages of this rank's completions; every rank must call it (collective).
+        """AttnPO (or rhythm-strategy) per-token advantages of this rank's completions; every rank must call it
+        (collective). For the rhythm methods each rank computes the WAAD/FAI of its own positive-advantage
+        completions (``rollout_signals``) and the signals are gathered before ``rhythm_advantages``.
 
         Args:
             prompt_ids, completion_ids, answers: this rank's B rows, unpadded, in TRL's order (the global
@@ -370,7 +405,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         Returns:
             (B float32 tensors [len(completion_ids[b])], the outcome advantages A_i of the whole batch
              (for TRL's completions table), metrics of the whole batch: "reward", "accuracy",
-             "advantage_abs_mean", "rescaled_responses", "frac_attenuated", "mean_gamma").
+             "advantage_abs_mean", then "rescaled_responses", "frac_attenuated", "mean_gamma" (attnpo) or
+             "amplified_frac" (rhythm methods)).
         """
         config = self.args.to_train_config(group_size)
         all_prompt_ids = gather_object(prompt_ids)
@@ -387,6 +423,22 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * len(completion_ids)
         local = slice(start, start + len(completion_ids))
         local_rollouts = Rollouts(group_size, all_prompt_ids[local], trimmed[local], texts[local], finished[local])
+        metrics = {
+            "reward": float(rewards.mean()),
+            "accuracy": float(correct.mean()),
+            "advantage_abs_mean": float(advantages.abs().mean()),
+        }
+        if config.method in RHYTHM_METHODS:
+            # this rank's positive-advantage rows, then every rank's signals by global rollout index
+            positive = [i for i, a in enumerate(advantages.reshape(-1)[local].tolist()) if a > 0]
+            with self._scoring_model() as model:
+                mine = rollout_signals(model, local_rollouts, positive, self._attnpo_rhythm, self._attnpo_pad_id,
+                                       config.micro_batch_size) if positive else {}
+            signals = dict(gather_object([(start + i, s) for i, s in mine.items()]))
+            token_advantages, stats = rhythm_advantages(
+                advantages, rollouts, signals, config.method, config.rhythm_top, config.rhythm_gain
+            )
+            return token_advantages[local], advantages.reshape(-1).tolist(), {**metrics, "amplified_frac": stats["amplified_frac"]}
         ratings = captured
         if ratings is None:
             with self._scoring_model() as model:
@@ -396,14 +448,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
                 )
         ratings = gather_object(ratings)
         token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
-        metrics = {
-            "reward": float(rewards.mean()),
-            "accuracy": float(correct.mean()),
-            "advantage_abs_mean": float(advantages.abs().mean()),
-            "rescaled_responses": stats["rescaled_responses"],
-            "frac_attenuated": stats["frac_attenuated"],
-            "mean_gamma": stats["mean_gamma"],
-        }
+        metrics.update({k: stats[k] for k in ("rescaled_responses", "frac_attenuated", "mean_gamma")})
         return token_advantages[local], advantages.reshape(-1).tolist(), metrics
 
     @contextlib.contextmanager

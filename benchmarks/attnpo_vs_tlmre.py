@@ -10,6 +10,9 @@ Arms (all from the shipped organism, same settings, same prompts and random stre
     oracle    AttnPO with step scores from the ground-truth labels (the ceiling of this rescaling)
     pos_only  AttnPO with Pos-Adv attenuation only
     neg_only  AttnPO with Neg-Adv attenuation only
+    preplan   TLMRE with the advantage of the top 40% tokens by WAAD rise times 1.5 where it is >= 0
+    anchor    the same on the top 40% tokens by FAI (Preplan-and-Anchor, arXiv 2510.13554)
+    coupled   the same on anchors next to a preplan token and those preplan tokens
 
 Every final policy is evaluated on held-out problems greedily, avg@K at temperature 0.6 / top-p 0.95,
 and avg@K at temperature 1.0, with ground-truth step accounting. Each finished run is written to
@@ -44,6 +47,9 @@ ARMS = {
     "oracle": {"method": "attnpo", "credit": "oracle"},
     "pos_only": {"method": "attnpo", "neg_attenuation": False},
     "neg_only": {"method": "attnpo", "pos_attenuation": False},
+    "preplan": {"method": "preplan"},
+    "anchor": {"method": "anchor"},
+    "coupled": {"method": "coupled"},
 }
 SINGLE_SEED_ARMS = ("pos_only", "neg_only")
 EVALS = {"greedy": (1, None, 1.0), "t0.6": (None, 0.6, 0.95), "t1.0": (None, 1.0, 1.0)}  # samples, T, top-p
@@ -53,7 +59,7 @@ CURVES = ("response_tokens_mean", "redundant_steps_per_response", "essential_ste
           "pos_precision", "neg_precision")
 SAVED_CURVES = (*CURVES, "reward_mean", "frac_attenuated", "mean_gamma", "other_per_response", "recheck_per_response",
                 "restate_per_response", "missing_essential_per_response", "confused_per_response",
-                "summary_per_response", "pos_attenuated_steps", "neg_shielded_steps")
+                "summary_per_response", "pos_attenuated_steps", "neg_shielded_steps", "amplified_frac")
 """Per-step metrics kept in the JSON for notebook 02 (the plot shows ``CURVES``)."""
 
 
@@ -218,7 +224,8 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
     from kfh_probe.io import atomic_write_bytes
 
     colours = {"rloo": "tab:gray", "tlmre": "tab:blue", "attnpo": "tab:red", "shuffled": "tab:orange",
-               "oracle": "tab:green", "pos_only": "tab:purple", "neg_only": "tab:brown"}
+               "oracle": "tab:green", "pos_only": "tab:purple", "neg_only": "tab:brown", "preplan": "tab:pink",
+               "anchor": "tab:olive", "coupled": "tab:cyan"}
     titles = {"response_tokens_mean": "rollout tokens", "redundant_steps_per_response": "redundant steps / response",
               "essential_steps_per_response": "essential steps / response", "accuracy": "rollout accuracy",
               "pos_precision": "Pos-Adv precision (attenuated that are redundant)",
@@ -265,6 +272,8 @@ def main() -> None:
                         help="evaluations of every final policy (calibration runs may take t0.6 alone)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (each with --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cached-only", action="store_true",
+                        help="summarise only the runs already finished in --out; start no training")
     parser.add_argument("--out", default=str(ROOT / "runs" / "attnpo_vs_tlmre"))
     parser.add_argument("--json", default=str(ROOT / "figures" / "attnpo_vs_tlmre.json"))
     parser.add_argument("--plot", default=str(ROOT / "figures" / "attnpo_vs_tlmre.png"))
@@ -273,6 +282,11 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms
             if arm not in SINGLE_SEED_ARMS or seed == args.seeds[0]]
+    if args.cached_only:  # summarise what is finished; a benchmark still running on OUT keeps filling it
+        jobs = [(arm, seed) for arm, seed in jobs if (Path(args.out) / f"{arm}-seed{seed}" / "result.json").is_file()]
+        if not (Path(args.out) / "base.json").is_file() or not jobs:
+            raise SystemExit(f"--cached-only: {args.out} has no base.json or no finished run of these arms and seeds")
+        print(f"--cached-only: {len(jobs)} finished runs: {jobs}", flush=True)
     started = time.perf_counter()
     runs: list[dict] = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:

@@ -127,6 +127,17 @@ def tokenize_trace(
             local.append((pos, pos + len(text)))
             pos += len(text)
     base = len(prompt)
+    ids, starts = _encode(tokenizer, prompt, response, append_eos, add_special_tokens)
+    marker_start = base + len(reasoning)
+    step_chars = [(base + a, base + b) for a, b in local]
+    step_spans, answer_span = _spans_from_offsets(starts, step_chars, (marker_start, marker_start + len(marker)))
+    prompt_len = sum(1 for s in starts if 0 <= s < base)
+    return TokenizedTrace(ids, step_spans, answer_span, prompt_len)
+
+
+def _encode(tokenizer, prompt: str, response: str, append_eos: bool, add_special_tokens: bool) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt + response`` (EOS appended as in ``tokenize_trace``) and each token's first
+    character (``-1`` for none)."""
     text = prompt + response
     try:
         encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
@@ -138,11 +149,22 @@ def tokenize_trace(
     if append_eos and tokenizer.eos_token_id is not None and not (eos_text and response.endswith(eos_text)):
         ids.append(tokenizer.eos_token_id)
         starts.append(len(text))
-    marker_start = base + len(reasoning)
-    step_chars = [(base + a, base + b) for a, b in local]
-    step_spans, answer_span = _spans_from_offsets(starts, step_chars, (marker_start, marker_start + len(marker)))
-    prompt_len = sum(1 for s in starts if 0 <= s < base)
-    return TokenizedTrace(ids, step_spans, answer_span, prompt_len)
+    return ids, starts
+
+
+def tokenize_response(tokenizer, prompt: str, response: str, append_eos: bool = True) -> tuple[list[int], int]:
+    """Token ids of ``prompt + response`` as ``tokenize_trace`` makes them (EOS appended when the response
+    text lacks it) and the index of the first response token (the tokens that start in the prompt come
+    before it). No segmentation: any response works.
+
+    Raises:
+        AlignmentError: the tokenizer cannot return offsets, or the response has no token.
+    """
+    ids, starts = _encode(tokenizer, prompt, response, append_eos, add_special_tokens=False)
+    prompt_len = sum(1 for s in starts if 0 <= s < len(prompt))
+    if prompt_len >= len(ids):
+        raise AlignmentError("the response maps to no token")
+    return ids, prompt_len
 
 
 def generated_char_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:

@@ -368,12 +368,16 @@ class AnswerRowRecorder:
 
     def check_reported(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` when a watched layer never called the attention interface."""
-        silent = [layer for layer in sorted(self.heads) if layer not in self.results]
-        if silent:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} (attention implementation {_implementation(model)!r}) did not compute "
-                f"layer(s) {silent} through the transformers attention interface, so their attention cannot be captured"
-            )
+        _check_reported(model, sorted(self.heads), self.results)
+
+
+def _check_reported(model: nn.Module, layers: list[int], results: dict) -> None:
+    silent = [layer for layer in layers if layer not in results]
+    if silent:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (attention implementation {_implementation(model)!r}) did not compute "
+            f"layer(s) {silent} through the transformers attention interface, so their attention cannot be captured"
+        )
 
 
 @dataclass(frozen=True)
@@ -440,20 +444,69 @@ def capture_answer_attention(
     Raises:
         UnsupportedModelError: naming the architecture, when its attention cannot be captured.
     """
-    if model.training:
-        raise ValueError("put the model in eval mode (model.eval()) before capturing attention: dropout would change it")
-    modules = attention_modules(model)
-    wanted = sorted(modules) if layers is None else sorted(set(layers))
+    wanted = _wanted_layers(model, layers)
     rows, row_valid = answer_rows(answer_mask.bool())
     recorder = AnswerRowRecorder(rows, row_valid, dict.fromkeys(wanted), reduce, wanted[-1] if stop_early else None)
-    with attention_calls(model, wanted, recorder):
+    _observed_forward(model, input_ids, attention_mask, wanted, recorder, recorder.results)
+    values = torch.stack([recorder.results[layer] for layer in wanted], dim=1)
+    return AnswerAttention(wanted, values, rows, row_valid)
+
+
+@torch.no_grad()
+def capture_layer_calls(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    compute: Callable,
+    layers: list[int] | None = None,
+    stop_early: bool = True,
+) -> dict[int, object]:
+    """Run one no-grad forward and return, per requested layer, ``compute`` applied to its attention call.
+
+    ``compute(module, query, key, attention_mask, kwargs)`` receives what the model passed to its
+    attention function (query ``[batch, heads, T, head_dim]`` and key ``[batch, kv_heads, T, head_dim]``
+    after rotary, norms and biases; the 4D mask or None; ``kwargs`` with ``scaling``, ``sliding_window``,
+    ``softcap``, ...), so it can compute any reduction of the exact attention rows it needs, in chunks
+    (``interface_call_rows``), without a T x T map. The model's own attention runs unchanged. (To read
+    the calls of a forward you run yourself, with gradients, use ``attention_calls``.)
+
+    Args:
+        model: a Hugging Face causal LM in eval mode.
+        input_ids, attention_mask: ``[batch, T]``.
+        layers: layer indices (all when None).
+        stop_early: stop the forward after the last requested layer.
+
+    Raises:
+        UnsupportedModelError: naming the architecture, when its attention cannot be captured.
+    """
+    wanted = _wanted_layers(model, layers)
+    stop_after = wanted[-1] if stop_early else None
+    results: dict[int, object] = {}
+
+    def observe(module, query, key, mask, kwargs) -> None:
+        results[module.layer_idx] = compute(module, query, key, mask, kwargs)
+        if module.layer_idx == stop_after:
+            raise _StopForward
+
+    _observed_forward(model, input_ids, attention_mask, wanted, observe, results)
+    return results
+
+
+def _wanted_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
+    if model.training:
+        raise ValueError("put the model in eval mode (model.eval()) before capturing attention: dropout would change it")
+    return sorted(attention_modules(model)) if layers is None else sorted(set(layers))
+
+
+def _observed_forward(model, input_ids, attention_mask, layers: list[int], observer, results: dict) -> None:
+    """One forward with ``observer`` on the attention calls of ``layers``, ended early by ``_StopForward``;
+    then every layer must have reported into ``results``."""
+    with attention_calls(model, layers, observer):
         try:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_forward_kwargs(model))
         except _StopForward:
             pass
-    recorder.check_reported(model)
-    values = torch.stack([recorder.results[layer] for layer in wanted], dim=1)
-    return AnswerAttention(wanted, values, rows, row_valid)
+    _check_reported(model, layers, results)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ def _default_inputs(args) -> None:
         args.model_name = "kfh-organism"
     if args.traces is None:
         if args.model_name != "kfh-organism":
-            raise SystemExit(f"kfh-probe {args.command}: --model was given without --traces; pass the traces of that model with --traces F")
+            raise SystemExit(f"kfh-probe {args.command}: --model was given without --traces; pass the labeled traces of that model with --traces F")
         args.traces = str(default_traces_path())
 
 
@@ -224,6 +224,102 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_rhythm(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .alignment import AlignmentError, tokenize_response
+    from .io import atomic_write_json, atomic_write_text, file_sha256
+    from .loading import load_model, load_tokenizer, pad_token_id
+    from .manifest import model_record
+    from .partials import PartStore, plan_batches
+    from .rhythm import (
+        RhythmSignals, heads_from_header, mean_distances, read_rhythm_header, rhythm_header, rhythm_record,
+        rhythm_signals, select_heads,
+    )
+    from .traces import SkippedTrace, TraceFileError, read_traces
+
+    args.model_name = None
+    _default_inputs(args)
+    if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
+        raise ValueError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
+                         f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
+    traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
+    tokenizer = load_tokenizer(args.model)
+    kept, sequences, starts = [], [], []
+    for trace in traces:
+        try:
+            ids, start = tokenize_response(tokenizer, trace.prompt, trace.response)
+        except AlignmentError as err:
+            skipped.append(SkippedTrace(trace.line, trace.id, str(err)))
+            continue
+        kept.append(trace)
+        sequences.append(ids)
+        starts.append(start)
+    if skipped and not args.skip_invalid:
+        raise TraceFileError(args.traces, skipped)
+    if args.max_traces is not None:
+        kept, sequences, starts = kept[: args.max_traces], sequences[: args.max_traces], starts[: args.max_traces]
+    if not kept:
+        print(f"kfh-probe rhythm: no usable trace in {args.traces}", file=sys.stderr)
+        return 2
+    print(f"{len(kept)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
+    model = load_model(args.model, args.dtype, args.device)
+    model_block = model_record(model, args.model_name or args.model)
+    pad_id = pad_token_id(tokenizer)
+    fai_range = (args.fai_range[0], args.fai_range[1])
+    run_key = {
+        "trace_file_sha256": file_sha256(args.traces), "fingerprint": model_block["fingerprint"],
+        "batch_size": args.batch_size, "dtype": args.dtype, "max_traces": args.max_traces, "window": args.window,
+        "fai_range": list(fai_range), "head_fraction": args.head_fraction, "skip_invalid": args.skip_invalid,
+        "heads_from": None if args.heads_from is None else file_sha256(args.heads_from),
+    }
+    store = PartStore(args.work_dir or f"{args.out}.parts", run_key)
+    store.open()
+    heads_file = store.directory / "heads.json"
+    try:
+        if args.heads_from is not None:
+            heads = heads_from_header(read_rhythm_header(args.heads_from, model_block))
+        elif heads_file.is_file():
+            heads = heads_from_header(json.loads(heads_file.read_text()))
+            print(f"resuming: head selection read from {heads_file}", file=sys.stderr)
+        else:
+            distance = mean_distances(model, sequences, starts, pad_id, args.batch_size, progress=not args.quiet)
+            heads = select_heads(distance, args.head_fraction)
+            atomic_write_json(heads_file, {"local_heads": heads.local, "global_heads": heads.global_})
+        batches = plan_batches([len(s) for s in sequences], args.batch_size)
+        done = store.done()
+        finished = sum(len(batches[j]) for j in done if j < len(batches))
+        if finished:
+            print(f"resuming: {finished} traces already done in {store.directory}", file=sys.stderr)
+        bar = tqdm(total=len(kept), initial=finished, unit="trace", desc="rhythm", disable=args.quiet, file=sys.stderr)
+        for j, chunk in enumerate(batches):
+            if j in done:
+                continue
+            signals = rhythm_signals(
+                model, [sequences[i] for i in chunk], [starts[i] for i in chunk], heads, pad_id,
+                batch_size=len(chunk), window=args.window, fai_range=fai_range,
+            )
+            store.save(j, chunk, [s.stacked() for s in signals])
+            bar.update(len(chunk))
+        bar.close()
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are kept in {store.directory}; run the same command again to "
+              "continue where it stopped", file=sys.stderr)
+        return 130
+    results = store.load(len(kept))
+    header = rhythm_header(heads, args.window, fai_range, model_block)
+    lines = [header] + [
+        rhythm_record(trace.id, RhythmSignals.from_stacked(start, stacked))
+        for trace, stacked, start in zip(kept, results, starts)
+    ]
+    atomic_write_text(args.out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    if not args.keep_parts:
+        store.remove()
+    print(f"wrote {args.out}: WAAD and FAI of {len(kept)} traces; local heads {heads.local}, global heads "
+          f"{heads.global_}", file=sys.stderr)
+    return 0
+
+
 def cmd_show(args) -> int:
     from .manifest import load_manifest
     from .views import format_table
@@ -358,6 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output instead of refusing")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=cmd_generate)
+
+    rhythm = sub.add_parser("rhythm", help="Preplan-and-Anchor signals: WAAD and FAI of every response token")
+    rhythm.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
+    rhythm.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    rhythm.add_argument("--traces", help="trace JSONL, labels not needed (default: the organism's traces)")
+    rhythm.add_argument("--out", required=True, help="rhythm JSONL path (written atomically)")
+    rhythm.add_argument("--heads-from", help="reuse the local/global heads of an earlier rhythm file (its header)")
+    rhythm.add_argument("--window", type=int, default=10, help="W of WAAD (default 10)")
+    rhythm.add_argument("--fai-range", type=int, nargs=2, default=[10, 50], metavar=("LO", "HI"),
+                        help="FAI averages rows t in [s + LO, s + HI] (default 10 50)")
+    rhythm.add_argument("--head-fraction", type=float, default=0.3, help="share of heads in each set (default 0.3)")
+    rhythm.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
+    rhythm.add_argument("--batch-size", type=int, default=8, help="traces per forward (default 8)")
+    rhythm.add_argument("--dtype", default="float32", help="weights dtype (attention rows are float32)")
+    rhythm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    rhythm.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    rhythm.add_argument("--skip-invalid", action="store_true", help="leave out broken traces")
+    rhythm.add_argument("--work-dir", help="where finished batches are kept so an interrupted run resumes "
+                        "(default: OUT.parts; removed after the output is written)")
+    rhythm.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
+    rhythm.add_argument("--quiet", action="store_true", help="no progress bar")
+    rhythm.set_defaults(func=cmd_rhythm)
 
     show = sub.add_parser("show", help="ranked table of a manifest")
     show.add_argument("manifest")

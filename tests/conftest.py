@@ -47,6 +47,27 @@ def labeled(record: dict, labels: list[str]) -> dict:
     return {**record, "steps": [{"text": t, "label": l} for t, l in zip(steps, labels)]}
 
 
+def interrupting(real, calls: list, at: int | None):
+    """``real`` wrapped to count its calls in ``calls`` and raise KeyboardInterrupt on call number ``at``."""
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
+def with_broken_record(path, tmp_path):
+    """A copy of the trace file ``path`` with a record without marker (id 'oops') inserted as line 2."""
+    broken = tmp_path / "broken.jsonl"
+    lines = path.read_text().splitlines()
+    lines.insert(1, json.dumps({"id": "oops", "prompt": "p", "response": "no marker"}))
+    broken.write_text("\n".join(lines) + "\n")
+    return broken
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer():
     """A fast byte-level BPE tokenizer with offsets, trained in a second on the R1-style traces."""

@@ -86,3 +86,12 @@ def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
         "GROUP_SIZE = 2\nMAX_NEW_TOKENS = 8\nSEED = 0",
     )
     check_pngs(out, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
+
+
+def test_rhythm_notebook(tmp_path):
+    run_notebook(
+        "03_rhythm.ipynb",
+        f"N_TRACES = 30\nOUT_DIR = {str(tmp_path)!r}\nRHYTHM = None\nTRACES = None\nEXAMPLE = 0\nTOP = 0.4\n"
+        "MAX_OFFSET = 40",
+    )
+    check_pngs(tmp_path, ["rhythm_sawtooth.png", "rhythm_anchor_text.png", "rhythm_vs_steps.png"])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, labeled, tiny_model
+from conftest import R1_TRACES, interrupting, labeled, tiny_model, with_broken_record
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
@@ -62,10 +62,7 @@ def test_layers_flag_limits_the_heads(tiny_model_dir, labeled_trace_file, tmp_pa
 
 
 def test_broken_trace_file_fails_before_model_work_and_writes_nothing(tiny_model_dir, labeled_trace_file, tmp_path, capsys):
-    broken = tmp_path / "broken.jsonl"
-    lines = labeled_trace_file.read_text().splitlines()
-    lines.insert(1, json.dumps({"id": "oops", "prompt": "p", "response": "no marker"}))
-    broken.write_text("\n".join(lines) + "\n")
+    broken = with_broken_record(labeled_trace_file, tmp_path)
     out = tmp_path / "m.json"
     assert _sweep(tiny_model_dir, broken, out) == 2
     err = capsys.readouterr().err
@@ -93,14 +90,7 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
     assert not (tmp_path / "reference.json.parts").exists()  # the work folder goes once the manifest is written
 
     real_step_scores, calls = sweep_module.step_scores, []
-
-    def dies_on_second_batch(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step_scores(*args)
-
-    monkeypatch.setattr(sweep_module, "step_scores", dies_on_second_batch)
+    monkeypatch.setattr(sweep_module, "step_scores", interrupting(real_step_scores, calls, at=2))
     out = tmp_path / "m.json"
     out.write_text("previous manifest")
     assert _sweep(tiny_model_dir, labeled_trace_file, out, "--batch-size", "1") == 130
@@ -108,7 +98,7 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
     assert len(list((tmp_path / "m.json.parts").glob("batch-*.pt"))) == 1
 
     calls.clear()
-    monkeypatch.setattr(sweep_module, "step_scores", lambda *a: (calls.append(1), real_step_scores(*a))[1])
+    monkeypatch.setattr(sweep_module, "step_scores", interrupting(real_step_scores, calls, at=None))
     assert _sweep(tiny_model_dir, labeled_trace_file, out, "--batch-size", "1") == 0
     assert len(calls) == 1  # only the trace that was not finished was scored again
     assert out.read_bytes() == reference.read_bytes()

@@ -50,7 +50,7 @@ def data_file(tmp_path_factory):
 
 
 def trl_args(tmp_path, manifest_file, **changes) -> AttnPOConfig:
-    base = dict(output_dir=str(tmp_path / "out"), attnpo_manifest=str(manifest_file), num_generations=4,
+    base = dict(output_dir=str(tmp_path / "out"), attnpo_manifest=manifest_file and str(manifest_file), num_generations=4,
                 per_device_train_batch_size=8, max_completion_length=16, report_to="none", use_cpu=True,
                 logging_steps=1, save_strategy="no", attnpo_horizon=0)
     return AttnPOConfig(**{**base, **changes})
@@ -61,7 +61,7 @@ def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
     train = args.to_train_config(args.num_generations)
     defaults = TrainConfig(group_size=args.num_generations)
     prefixed = [f.name for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
-    assert len(prefixed) == 15
+    assert len(prefixed) == 19
     for name in prefixed:
         if name not in ("attnpo_manifest", "attnpo_grader"):
             assert getattr(args, name) == getattr(defaults, name[len("attnpo_"):]), name
@@ -72,6 +72,10 @@ def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
         trl_args(tmp_path, manifest_file, attnpo_delta=1.5)
     with pytest.raises(ValueError, match="needs 'attnpo_manifest'"):
         trl_args(tmp_path, manifest_file, attnpo_manifest=None)
+    with pytest.raises(ValueError, match="needs 'attnpo_rhythm'"):
+        trl_args(tmp_path, None, attnpo_method="anchor")
+    with pytest.raises(ValueError, match="'attnpo_method' must be one of"):
+        trl_args(tmp_path, manifest_file, attnpo_method="tlmre")
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2])
@@ -127,6 +131,41 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
     assert metrics["attnpo/mean_gamma"] == [pytest.approx(stats["mean_gamma"], abs=1e-6)]
     assert metrics["attnpo/reward"] == [float(rewards.mean())]
     assert list(trainer._logs["advantages"]) == advantages.reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("method", ["preplan", "coupled"])
+def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, tiny_model_dir, byte_tokenizer,
+                                                              monkeypatch):
+    from datasets import Dataset
+    from test_rhythm_credit import write_rhythm_file
+    from transformers import AutoModelForCausalLM
+
+    from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
+
+    rhythm = write_rhythm_file(tmp_path / "rhythm.jsonl", tiny_model_dir)
+    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
+    trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=byte_tokenizer)
+    eos = byte_tokenizer.eos_token_id
+    completions = [byte_tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in RESPONSES]
+    completions[TRUNCATED] = completions[TRUNCATED][:-1]
+    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: ([list(c) for c in completions], None))
+    trainer.model.train()
+    output = trainer._generate_and_score_completions([{"prompt": PROMPT, "answer": "55"} for _ in RESPONSES])
+
+    prompt_ids = byte_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    rollouts = Rollouts(4, [list(prompt_ids)] * 8, *decode_responses(byte_tokenizer, completions, {eos}))
+    config = TrainConfig(method=method, group_size=4)
+    correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
+    advantages = group_advantages(rewards, "rloo")
+    probe = RhythmProbe.from_file(rhythm, trainer.model)
+    expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8)
+    assert 0 < stats["amplified_frac"] < 1
+    for b, values in enumerate(expected):
+        assert torch.equal(output["advantages"][b, : len(values)], values), b
+    assert any(len(set(v.tolist())) > 1 for v in expected), "no token was amplified: the check would be vacuous"
+    assert trainer._metrics["train"]["attnpo/amplified_frac"] == [stats["amplified_frac"]]
 
 
 def test_trainer_refuses_a_manifest_of_another_model(tmp_path, tiny_model_dir, byte_tokenizer):

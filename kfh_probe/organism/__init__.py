@@ -25,3 +25,9 @@ def default_traces_path() -> Path:
 def default_manifest_path() -> Path:
     """The KFH manifest of the shipped organism (the trainer's default), made by ``kfh-probe sweep``."""
     return Path(__file__).resolve().parent.parent / "data" / "organism_manifest.json"
+
+
+def default_rhythm_path() -> Path:
+    """The organism's Preplan-and-Anchor signals on its traces (header: local/global heads), made by
+    ``kfh-probe rhythm --out <this path>`` (the rhythm methods' default)."""
+    return Path(__file__).resolve().parent.parent / "data" / "organism_rhythm.jsonl"

@@ -1,0 +1,314 @@
+"""The Preplan-and-Anchor signals (arXiv 2510.13554; docs/method.md): WAAD and FAI of response tokens.
+
+For a head, a[t, s] is the attention probability from query t to key s.
+
+- Mean backward distance of a head: over the traces, the mean of (mean over response rows t of
+  sum_s a[t, s] (t - s)).
+- Local heads: the ceil(0.3 L H) heads with the smallest mean backward distance; global heads: the
+  ceil(0.3 L H) with the largest (ties by (layer, head) ascending).
+- WAAD_t = sum_s A_loc[t, s] min(t - s, W), A_loc the mean map of the local heads (W = 10).
+- FAI_s = mean over t in [s + 10, min(s + 50, T - 1)] of A_glob[t, s], A_glob the mean map of the
+  global heads; None when s + 10 > T - 1.
+
+Everything is a reduction over keys of the exact attention rows the model computes (the capture's
+``interface_call_rows``: the model's own q, k, mask, scaling and soft-cap, float32), taken in chunks of
+``chunk`` query rows: at most ``batch x heads x chunk x T`` probabilities exist at a time, never a
+T x T map. WAAD and FAI are linear in the map, so the mean over heads is taken after the reduction.
+FAI needs only the band a[t, t - d] for d in [10, 50] of each row.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import capture_layer_calls, interface_call_rows, model_shape
+
+WINDOW = 10
+FAI_RANGE = (10, 50)
+HEAD_FRACTION = 0.3
+CHUNK = 128
+
+
+@dataclass(frozen=True)
+class RhythmHeads:
+    """The heads whose mean maps give WAAD (local) and FAI (global), as (layer, query head)."""
+
+    local: list[tuple[int, int]]
+    global_: list[tuple[int, int]]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.local + self.global_})
+
+
+@dataclass(frozen=True)
+class RhythmSignals:
+    """WAAD and FAI of one trace's response positions.
+
+    Attributes:
+        response_start: token index of the first response token.
+        waad: ``[n]`` float32, one per response position.
+        fai: ``[n]`` float32, NaN where s + fai_range[0] > T - 1 (no future rows in range).
+    """
+
+    response_start: int
+    waad: torch.Tensor
+    fai: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        """``[2, n]``: WAAD, then FAI (for saving a batch of a resumable run)."""
+        return torch.stack([self.waad, self.fai])
+
+    @classmethod
+    def from_stacked(cls, response_start: int, stacked: torch.Tensor) -> "RhythmSignals":
+        return cls(response_start, stacked[0], stacked[1])
+
+
+def select_heads(mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION) -> RhythmHeads:
+    """Local and global heads from each head's mean backward distance.
+
+    Args:
+        mean_distance: ``[L, H]``.
+        fraction: share of the L x H heads in each set (ceil(fraction L H)).
+    Returns:
+        the ceil(fraction L H) heads with the smallest distance (local) and with the largest (global),
+        each sorted by distance (closest / farthest first), ties by (layer, head) ascending.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise ValueError(f"head fraction must be in (0, 0.5] so the two sets do not overlap; got {fraction}")
+    num_layers, num_heads = mean_distance.shape
+    count = math.ceil(fraction * num_layers * num_heads)
+    heads = [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    values = {h: float(mean_distance[h]) for h in heads}
+    local = sorted(heads, key=lambda h: (values[h], h))[:count]
+    global_ = sorted(heads, key=lambda h: (-values[h], h))[:count]
+    return RhythmHeads(local, global_)
+
+
+def row_reductions(
+    probs: torch.Tensor, rows: torch.Tensor, window: int = WINDOW, fai_range: tuple[int, int] = FAI_RANGE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distance, windowed distance and FAI band of attention rows.
+
+    Args:
+        probs: ``[batch, heads, R, T]`` probabilities of the query rows ``rows`` (zero on masked keys).
+        rows: ``[batch, R]`` query positions.
+    Returns:
+        distance ``[batch, heads, R]`` = sum_s a[t, s] (t - s);
+        waad ``[batch, heads, R]`` = sum_s a[t, s] min(t - s, window);
+        band ``[batch, heads, R, D]`` = a[t, t - d] for d = lo..hi (D = hi - lo + 1; 0 where t - d < 0).
+    """
+    keys = torch.arange(probs.shape[-1], device=probs.device)
+    gap = (rows[:, :, None] - keys).clamp(min=0).float()  # [batch, R, T]; masked keys have a = 0
+    distance = torch.einsum("bhrt,brt->bhr", probs, gap)
+    waad = torch.einsum("bhrt,brt->bhr", probs, gap.clamp(max=window))
+    offsets = torch.arange(fai_range[0], fai_range[1] + 1, device=probs.device)
+    index = rows[:, :, None] - offsets  # [batch, R, D]
+    inside = index >= 0
+    picked = probs.gather(3, index.clamp(min=0)[:, None].expand(-1, probs.shape[1], -1, -1))
+    return distance, waad, picked * inside[:, None]
+
+
+def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query positions ``[batch, R]`` of every response token (padded with 0) and their validity."""
+    width = max(max(n - s for s, n in zip(starts, lengths)), 1)
+    offsets = torch.arange(width)
+    counts = torch.tensor([n - s for s, n in zip(starts, lengths)])
+    valid = offsets[None] < counts[:, None]
+    rows = (torch.tensor(starts)[:, None] + offsets[None]) * valid
+    return rows.to(device), valid.to(device)
+
+
+def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[b, : len(seq)] = 1
+    return ids, mask
+
+
+def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce):
+    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2."""
+    parts = []
+    for start in range(0, rows.shape[1], chunk):
+        r, v = rows[:, start : start + chunk], valid[:, start : start + chunk]
+        probs = interface_call_rows(module, query, key, mask, kwargs, r, v)
+        parts.append(reduce(probs, r, v))
+    return torch.cat(parts, dim=2)
+
+
+@torch.no_grad()
+def mean_distances(
+    model: nn.Module,
+    sequences: list[list[int]],
+    response_starts: list[int],
+    pad_id: int,
+    batch_size: int = 8,
+    chunk: int = CHUNK,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Mean backward distance of every head over the given traces (module docstring).
+
+    Args:
+        sequences: token ids (prompt + response) of each trace.
+        response_starts: index of the first response token of each.
+    Returns:
+        ``[L, H]`` float32.
+    """
+    shape = model_shape(model)
+    device = next(model.parameters()).device
+    total = torch.zeros(shape["num_layers"], shape["num_heads"], dtype=torch.float64)
+    bar = tqdm(total=len(sequences), unit="trace", desc="head distances", disable=not progress, file=sys.stderr)
+    for first in range(0, len(sequences), batch_size):
+        seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
+        ids, mask = _pad(seqs, pad_id)
+        rows, valid = _response_rows(starts, [len(s) for s in seqs], device)
+        counts = valid.sum(dim=1).clamp(min=1).float()
+
+        def compute(module, query, key, attn_mask, kwargs) -> torch.Tensor:
+            distance = _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk,
+                                lambda p, r, v: row_reductions(p, r)[0])
+            return distance.sum(dim=2) / counts[:, None]  # [batch, heads]: mean over response rows
+
+        results = capture_layer_calls(model, ids.to(device), mask.to(device), compute)
+        total += torch.stack([results[layer] for layer in sorted(results)], dim=1).double().sum(dim=0).cpu()
+        bar.update(len(seqs))
+    bar.close()
+    return (total / max(len(sequences), 1)).float()
+
+
+@torch.no_grad()
+def rhythm_signals(
+    model: nn.Module,
+    sequences: list[list[int]],
+    response_starts: list[int],
+    heads: RhythmHeads,
+    pad_id: int,
+    batch_size: int = 8,
+    window: int = WINDOW,
+    fai_range: tuple[int, int] = FAI_RANGE,
+    chunk: int = CHUNK,
+) -> list[RhythmSignals]:
+    """WAAD (local heads) and FAI (global heads) of every response position of every trace.
+
+    One forward per batch of ``batch_size`` right-padded traces, stopped after the deepest layer of
+    the heads; each layer's call is reduced in chunks of ``chunk`` response rows (module docstring).
+
+    Args:
+        sequences: token ids (prompt + response) of each trace.
+        response_starts: index of the first response token of each (the rows are the response).
+    Returns:
+        one ``RhythmSignals`` per trace, in order.
+    """
+    lo, hi = fai_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    device = next(model.parameters()).device
+    local_by_layer = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
+    global_by_layer = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
+    out: list[RhythmSignals] = []
+    for first in range(0, len(sequences), batch_size):
+        seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
+        lengths = [len(s) for s in seqs]
+        ids, mask = _pad(seqs, pad_id)
+        rows, valid = _response_rows(starts, lengths, device)
+
+        def compute(module, query, key, attn_mask, kwargs):
+            local, glob = local_by_layer[module.layer_idx], global_by_layer[module.layer_idx]
+
+            def reduce(probs, r, v):
+                _, waad, band = row_reductions(probs, r, window, fai_range)
+                return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
+
+            return _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk, reduce)[:, 0]  # [batch, R, 1 + D]
+
+        results = capture_layer_calls(model, ids.to(device), mask.to(device), compute, heads.layers)
+        summed = sum(results.values())
+        waad = (summed[..., 0] / len(heads.local)).cpu()
+        band = (summed[..., 1:] / len(heads.global_)).cpu()  # band[b, r, j] = A_glob[t_r, t_r - (lo + j)]
+        for b, (start, length) in enumerate(zip(starts, lengths)):
+            n = length - start
+            sums, counts = torch.zeros(n), torch.zeros(n)
+            for j, d in enumerate(range(lo, min(hi, n - 1) + 1)):  # rows t = s + d <= T - 1
+                sums[: n - d] += band[b, d:n, j]
+                counts[: n - d] += 1
+            fai = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full((n,), float("nan")))
+            out.append(RhythmSignals(start, waad[b, :n].clone(), fai))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rhythm file (JSONL: a header line, then one line per trace; design page)
+# ---------------------------------------------------------------------------------------------------
+
+FORMAT = "kfh-rhythm"
+VERSION = 1
+
+
+def rhythm_header(heads: RhythmHeads, window: int, fai_range: tuple[int, int], model_block: dict) -> dict:
+    """The header line of a rhythm file."""
+    return {
+        "format": FORMAT, "version": VERSION,
+        "local_heads": [list(h) for h in heads.local], "global_heads": [list(h) for h in heads.global_],
+        "window": window, "fai_range": list(fai_range), "model": model_block,
+    }
+
+
+def rhythm_record(trace_id: str, signals: RhythmSignals, digits: int = 6) -> dict:
+    """One trace's line: WAAD and FAI over its response positions (FAI null where it is undefined)."""
+    return {
+        "id": trace_id,
+        "response_start": signals.response_start,
+        "waad": [round(float(v), digits) for v in signals.waad],
+        "fai": [None if math.isnan(v) else round(float(v), digits) for v in signals.fai.tolist()],
+    }
+
+
+def read_rhythm_header(path, model_shape_block: dict | None = None) -> dict:
+    """The checked header of a rhythm file.
+
+    Args:
+        model_shape_block: when given (``model_shape`` of a model), the header's model must have this
+            shape and its heads must exist in it.
+    Raises:
+        ValueError: naming the file and what is wrong.
+    """
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        header = json.loads(first)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:1: not a JSON header line ({err.msg})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError(f"{path}:1: not a {FORMAT} version {VERSION} header")
+    for key in ("local_heads", "global_heads"):
+        heads = header.get(key)
+        if not isinstance(heads, list) or not heads or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
+        ):
+            raise ValueError(f"{path}:1: '{key}' must be a non-empty list of [layer, head]")
+    if model_shape_block is not None:
+        model = header.get("model", {})
+        wrong = [k for k in ("num_layers", "num_heads") if model.get(k) != model_shape_block[k]]
+        if wrong:
+            raise ValueError(
+                f"{path}: made for a model with " + ", ".join(f"{k} = {model.get(k)}" for k in wrong)
+                + "; this model has " + ", ".join(f"{k} = {model_shape_block[k]}" for k in wrong)
+            )
+    return header
+
+
+def heads_from_header(header: dict) -> RhythmHeads:
+    return RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])

@@ -1,0 +1,221 @@
+"""The Preplan-and-Anchor signals (kfh_probe.rhythm) equal the same formulas on eager attention maps in float32,
+on the capture's architecture families and on the organism, in batches of traces of different lengths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_capture import FAMILIES
+
+from kfh_probe.rhythm import RhythmHeads, mean_distances, rhythm_signals, row_reductions, select_heads
+
+TOLERANCE = 1e-5
+
+
+def _eager_maps(model, ids: list[int]) -> torch.Tensor:
+    """Reference: the full eager maps of one unpadded sequence, ``[L, H, T, T]`` float32."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            maps = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(original)
+    return torch.stack([m[0].double() for m in maps])
+
+
+def _reference(maps: torch.Tensor, start: int, heads: RhythmHeads, window=10, lo=10, hi=50):
+    """Mean distance per head, WAAD and FAI by the definitions, with explicit loops over positions."""
+    T = maps.shape[-1]
+    t = torch.arange(T)[:, None]
+    s = torch.arange(T)[None, :]
+    distance = (maps * (t - s).clamp(min=0)).sum(-1)[:, :, start:].mean(-1)  # [L, H]
+    local = torch.stack([maps[l, h] for l, h in heads.local]).mean(0)
+    glob = torch.stack([maps[l, h] for l, h in heads.global_]).mean(0)
+    waad = [float(sum(local[q, k] * min(q - k, window) for k in range(q + 1))) for q in range(start, T)]
+    fai = []
+    for k in range(start, T):
+        if k + lo > T - 1:
+            fai.append(math.nan)
+        else:
+            fai.append(float(torch.stack([glob[q, k] for q in range(k + lo, min(k + hi, T - 1) + 1)]).mean()))
+    return distance.float(), torch.tensor(waad), torch.tensor(fai)
+
+
+def _traces(seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths, starts = [75, 58], [9, 14]  # the second one shorter: right padding in the batch
+    return [torch.randint(1, 400, (n,), generator=g).tolist() for n in lengths], starts
+
+
+def _check_against_eager(model, sequences, starts, chunk):
+    distances = mean_distances(model, sequences, starts, pad_id=0, batch_size=2, chunk=chunk)
+    heads = select_heads(distances)
+    signals = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=2, chunk=chunk)
+    reference_distance = torch.zeros_like(distances)
+    for seq, start, got in zip(sequences, starts, signals):
+        distance, waad, fai = _reference(_eager_maps(model, seq), start, heads)
+        reference_distance += distance / len(sequences)
+        assert got.response_start == start
+        assert got.waad.shape == waad.shape == (len(seq) - start,)
+        # WAAD is a sum of probabilities weighted by distances up to W: compared on its [0, 1] scale (WAAD / W),
+        # so a 1e-5 error of the probabilities (the capture's tolerance) stays within 1e-5.
+        assert torch.allclose(got.waad / 10, waad / 10, atol=TOLERANCE, rtol=0)
+        assert torch.equal(got.fai.isnan(), fai.isnan())
+        assert torch.allclose(got.fai[~fai.isnan()], fai[~fai.isnan()], atol=TOLERANCE, rtol=0)
+    assert torch.allclose(distances, reference_distance, atol=1e-4, rtol=1e-6)
+    return signals
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_signals_equal_eager_attention(family):
+    model = tiny_model(family, max_position_embeddings=512)
+    sequences, starts = _traces()
+    signals = _check_against_eager(model, sequences, starts, chunk=16)  # several row chunks per trace
+    # Not vacuous: WAAD varies along the trace and some FAI values are defined and positive (except in mistral,
+    # whose every layer has a sliding window of 8 < 10 keys: there FAI is exactly 0, as eager attention says).
+    assert float(signals[0].waad.std()) > 0.1
+    defined = signals[0].fai[~signals[0].fai.isnan()]
+    assert len(defined) > 0 and (float(defined.max()) > 0) == (family != "mistral")
+
+
+def test_signals_equal_eager_attention_on_the_organism():
+    from kfh_probe.loading import load_model, load_tokenizer, pad_token_id
+    from kfh_probe.organism import default_model_dir, default_traces_path
+    from kfh_probe.traces import read_traces
+
+    model, tokenizer = load_model(default_model_dir()), load_tokenizer(default_model_dir())
+    traces, _ = read_traces(default_traces_path())
+    sequences, starts = [], []
+    for trace in traces[:2]:
+        prompt = tokenizer(trace.prompt, add_special_tokens=False)["input_ids"]
+        full = tokenizer(trace.prompt + trace.response, add_special_tokens=False)["input_ids"]
+        sequences.append(full)
+        starts.append(len(prompt))
+    _check_against_eager(model, sequences, starts, chunk=32)
+
+
+def test_results_do_not_depend_on_batch_or_chunk():
+    model = tiny_model("qwen2")
+    sequences, starts = _traces(1)
+    heads = RhythmHeads([(0, 1), (2, 3)], [(1, 0), (1, 2)])
+    one = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=1, chunk=7)
+    two = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=2, chunk=128)
+    for a, b in zip(one, two):
+        assert torch.allclose(a.waad, b.waad, atol=1e-6)
+        assert torch.allclose(a.fai.nan_to_num(-1), b.fai.nan_to_num(-1), atol=1e-6)
+
+
+def test_select_heads_takes_the_closest_and_farthest_30_percent_with_ties_by_position():
+    distance = torch.tensor([[1.0, 5.0, 2.0], [5.0, 0.5, 9.0]])  # 6 heads: ceil(1.8) = 2 per set
+    heads = select_heads(distance)
+    assert heads.local == [(1, 1), (0, 0)]
+    assert heads.global_ == [(1, 2), (0, 1)]  # (0, 1) and (1, 0) tie at 5.0: (0, 1) first
+
+
+def test_row_reductions_by_hand():
+    probs = torch.zeros(1, 1, 1, 16)
+    probs[0, 0, 0, [15, 12, 2]] = torch.tensor([0.5, 0.3, 0.2])  # row t = 15
+    distance, waad, band = row_reductions(probs, torch.tensor([[15]]), window=10, fai_range=(3, 13))
+    assert distance.item() == pytest.approx(0.5 * 0 + 0.3 * 3 + 0.2 * 13)
+    assert waad.item() == pytest.approx(0.3 * 3 + 0.2 * 10)  # 13 is clipped to the window
+    assert band[0, 0, 0, 0].item() == pytest.approx(0.3)  # d = 3 -> key 12
+    assert band[0, 0, 0, 10].item() == pytest.approx(0.2)  # d = 13 -> key 2
+    assert band.sum().item() == pytest.approx(0.5)
+
+
+# --- kfh-probe rhythm ---------------------------------------------------------------------------------
+
+
+def _rhythm(model_dir, traces, out, *extra):
+    from kfh_probe.cli import main
+
+    return main(["rhythm", "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
+
+
+@pytest.fixture
+def raw_trace_file(tmp_path):
+    from conftest import R1_TRACES
+
+    path = tmp_path / "raw.jsonl"
+    path.write_text("".join(__import__("json").dumps(r, ensure_ascii=False) + "\n" for r in R1_TRACES), encoding="utf-8")
+    return path
+
+
+def test_rhythm_command_writes_the_header_and_one_line_per_trace(tiny_model_dir, raw_trace_file, tmp_path):
+    import json
+
+    from conftest import R1_TRACES
+
+    from kfh_probe.alignment import tokenize_response
+    from kfh_probe.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    out = tmp_path / "r.jsonl"
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 0
+    header, *records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["format"] == "kfh-rhythm" and header["version"] == 1
+    assert header["window"] == 10 and header["fai_range"] == [10, 50]
+    assert len(header["local_heads"]) == len(header["global_heads"]) == math.ceil(0.3 * 3 * 4)
+    assert header["model"]["num_layers"] == 3 and "fingerprint" in header["model"]
+    assert [r["id"] for r in records] == [t["id"] for t in R1_TRACES]
+    model = load_model(tiny_model_dir)
+    heads = RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+    for trace, record in zip(R1_TRACES, records):
+        ids, start = tokenize_response(tokenizer, trace["prompt"], trace["response"])
+        assert ids[-1] == tokenizer.eos_token_id and record["response_start"] == start
+        _, waad, fai = _reference(_eager_maps(model, ids), start, heads)
+        assert len(record["waad"]) == len(record["fai"]) == len(ids) - start
+        assert torch.allclose(torch.tensor(record["waad"]), waad, atol=1e-4)
+        assert all(v is None for v in record["fai"][-10:]) and record["fai"][-11] is not None
+        defined = [(a, b) for a, b in zip(record["fai"], fai.tolist()) if a is not None]
+        assert torch.allclose(torch.tensor([a for a, _ in defined]), torch.tensor([b for _, b in defined]), atol=1e-5)
+    assert not (tmp_path / "r.jsonl.parts").exists()
+
+    again = tmp_path / "again.jsonl"  # --heads-from reuses the heads
+    assert _rhythm(tiny_model_dir, raw_trace_file, again, "--heads-from", str(out), "--batch-size", "1") == 0
+    assert again.read_text() == out.read_text()
+
+
+def test_interrupted_rhythm_run_leaves_no_file_and_resumes_to_the_same_bytes(
+    tiny_model_dir, raw_trace_file, tmp_path, monkeypatch
+):
+    import kfh_probe.rhythm as rhythm_module
+
+    reference = tmp_path / "reference.jsonl"
+    assert _rhythm(tiny_model_dir, raw_trace_file, reference, "--batch-size", "1") == 0
+    from conftest import interrupting
+
+    real, calls = rhythm_module.rhythm_signals, []
+    monkeypatch.setattr(rhythm_module, "rhythm_signals", interrupting(real, calls, at=2))
+    out = tmp_path / "r.jsonl"
+    out.write_text("previous")
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 130
+    assert out.read_text() == "previous"
+    assert len(list((tmp_path / "r.jsonl.parts").glob("batch-*.pt"))) == 1
+    calls.clear()
+    monkeypatch.setattr(rhythm_module, "rhythm_signals", interrupting(real, calls, at=None))
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 0
+    assert len(calls) == 1  # only the unfinished trace was computed again
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_rhythm_refuses_broken_traces_by_line_and_id_and_writes_nothing(tiny_model_dir, raw_trace_file, tmp_path, capsys):
+    from conftest import with_broken_record
+
+    broken = with_broken_record(raw_trace_file, tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert _rhythm(tiny_model_dir, broken, out) == 2
+    err = capsys.readouterr().err
+    assert f"{broken}:2 (id 'oops')" in err
+    assert not out.exists()
+    bad_heads = tmp_path / "heads.jsonl"
+    bad_heads.write_text('{"format": "kfh-manifest"}\n')
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--heads-from", str(bad_heads)) == 2
+    assert "not a kfh-rhythm version 1 header" in capsys.readouterr().err
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--fai-range", "50", "10") == 2
+    assert "0 < LO <= HI for --fai-range (got [50, 10])" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,0 +1,146 @@
+"""The Preplan-and-Anchor credit strategies (attnpo_train.rhythm): hand-computed masks and amplification, the
+loop's advantages against the signals of eager attention, two training steps of each method."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import R1_TRACES
+from test_attnpo_loop import SHORT_55, WRONG_54, crafted_rollouts, data_file, small_config  # noqa: F401 (fixture)
+
+from attnpo_train import loop
+from attnpo_train.config import TrainConfig
+from attnpo_train.rhythm import (
+    RhythmProbe,
+    amplify,
+    rhythm_advantages,
+    rhythm_token_advantages,
+    token_mask,
+    top_share,
+    waad_rise,
+)
+from kfh_probe.rhythm import RhythmHeads, RhythmSignals, rhythm_header
+
+NAN = float("nan")
+
+
+def test_waad_rise_is_the_difference_to_the_previous_token():
+    assert torch.equal(waad_rise(torch.tensor([1.0, 4.0, 2.0, 2.5])).nan_to_num(-9), torch.tensor([-9.0, 3.0, -2.0, 0.5]))
+
+
+def test_top_share_takes_ceil_of_the_defined_scores_with_ties_by_position():
+    scores = torch.tensor([0.2, NAN, 0.9, 0.2, 0.5, 0.2])  # 5 defined: ceil(0.4 * 5) = 2
+    assert top_share(scores, 0.4).tolist() == [False, False, True, False, True, False]
+    # ceil(0.6 * 5) = 3: the third place is a tie of three 0.2s; the earliest wins.
+    assert top_share(scores, 0.6).tolist() == [True, False, True, False, True, False]
+    assert not top_share(torch.tensor([NAN, NAN]), 0.4).any()
+
+
+WAAD = torch.tensor([5.0, 1.0, 8.0, 2.0, 9.0, 9.5])  # rises: -, -4, 7, -6, 7, 0.5 -> top 2 of 5: t = 2, 4
+FAI = torch.tensor([0.1, 0.6, 0.0, 0.2, 0.9, NAN])  # top 2 of 5: s = 4, 1
+
+
+def test_preplan_marks_the_sharpest_waad_rises():
+    assert token_mask("preplan", WAAD, FAI).nonzero().flatten().tolist() == [2, 4]
+
+
+def test_anchor_marks_the_largest_fai():
+    assert token_mask("anchor", WAAD, FAI).nonzero().flatten().tolist() == [1, 4]
+
+
+def test_coupled_marks_anchors_at_or_right_after_a_preplan_token_and_those_preplan_tokens():
+    # Anchor 4 coincides with preplan 4; anchor 1 has no preplan at 0 or 1; preplan 2 has no anchor at 2 or 3.
+    assert token_mask("coupled", WAAD, FAI).nonzero().flatten().tolist() == [4]
+    fai = torch.tensor([0.1, 0.0, 0.0, 0.9, 0.0, NAN])  # anchor 3 right after preplan 2 -> both
+    assert token_mask("coupled", WAAD, fai, top=0.2).nonzero().flatten().tolist() == [2, 3]
+
+
+def test_amplify_multiplies_only_non_negative_advantages_on_the_mask():
+    mask = torch.tensor([True, False, True])
+    assert amplify(0.5, mask).tolist() == [0.75, 0.5, 0.75]
+    assert amplify(-0.5, mask).tolist() == [-0.5, -0.5, -0.5]
+    assert amplify(0.0, mask, gain=2.0).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_rhythm_advantages_need_signals_only_for_positive_advantages():
+    from attnpo_train.rollouts import Rollouts
+
+    rollouts = Rollouts(2, [[1], [1]], [[5] * 6, [6] * 3], ["", ""], [True, True])
+    advantages = torch.tensor([[0.4, -0.4]])
+    out, stats = rhythm_advantages(advantages, rollouts, {0: RhythmSignals(1, WAAD, FAI)}, "anchor", 0.4, 1.5)
+    assert torch.allclose(out[0], torch.tensor([0.4, 0.6, 0.4, 0.4, 0.6, 0.4]))
+    assert torch.equal(out[1], torch.full((3,), -0.4))
+    assert stats["amplified_frac"] == pytest.approx(2 / 6)
+    assert stats["masks"][1] is None
+    with pytest.raises(ValueError, match="rollout 0 has a positive advantage"):
+        rhythm_advantages(advantages, rollouts, {}, "anchor", 0.4, 1.5)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        token_mask("sideways", WAAD, FAI)
+
+
+def write_rhythm_file(path, model_dir):
+    """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
+    from kfh_probe.loading import load_model
+    from kfh_probe.manifest import model_record
+
+    heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
+    header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
+    path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def rhythm_file(tmp_path_factory, tiny_model_dir):
+    return write_rhythm_file(tmp_path_factory.mktemp("rhythm") / "rhythm.jsonl", tiny_model_dir)
+
+
+@pytest.mark.parametrize("strategy", ["preplan", "anchor", "coupled"])
+def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy, tiny_model_dir, byte_tokenizer,
+                                                                      rhythm_file):
+    from test_rhythm import _eager_maps, _reference
+
+    from kfh_probe.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    probe = RhythmProbe.from_file(rhythm_file, model)
+    rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], R1_TRACES[0]["prompt"])
+    advantages = torch.tensor([[0.5, 0.8, -1.3]])
+    out, stats = rhythm_token_advantages(model, rollouts, advantages, probe, strategy, 0.4, 1.5, pad_id=0, batch_size=2)
+    for i in range(2):
+        sequence = rollouts.prompt_ids[i] + rollouts.response_ids[i]
+        _, waad, fai = _reference(_eager_maps(model, sequence), len(rollouts.prompt_ids[i]), probe.heads)
+        mask = token_mask(strategy, waad, fai)
+        assert torch.equal(stats["masks"][i], mask)
+        assert torch.allclose(out[i], amplify(float(advantages[0, i]), mask))
+        assert 0 < int(mask.sum()) < len(mask)
+    assert torch.equal(out[2], torch.full((len(rollouts.response_ids[2]),), -1.3))
+
+
+@pytest.mark.parametrize("method", ["preplan", "anchor", "coupled"])
+def test_two_steps_of_each_rhythm_method(method, tiny_model_dir, data_file, tmp_path, rhythm_file):
+    config = small_config(tiny_model_dir, None, data_file, tmp_path / "out", method=method, rhythm=str(rhythm_file))
+    inputs = loop.prepare_run(config)
+    metrics = loop.train(inputs, config, progress=False)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(0.0 <= m["amplified_frac"] <= 1.0 for m in metrics)
+    assert math.isfinite(metrics[-1]["loss"])
+
+
+def test_rhythm_file_of_another_model_is_refused(tiny_model_dir, data_file, tmp_path, rhythm_file):
+    header = json.loads(rhythm_file.read_text())
+    header["model"]["num_heads"] = 12
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps(header) + "\n")
+    config = small_config(tiny_model_dir, None, data_file, tmp_path / "out", method="anchor", rhythm=str(wrong))
+    with pytest.raises(ValueError, match="num_heads = 12"):
+        loop.prepare_run(config)
+
+
+def test_config_checks_the_rhythm_settings():
+    with pytest.raises(ValueError, match="rhythm_top"):
+        TrainConfig(method="anchor", rhythm_top=0.0)
+    with pytest.raises(ValueError, match="rhythm_gain"):
+        TrainConfig(method="anchor", rhythm_gain=0.5)
