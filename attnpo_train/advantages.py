@@ -1,6 +1,6 @@
 """Group advantages and AttnPO's stepwise advantage rescaling.
 
-Method page (docs/attnpo-method.md), sections 5 and 6; paper: "AttnPO" (arXiv 2602.09953); where the
+Method page (docs/method.md), sections 5 and 6; paper: "AttnPO" (arXiv 2602.09953); where the
 paper and the authors' verl fork differ, the fork's behaviour is implemented and the difference noted.
 
 Every function here is pure: tensors and numbers in, tensors and numbers out. The single-machine

@@ -1,6 +1,6 @@
 """Training configuration: one flat dataclass, loaded from YAML plus overrides, validated at the boundary.
 
-Defaults follow the method page (docs/attnpo-method.md, sections 5 and 6) for every method constant.
+Defaults follow the method page (docs/method.md, sections 5 and 6) for every method constant.
 The scale settings (prompts per step, response length, steps, learning rate) default to what the
 embedded model organism trains with on a CPU; the reference run's values are given beside each one.
 """

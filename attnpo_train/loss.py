@@ -1,6 +1,6 @@
 """PPO clipped policy loss with dual clip and token-mean aggregation.
 
-Method page (docs/attnpo-method.md), section 5: PPO clip (eps 0.2, dual clip 3), token-mean, no KL and
+Method page (docs/method.md), section 5: PPO clip (eps 0.2, dual clip 3), token-mean, no KL and
 no entropy bonus in the reference. The dual clip and the aggregation follow verl, on which the authors'
 code is built; the optional KL term uses the k3 estimator (Schulman's unbiased, non-negative estimator).
 """

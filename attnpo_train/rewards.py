@@ -1,6 +1,6 @@
 """Outcome rewards: answer extraction, answer matching, correctness and the length-penalised reward.
 
-Method page (docs/attnpo-method.md), section 5; paper: "AttnPO" (arXiv 2602.09953). The reward is the
+Method page (docs/method.md), section 5; paper: "AttnPO" (arXiv 2602.09953). The reward is the
 TLMRE form the authors' code uses: a correct response earns 1 minus a length penalty that depends on
 where its length sits among the group's correct responses; an incorrect response earns 0.
 

@@ -365,17 +365,24 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    """``--model`` (a model folder or .gguf file; the embedded organism when optional) and ``--gguf-file``."""
+    from .loading import GGUF_FILE_HELP
+
+    default = "" if required else " (default: the embedded organism)"
+    parser.add_argument("--model", required=required, help=f"Hugging Face model folder or .gguf file{default}")
+    parser.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .generate import DEFAULT_INSTRUCTION
-    from .loading import GGUF_FILE_HELP
 
     parser = argparse.ArgumentParser(prog="kfh-probe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kfh-probe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="rank every head by Step Ranking Accuracy and write a KFH manifest")
-    sweep.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
-    sweep.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    _model_arguments(sweep, required=False)
     sweep.add_argument("--traces", help="labeled trace JSONL (default: the organism's labeled traces)")
     sweep.add_argument("--out", required=True, help="manifest path (written atomically)")
     sweep.add_argument("--layers", help="layers to probe, e.g. '0-3,8' (default: all)")
@@ -399,8 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     causal = sub.add_parser("causal", help="delete the steps the top heads rate highest / lowest, ablate the heads; "
                             "does the model still write the right answer?")
-    causal.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
-    causal.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    _model_arguments(causal, required=False)
     causal.add_argument("--traces", help="trace JSONL, labeled or not (default: the organism's labeled traces)")
     causal.add_argument("--manifest", help="KFH manifest of the model (default: the organism's)")
     causal.add_argument("--json", help="write the results here (written atomically)")
@@ -426,8 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Sample K responses per problem and write them in the trace format. Rows: "
                                      '{"id", "problem" or "prompt", "answer"}; "problem" goes through the chat '
                                      'template (or --prompt-template), "prompt" is the exact model input.')
-    gen.add_argument("--model", required=True, help="Hugging Face model folder or .gguf file")
-    gen.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    _model_arguments(gen, required=True)
     gen.add_argument("--problems", required=True, help="problems JSONL")
     gen.add_argument("--out", required=True, help="trace JSONL (rewritten atomically after every batch; resumes)")
     gen.add_argument("--samples", type=int, default=1, help="responses per problem, K (default 1)")
@@ -456,8 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     rhythm = sub.add_parser("rhythm", help="Preplan-and-Anchor signals: WAAD and FAI of every response token")
-    rhythm.add_argument("--model", help="Hugging Face model folder or .gguf file (default: the embedded organism)")
-    rhythm.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    _model_arguments(rhythm, required=False)
     rhythm.add_argument("--traces", help="trace JSONL, labels not needed (default: the organism's traces)")
     rhythm.add_argument("--out", required=True, help="rhythm JSONL path (written atomically)")
     rhythm.add_argument("--heads-from", help="reuse the local/global heads of an earlier rhythm file (its header)")
