@@ -140,18 +140,15 @@ def test_sweep_command_with_a_backend_ranks_heads_like_hf(backend, tiny_model_di
 
 
 def _organism():
-    """The shipped organism model, its tokenizer and a few of its labeled traces; skips when not built."""
-    try:
-        from kfh_probe.organism import default_model_dir, default_traces_path
-    except ImportError:
-        pytest.skip("kfh_probe.organism does not provide default_model_dir/default_traces_path yet")
+    """The shipped organism model, its tokenizer and a few of its labeled traces (committed: a missing one fails)."""
     from kfh_probe.loading import load_tokenizer
     from kfh_probe.sweep import prepare_traces
     from kfh_probe.traces import read_traces
 
+    from kfh_probe.organism import default_model_dir, default_traces_path
+
     model_dir, traces_path = default_model_dir(), default_traces_path()
-    if not (model_dir / "config.json").is_file() or not traces_path.is_file():
-        pytest.skip(f"the organism is not built yet ({model_dir}, {traces_path}); run `kfh-probe organism build`")
+    assert (model_dir / "config.json").is_file() and traces_path.is_file(), "the shipped organism or its traces are missing"
     tokenizer = load_tokenizer(model_dir)
     traces, _ = read_traces(traces_path, "</think>", False)
     prepared = prepare_traces(traces[:6], tokenizer, SweepConfig())

@@ -94,7 +94,6 @@ def test_ablation_scores_k_plus_one_sequences_in_one_forward(byte_tokenizer):
     assert [s.label for s in run.traces[0].steps] == expected
 
 
-@pytest.mark.skipif(not (default_model_dir() / "config.json").is_file(), reason="the organism model is not built yet")
 def test_ablation_on_the_organism_agrees_with_ground_truth_better_than_chance():
     # post-answer is not held to this: it keeps every step before the first statement of the answer, and
     # the organism works the other item's quantities first (README: kappa -0.05 on 298 traces).

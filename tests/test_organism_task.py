@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
 
@@ -133,8 +132,6 @@ def test_final_answer_restates_the_essential_computations_verbatim():
                 assert (claim.group(1) or claim.group(2)) + "." in summary
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kfh_probe.segmentation") is None,
-                    reason="kfh_probe.segmentation (the default segmenter) is not written yet")
 def test_default_segmenter_splits_teacher_traces_exactly_at_step_boundaries():
     from kfh_probe.segmentation import segment_reasoning
 
