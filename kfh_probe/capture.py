@@ -413,7 +413,7 @@ def answer_rows(answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, valid
 
 
-def _forward_kwargs(model: nn.Module) -> dict:
+def one_position_logits(model: nn.Module) -> dict:
     """Ask causal LMs for the logits of one position only: the probe never needs the others."""
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -503,7 +503,7 @@ def _observed_forward(model, input_ids, attention_mask, layers: list[int], obser
     then every layer must have reported into ``results``."""
     with attention_calls(model, layers, observer):
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **_forward_kwargs(model))
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **one_position_logits(model))
         except _StopForward:
             pass
     _check_reported(model, layers, results)

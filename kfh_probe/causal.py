@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
-from .capture import _forward_kwargs, edit_attention_outputs, model_shape
+from .capture import edit_attention_outputs, model_shape, one_position_logits
 from .labelers.ablation import answer_logprobs
 from .segmentation import SegmenterConfig, segment_reasoning
 from .sweep import SweepConfig, collect_step_scores
@@ -288,7 +288,7 @@ def greedy_answers(model: nn.Module, prefixes: list[list[int]], budgets: list[in
         ablation.positions[:, -1] = True
     while True:
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{cache_name: past}, **_forward_kwargs(model))
+                    **{cache_name: past}, **one_position_logits(model))
         past = out["cache"] if "cache" in out.keys() else out["past_key_values"]
         tokens = out.logits[:, -1].argmax(dim=-1).tolist()
         for b, token in enumerate(tokens):
