@@ -180,11 +180,10 @@ def cmd_generate(args) -> int:
     import hashlib
     from functools import partial
 
-    from attnpo_train.rewards import resolve_grader
-
     from .generate import (
         DEFAULT_INSTRUCTION, GenerateConfig, VLLMSampler, generate_traces, load_prompt_template, read_problems, sample_hf,
     )
+    from .grading import resolve_grader
     from .io import file_sha256
     from .loading import load_model, load_tokenizer, model_folder
     from .manifest import model_fingerprint

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .segmentation import split_at_marker
+
 LABELS = ("essential", "redundant")
 
 
@@ -108,11 +110,7 @@ def parse_record(record: object, line: int, marker: str = "</think>") -> Trace:
         raise ValueError("the response is truncated (generation stopped at its token budget before the end of "
                          "the sequence), so its final answer is incomplete")
     response = record["response"]
-    count = response.count(marker)
-    if count != 1:
-        what = "no" if count == 0 else f"{count}"
-        raise ValueError(f"response has {what} end-of-thinking marker {marker!r}; exactly one is needed")
-    reasoning = response.split(marker)[0]
+    reasoning, _ = split_at_marker(response, marker)
     steps = None
     if record.get("steps") is not None:
         steps = _parse_steps(record["steps"], reasoning)
