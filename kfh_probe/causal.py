@@ -41,7 +41,7 @@ from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
 from .capture import edit_attention_outputs, model_shape, one_position_logits
 from .grading import extract_final_answer, is_correct
 from .labelers.ablation import answer_logprobs
-from .segmentation import SegmenterConfig, segment_reasoning
+from .segmentation import SegmenterConfig, segment_reasoning, split_at_marker
 from .sweep import SweepConfig, collect_step_scores
 from .traces import SkippedTrace, Step, Trace, TraceFileError, delete_steps
 
@@ -111,7 +111,7 @@ def prepare_causal_traces(
     kept, skipped, broken = [], [], []
     for trace in traces:
         if trace.steps is None:
-            reasoning = trace.response.split(config.marker, 1)[0]
+            reasoning, _ = split_at_marker(trace.response, config.marker)
             trace = dataclasses.replace(trace, steps=tuple(Step(text) for text in segment_reasoning(reasoning, config.segmenter)))
         labels = [step.label for step in trace.steps]
         reference = trace.answer if trace.answer is not None else extract_final_answer(trace.response, config.marker)

@@ -230,6 +230,12 @@ def split_at_marker(response: str, marker: str = "</think>") -> tuple[str, str]:
     return reasoning, answer
 
 
+def think_opener(marker: str) -> str:
+    """The tag that opens the thinking block a ``marker`` closes (``<think>`` for ``</think>``), or ``""``
+    when the marker is no closing tag."""
+    return marker.replace("</", "<", 1) if marker.startswith("</") else ""
+
+
 def split_response(response: str, marker: str = "</think>") -> tuple[str, str] | None:
     """``split_at_marker``, or None where the marker does not occur exactly once."""
     try:

@@ -8,6 +8,7 @@ from bisect import bisect_right
 from itertools import accumulate
 
 from ..grading import extract_final_answer
+from ..segmentation import split_at_marker
 from ..traces import Trace
 from .base import Labeling, Labels
 
@@ -93,7 +94,7 @@ def final_answer(trace: Trace, marker: str = "</think>") -> str | None:
     boxed = extract_final_answer(trace.response, marker)
     if boxed is not None:
         return boxed
-    numbers = _NUMBER.findall(trace.response.split(marker, 1)[-1])
+    numbers = _NUMBER.findall(split_at_marker(trace.response, marker)[1])
     return numbers[-1] if numbers else None
 
 
