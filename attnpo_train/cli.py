@@ -161,7 +161,7 @@ def _load_for_eval(path: str, device: str):
 
 def _evaluations(path: str, prompts, args: argparse.Namespace) -> dict:
     """Greedy, and avg@K when --samples is given, of the model folder ``path``."""
-    from attnpo_train.rewards import resolve_grader
+    from kfh_probe.grading import resolve_grader
 
     model, tokenizer = _load_for_eval(path, args.device)
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from attnpo_train.rewards import GRADERS
+from kfh_probe.grading import GRADERS
 
 METHODS = ("rloo", "tlmre", "attnpo", "preplan", "anchor", "coupled")
 RHYTHM_METHODS = ("preplan", "anchor", "coupled")

@@ -27,11 +27,12 @@ from torch import nn
 from attnpo_train.advantages import group_accuracy, rescale_group
 from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt
-from attnpo_train.rewards import correctness, length_penalised_rewards, resolve_grader
-from attnpo_train.rollouts import Rollouts
+from attnpo_train.rewards import correctness, length_penalised_rewards
 from attnpo_train.truth import ratings_truth
 from kfh_probe.alignment import TokenizedTrace, align_generated, collate
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
+from kfh_probe.grading import resolve_grader
+from kfh_probe.sampling import Rollouts
 from kfh_probe.scoring import step_scores
 from kfh_probe.segmentation import SegmenterConfig
 

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from attnpo_train.data import Prompt
-from attnpo_train.rewards import correctness
-from attnpo_train.rollouts import generate_rollouts
 from attnpo_train.truth import mean_accounting, step_accounting
+from kfh_probe.grading import is_correct
+from kfh_probe.sampling import generate_rollouts
 
 AES_WEIGHTS = {"gain": 3.0, "loss": 5.0}
 """O1-Pruner's AES weights: accuracy gains count 3x, losses 5x (relative to the base's accuracy)."""
@@ -67,10 +67,10 @@ def evaluate(
         raise ValueError("greedy evaluation gives one response per problem: pass a temperature with samples > 1")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        rollouts = generate_rollouts(model, tokenizer, prompts, samples, max_new_tokens, temperature,
+        rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], samples, max_new_tokens, temperature,
                                      batch_size=batch_size, top_p=top_p)
     rows = [(prompts[i // samples], text, done) for i, (text, done) in enumerate(zip(rollouts.texts, rollouts.finished))]
-    correct = [bool(done) and bool(correctness([text], prompt.answer, marker, grader)[0]) for prompt, text, done in rows]
+    correct = [done and is_correct(text, prompt.answer, marker, grader) for prompt, text, done in rows]
     total = len(rows)
     result = {
         "n": len(prompts),

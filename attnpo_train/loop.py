@@ -3,7 +3,7 @@
 Read it top to bottom. One training step (``train``):
 
 1. draw ``prompts_per_step`` prompts (``attnpo_train.data.PromptSource``) and sample ``group_size``
-   rollouts of each (``attnpo_train.rollouts.generate_rollouts``: batched ``model.generate`` with left
+   rollouts of each (``kfh_probe.sampling.generate_rollouts``: batched ``model.generate`` with left
    padding and the KV cache);
 2. score them: correctness (a response that stops at ``max_new_tokens`` without EOS is incorrect), then
    the TLMRE length-penalised reward (methods "tlmre", "attnpo") or plain correctness ("rloo")
@@ -71,9 +71,9 @@ from attnpo_train.credit import (
 from attnpo_train.data import PromptSource, load_prompts
 from attnpo_train.loss import ppo_clip_loss
 from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
-from attnpo_train.rollouts import Rollouts, generate_rollouts
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
+from kfh_probe.sampling import Rollouts, generate_rollouts
 
 TIMING_FIELDS = ("time_rollout_s", "time_scoring_s", "time_update_s")
 """Metrics fields that measure wall-clock time (the only ones that differ between identical runs)."""
@@ -286,7 +286,8 @@ def train_step(
     model, tokenizer = inputs.model, inputs.tokenizer
     t0 = time.perf_counter()
     prompts = inputs.prompts.draw(data_rng, config.prompts_per_step)
-    rollouts = generate_rollouts(model, tokenizer, prompts, config.group_size, config.max_new_tokens, config.temperature)
+    rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], config.group_size, config.max_new_tokens,
+                                 config.temperature)
     correct, rewards = rollout_rewards(rollouts, prompts, config)
     advantages = group_advantages(rewards, config.estimator)
     t1 = time.perf_counter()

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attnpo_train.rollouts import Rollouts
 from kfh_probe.rhythm import RhythmHeads, RhythmSignals, heads_from_header, read_rhythm_header, rhythm_signals
+from kfh_probe.sampling import Rollouts
 
 STRATEGIES = ("preplan", "anchor", "coupled")
 

@@ -13,7 +13,7 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
 
 - ``_generate_and_score_completions`` calls TRL's, then replaces its ``advantages`` [B] with per-token
   advantages [B, T_completion] computed by the functions of the single-machine trainer
-  (``attnpo_train.rollouts`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
+  (``kfh_probe.sampling`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
   ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
   (RLOO by default), ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's
   top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
@@ -79,10 +79,10 @@ from attnpo_train.credit import (
 from attnpo_train.rhythm import RhythmProbe, rhythm_advantages, rollout_signals
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
-from attnpo_train.rollouts import Rollouts, decode_responses
 from kfh_probe.capture import attention_calls, attention_modules
 from kfh_probe.loading import pad_token_id
 from kfh_probe.manifest import ManifestMismatchError, check_model_matches, load_manifest, top_heads
+from kfh_probe.sampling import Rollouts, decode_responses
 
 ANSWER_COLUMN = "answer"
 """Dataset column with each prompt's reference final answer."""

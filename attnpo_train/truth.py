@@ -13,8 +13,7 @@ import statistics
 
 import torch
 
-from kfh_probe.organism.labeler import REDUNDANT_KINDS, TraceFormatError, label_trace, split_steps, step_accounting
-from kfh_probe.organism.task import THINK_CLOSE
+from kfh_probe.organism.labeler import REDUNDANT_KINDS, TraceFormatError, label_trace, step_accounting
 
 __all__ = ["ACCOUNT_KEYS", "credit_precision", "mean_accounting", "rated_step_truth", "step_accounting"]
 
@@ -49,10 +48,10 @@ def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, in
     except TraceFormatError:
         return None
     essential_ranges, pos = [], 0
-    for text, step in zip(split_steps(response.split(THINK_CLOSE, 1)[0]), labeled.steps):
+    for step in labeled.steps:  # the labeler's line steps, which concatenate to the reasoning
         if step["label"] == "essential":
-            essential_ranges.append((pos, pos + len(text)))
-        pos += len(text)
+            essential_ranges.append((pos, pos + len(step["text"])))
+        pos += len(step["text"])
     return [any(a < end and start < b for a, b in essential_ranges) for start, end in step_ranges]
 
 
@@ -60,7 +59,7 @@ def ratings_truth(tokenizer, rollouts, ratings: list, prompt_texts: list[str]) -
     """``rated_step_truth`` of every rated rollout (None where a rollout has no rating or is unreadable).
 
     Args:
-        rollouts: a step's ``attnpo_train.rollouts.Rollouts``.
+        rollouts: a step's ``kfh_probe.sampling.Rollouts``.
         ratings: P*G entries from ``attnpo_train.credit.rate_steps`` (token spans relative to the response).
         prompt_texts: P*G prompt texts.
     """

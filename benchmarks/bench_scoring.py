@@ -42,10 +42,10 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards, uniform_token_advantages
 from attnpo_train.data import Prompt
 from attnpo_train.loop import accumulate_policy_gradient
-from attnpo_train.rollouts import Rollouts, generate_rollouts
 from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.manifest import load_manifest, top_heads
 from kfh_probe.organism import default_manifest_path, default_model_dir, default_traces_path
+from kfh_probe.sampling import Rollouts, generate_rollouts
 
 R1_HEADS = [(1, 2), (2, 9), (3, 2)]
 ANSWER_TOKENS = 64
@@ -70,7 +70,7 @@ def organism_case(device: str, seed: int, repeats: int) -> dict:
         torch.manual_seed(seed)
         _sync(device)
         start = time.perf_counter()
-        rollouts = generate_rollouts(model, tokenizer, prompts, config.group_size, 320, 1.0)
+        rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], config.group_size, 320, 1.0)
         _sync(device)
         seconds.append(time.perf_counter() - start)
     heads = top_heads(load_manifest(default_manifest_path()), None)

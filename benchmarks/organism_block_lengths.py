@@ -24,9 +24,10 @@ SEED = 7_000_003
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kfh_probe.loading import load_model, load_tokenizer
     from kfh_probe.organism import default_model_dir
     from kfh_probe.organism.labeler import extract_answer
-    from kfh_probe.organism.report import load, respond
+    from kfh_probe.organism.report import respond
     from kfh_probe.organism.task import problem_with_blocks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distract", type=int, nargs="+", default=[1, 2, 3, 4], help="distractor-chain lengths")
     args = parser.parse_args(argv)
 
-    model, tok = load(args.model)
+    model, tok = load_model(args.model), load_tokenizer(args.model)
     rng = random.Random(SEED)
     print(f"greedy accuracy, {args.n} problems per cell; * = never drawn by the task", flush=True)
     print("asked \\ distractor " + "".join(f"{d:>9}" for d in args.distract))

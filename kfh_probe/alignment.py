@@ -24,7 +24,7 @@ from itertools import accumulate
 
 import torch
 
-from .segmentation import SegmenterConfig, segment_spans
+from .segmentation import SegmenterConfig, segment_spans, split_at_marker, split_response
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,10 @@ def tokenize_trace(
     Raises:
         AlignmentError: the marker is missing or repeated, a step covers no token, F is empty.
     """
-    if response.count(marker) != 1:
-        raise AlignmentError(f"the response must contain the marker {marker!r} exactly once")
-    reasoning = response.split(marker)[0]
+    try:
+        reasoning, _ = split_at_marker(response, marker)
+    except ValueError as err:
+        raise AlignmentError(str(err)) from None
     if step_texts is None:
         local = segment_spans(reasoning, segmenter)
     else:
@@ -213,11 +214,12 @@ def align_generated(
     F cannot be placed (such responses keep a uniform advantage in training).
     """
     text, starts = generated_char_offsets(tokenizer, response_ids)
-    if text.count(marker) != 1:
+    parts = split_response(text, marker)
+    if parts is None:
         return None
     visible = visible_starts(text, list(zip(starts, starts[1:] + [len(text)])))
     starts = [v if v >= 0 else s for v, s in zip(visible, starts)]  # a token that adds no text: where it is
-    reasoning = text.split(marker)[0]
+    reasoning = parts[0]
     local = segment_spans(reasoning, segmenter)
     marker_start = len(reasoning)
     try:

@@ -14,8 +14,8 @@ under each condition:
 
 k is the trace's number of essential steps when it is labeled, else ``round(k_fraction * K)`` (at least 1,
 at most K - 1). Each condition reports the answer accuracy (the last ``\\boxed{}`` after the marker
-against the trace's ``answer``, else against the original response's own boxed answer; the trainer's
-``attnpo_train.rewards`` decides, so probe and trainer grade alike) and the mean
+against the trace's ``answer``, else against the original response's own boxed answer; ``kfh_probe.grading``
+decides, as it does for the trainer's rewards, so probe and trainer grade alike) and the mean
 change, against ``none``, of the teacher-forced log-probability of the original answer span F.
 
 Mean-ablation replaces a head's slice of the attention output (before the output projection) by its mean
@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
 from .capture import edit_attention_outputs, model_shape, one_position_logits
+from .grading import extract_final_answer, is_correct
 from .labelers.ablation import answer_logprobs
-from .segmentation import SegmenterConfig, segment_reasoning
+from .segmentation import SegmenterConfig, segment_reasoning, split_at_marker
 from .sweep import SweepConfig, collect_step_scores
 from .traces import SkippedTrace, Step, Trace, TraceFileError, delete_steps
 
@@ -107,12 +108,10 @@ def prepare_causal_traces(
     Raises:
         TraceFileError: a trace cannot be placed on tokens and ``skip_invalid`` is False.
     """
-    from attnpo_train.rewards import extract_final_answer
-
     kept, skipped, broken = [], [], []
     for trace in traces:
         if trace.steps is None:
-            reasoning = trace.response.split(config.marker, 1)[0]
+            reasoning, _ = split_at_marker(trace.response, config.marker)
             trace = dataclasses.replace(trace, steps=tuple(Step(text) for text in segment_reasoning(reasoning, config.segmenter)))
         labels = [step.label for step in trace.steps]
         reference = trace.answer if trace.answer is not None else extract_final_answer(trace.response, config.marker)
@@ -340,8 +339,6 @@ def _run(model, tokenizer, variants: list[_Variant], items: list[CausalTrace], c
          means: dict[int, torch.Tensor]) -> list[tuple[bool, float]]:
     """Write each variant's answer (its heads ablated) and score the original answer teacher-forced:
     ``(correct, log-prob)`` per variant."""
-    from attnpo_train.rewards import answers_match, extract_final_answer
-
     prefixes = [v.tokenized.input_ids[: v.tokenized.answer_span[0]] for v in variants]
     budgets = [_answer_budget(items[v.trace], config) for v in variants]
     sequences = [v.tokenized for v in variants]
@@ -352,8 +349,8 @@ def _run(model, tokenizer, variants: list[_Variant], items: list[CausalTrace], c
         logprobs = answer_logprobs(model, sequences, pad_id).tolist()
     results = []
     for v, ids, logprob in zip(variants, written, logprobs):
-        answer = extract_final_answer(config.marker + tokenizer.decode(ids, skip_special_tokens=False), config.marker)
-        results.append((answer is not None and answers_match(answer, items[v.trace].reference), logprob))
+        written_answer = config.marker + tokenizer.decode(ids, skip_special_tokens=False)
+        results.append((is_correct(written_answer, items[v.trace].reference, config.marker), logprob))
     return results
 
 

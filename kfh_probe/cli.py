@@ -180,11 +180,10 @@ def cmd_generate(args) -> int:
     import hashlib
     from functools import partial
 
-    from attnpo_train.rewards import resolve_grader
-
     from .generate import (
         DEFAULT_INSTRUCTION, GenerateConfig, VLLMSampler, generate_traces, load_prompt_template, read_problems, sample_hf,
     )
+    from .grading import resolve_grader
     from .io import file_sha256
     from .loading import load_model, load_tokenizer, model_folder
     from .manifest import model_fingerprint
@@ -228,7 +227,7 @@ def cmd_rhythm(args) -> int:
     from tqdm.auto import tqdm
 
     from .alignment import AlignmentError, tokenize_response
-    from .io import atomic_write_json, atomic_write_text, file_sha256
+    from .io import atomic_write_json, atomic_write_jsonl, file_sha256
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
     from .partials import PartStore, plan_batches
@@ -312,7 +311,7 @@ def cmd_rhythm(args) -> int:
         rhythm_record(trace.id, RhythmSignals.from_stacked(start, stacked))
         for trace, stacked, start in zip(kept, results, starts)
     ]
-    atomic_write_text(args.out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    atomic_write_jsonl(args.out, lines)
     if not args.keep_parts:
         store.remove()
     print(f"wrote {args.out}: WAAD and FAI of {len(kept)} traces; local heads {heads.local}, global heads "

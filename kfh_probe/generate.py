@@ -37,6 +37,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .grading import is_correct
+from .segmentation import split_response
+
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """Appended to a ``problem`` in the chat-template path (DeepSeek-R1's recommended instruction)."""
 
@@ -74,7 +77,7 @@ class GenerateConfig:
         batch_size: sequences per ``generate`` call.
         seed: base seed of every batch (``batch_seed``).
         marker: end-of-thinking marker, for grading.
-        grader: ``"math-verify"`` or ``"exact"`` (``attnpo_train.rewards``).
+        grader: ``"math-verify"`` or ``"exact"`` (``kfh_probe.grading``).
         correct_only: keep only responses graded correct.
         engine: ``"hf"`` (transformers ``generate``) or ``"vllm"``.
     """
@@ -205,7 +208,8 @@ def plan_batches(num_problems: int, samples: int, batch_size: int) -> list[list[
 
 
 def sample_hf(model, tokenizer, prompts: list[str], config: GenerateConfig, seed: int) -> list[tuple[str, bool, int]]:
-    """One batch through transformers ``generate`` (left padding, KV cache), the trainer's own sampler.
+    """One batch through transformers ``generate`` (left padding, KV cache): ``kfh_probe.sampling``, the
+    trainer's sampler too.
 
     Returns:
         per prompt ``(response text, truncated, response tokens)``; the text keeps special tokens
@@ -213,15 +217,12 @@ def sample_hf(model, tokenizer, prompts: list[str], config: GenerateConfig, seed
     """
     import torch
 
-    from attnpo_train.data import Prompt
-    from attnpo_train.rollouts import generate_rollouts
+    from .sampling import generate_rollouts
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        rollouts = generate_rollouts(
-            model, tokenizer, [Prompt(str(i), p, "") for i, p in enumerate(prompts)], 1, config.max_new_tokens,
-            config.temperature or None, top_p=config.top_p,
-        )
+        rollouts = generate_rollouts(model, tokenizer, prompts, 1, config.max_new_tokens, config.temperature or None,
+                                     top_p=config.top_p)
     return [(text, not done, len(ids)) for text, done, ids in zip(rollouts.texts, rollouts.finished, rollouts.response_ids)]
 
 
@@ -240,7 +241,7 @@ class VLLMSampler:
     def __call__(self, prompts: list[str], config: GenerateConfig, seed: int) -> list[tuple[str, bool, int]]:
         from vllm import SamplingParams
 
-        from attnpo_train.rollouts import decode_responses
+        from .sampling import decode_responses
 
         requests = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
         params = [
@@ -258,9 +259,7 @@ def make_record(problem: Problem, sample: int, text: str, truncated: bool, token
     """The trace record of one response (module docstring), graded when the problem has an answer."""
     correct = None
     if problem.answer is not None:
-        from attnpo_train.rewards import correctness
-
-        correct = not truncated and bool(correctness([text], problem.answer, config.marker, config.grader)[0])
+        correct = not truncated and is_correct(text, problem.answer, config.marker, config.grader)
     record = {"id": f"{problem.id}#{sample}", "prompt": problem.prompt, "response": text}
     if problem.answer is not None:
         record["answer"] = problem.answer
@@ -288,7 +287,7 @@ class Progress:
         """Add one sampled response to the counts."""
         finished = not record["truncated"]
         for name, hit in (("responses", True), ("kept", kept), ("truncated", not finished),
-                          ("no_marker", finished and record["response"].count(marker) != 1),
+                          ("no_marker", finished and split_response(record["response"], marker) is None),
                           ("graded", record["correct"] is not None), ("correct", bool(record["correct"]))):
             self.counts[name] += int(hit)
 

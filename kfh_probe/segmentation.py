@@ -214,10 +214,31 @@ def _merge_short(pieces: list[_Piece], text: str, min_chars: int) -> list[_Piece
     return pieces
 
 
-def split_response(response: str, marker: str = "</think>") -> tuple[str, str] | None:
-    """``(reasoning, answer)`` around the single end-of-thinking marker, or None if it is not there
-    exactly once. The marker belongs to neither part."""
-    if response.count(marker) != 1:
-        return None
+def split_at_marker(response: str, marker: str = "</think>") -> tuple[str, str]:
+    """``(reasoning, answer)`` around the end-of-thinking marker, which must occur exactly once (method
+    page, section 1: with none the model never finished thinking, with two the answer is ambiguous).
+    The marker belongs to neither part. The project's one copy of this rule.
+
+    Raises:
+        ValueError: the marker is absent or repeated; the message says how often it occurs.
+    """
+    count = response.count(marker) if marker else 0  # an empty marker marks nothing
+    if count != 1:
+        raise ValueError(f"response has {'no' if count == 0 else count} end-of-thinking marker {marker!r}; "
+                         "exactly one is needed")
     reasoning, answer = response.split(marker)
     return reasoning, answer
+
+
+def think_opener(marker: str) -> str:
+    """The tag that opens the thinking block a ``marker`` closes (``<think>`` for ``</think>``), or ``""``
+    when the marker is no closing tag."""
+    return marker.replace("</", "<", 1) if marker.startswith("</") else ""
+
+
+def split_response(response: str, marker: str = "</think>") -> tuple[str, str] | None:
+    """``split_at_marker``, or None where the marker does not occur exactly once."""
+    try:
+        return split_at_marker(response, marker)
+    except ValueError:
+        return None

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .segmentation import split_at_marker, think_opener
+
 LABELS = ("essential", "redundant")
 
 
@@ -108,11 +110,7 @@ def parse_record(record: object, line: int, marker: str = "</think>") -> Trace:
         raise ValueError("the response is truncated (generation stopped at its token budget before the end of "
                          "the sequence), so its final answer is incomplete")
     response = record["response"]
-    count = response.count(marker)
-    if count != 1:
-        what = "no" if count == 0 else f"{count}"
-        raise ValueError(f"response has {what} end-of-thinking marker {marker!r}; exactly one is needed")
-    reasoning = response.split(marker)[0]
+    reasoning, _ = split_at_marker(response, marker)
     steps = None
     if record.get("steps") is not None:
         steps = _parse_steps(record["steps"], reasoning)
@@ -207,13 +205,13 @@ def delete_steps(trace: Trace, drop: set[int], marker: str = "</think>") -> Trac
     if not drop <= set(range(len(trace.steps))):
         raise ValueError(f"trace {trace.id!r} has {len(trace.steps)} steps; cannot delete {sorted(drop)}")
     kept = [step for k, step in enumerate(trace.steps) if k not in drop]
-    opener = marker.replace("</", "<", 1) if marker.startswith("</") else ""
+    opener = think_opener(marker)
     head = re.match(re.escape(opener) + r"\s*", trace.steps[0].text) if opener else None
     if 0 in drop and head is not None:
         if kept:
             kept[0] = Step(head.group(0) + kept[0].text, kept[0].label)
         else:
             kept = [Step(head.group(0), None)]
-    answer = trace.response.split(marker, 1)[1]
+    _, answer = split_at_marker(trace.response, marker)
     reasoning = "".join(step.text for step in kept)
     return dataclasses.replace(trace, response=reasoning + marker + answer, steps=tuple(kept) if kept else None)

@@ -44,7 +44,7 @@ def test_segmenting_when_no_steps_are_given(byte_tokenizer):
 def test_errors_for_no_answer_and_no_marker(byte_tokenizer):
     with pytest.raises(AlignmentError, match="no final-answer tokens"):
         tokenize_trace(byte_tokenizer, "p", "reasoning here</think>", append_eos=False)
-    with pytest.raises(AlignmentError, match="exactly once"):
+    with pytest.raises(AlignmentError, match="no end-of-thinking marker"):
         tokenize_trace(byte_tokenizer, "p", "no marker at all")
 
 

@@ -15,7 +15,7 @@ from attnpo_train.checkpoint import latest_checkpoint
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
 from attnpo_train.data import DataError, Prompt, PromptSource, load_prompts
-from attnpo_train.rollouts import Rollouts, generate_rollouts
+from kfh_probe.sampling import Rollouts, generate_rollouts
 from conftest import R1_TRACES
 
 TIMING = set(loop.TIMING_FIELDS)
@@ -313,11 +313,11 @@ def test_generate_rollouts_trims_at_eos_and_keeps_prompt_ids(tiny_model_dir, byt
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [Prompt("a", "What is 1+1?", "2"), Prompt("b", R1_TRACES[1]["prompt"], "21")]
     torch.manual_seed(0)
-    rollouts = generate_rollouts(model, byte_tokenizer, prompts, 2, 12, 1.0)
+    rollouts = generate_rollouts(model, byte_tokenizer, [p.text for p in prompts], 2, 12, 1.0)
     eos = byte_tokenizer.eos_token_id
     assert len(rollouts.response_ids) == 4
     for i, (ids, done) in enumerate(zip(rollouts.response_ids, rollouts.finished)):
         assert rollouts.prompt_ids[i] == byte_tokenizer(prompts[i // 2].text, add_special_tokens=False)["input_ids"]
         assert (ids[-1] == eos and eos not in ids[:-1]) if done else (len(ids) == 12 and eos not in ids)
-    greedy = generate_rollouts(model, byte_tokenizer, prompts[:1], 2, 12, None)
+    greedy = generate_rollouts(model, byte_tokenizer, [prompts[0].text], 2, 12, None)
     assert greedy.response_ids[0] == greedy.response_ids[1]

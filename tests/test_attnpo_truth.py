@@ -14,11 +14,11 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.credit import StepRating, control_ratings, rescale_rollouts
 from attnpo_train.data import Prompt
 from attnpo_train.evaluate import aes, efficiency, evaluate
-from attnpo_train.rollouts import Rollouts
 from attnpo_train.truth import credit_precision, mean_accounting, rated_step_truth
 from kfh_probe.organism import default_manifest_path, default_model_dir
 from kfh_probe.organism.labeler import step_accounting
 from kfh_probe.organism.task import generate_problems, teacher_response, teacher_steps
+from kfh_probe.sampling import Rollouts
 
 ORGANISM = default_model_dir()
 

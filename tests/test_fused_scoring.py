@@ -14,12 +14,12 @@ from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards
 from attnpo_train.data import Prompt
-from attnpo_train.rollouts import Rollouts, generate_rollouts
 from conftest import R1_TRACES, tiny_model
 from test_attnpo_loop import SHORT_55
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
 from kfh_probe.organism import default_manifest_path, default_model_dir
 from kfh_probe.organism.task import generate_problems
+from kfh_probe.sampling import Rollouts, generate_rollouts
 
 ORGANISM = default_model_dir()
 TOLERANCE = 1e-6  # the bound on |fused - unfused| per-token advantage
@@ -69,7 +69,7 @@ def organism_rollouts():
     model, tokenizer = load_model(ORGANISM), load_tokenizer(ORGANISM)
     prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(3, 777))]
     torch.manual_seed(0)
-    rollouts = generate_rollouts(model, tokenizer, prompts, 4, 320, 1.0)
+    rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], 4, 320, 1.0)
     return model, tokenizer, prompts, rollouts, top_heads(load_manifest(default_manifest_path()), None)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kfh_probe.organism.train import TrainConfig, build
+from kfh_probe.organism.train import OrganismTrainConfig, build
 
-TINY = TrainConfig(seed=3, steps=2, batch_size=4, tokenizer_traces=200)
+TINY = OrganismTrainConfig(seed=3, steps=2, batch_size=4, tokenizer_traces=200)
 
 
 def test_build_is_deterministic_for_a_seed_and_loads_with_no_flags(tmp_path):
@@ -24,5 +24,5 @@ def test_build_is_deterministic_for_a_seed_and_loads_with_no_flags(tmp_path):
 
 def test_a_different_seed_gives_different_weights(tmp_path):
     a = build(tmp_path / "a", TINY)
-    b = build(tmp_path / "b", TrainConfig(seed=4, steps=2, batch_size=4, tokenizer_traces=200))
+    b = build(tmp_path / "b", OrganismTrainConfig(seed=4, steps=2, batch_size=4, tokenizer_traces=200))
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()

@@ -86,7 +86,7 @@ def test_labeler_agrees_with_the_teacher_on_every_teacher_trace():
 
 
 def test_a_response_without_exactly_one_think_close_cannot_be_labeled():
-    with pytest.raises(TraceFormatError, match="exactly 1"):
+    with pytest.raises(TraceFormatError, match="no end-of-thinking marker"):
         label_trace(PROMPT, "".join(STEPS))
     assert extract_answer("".join(STEPS) + "\\boxed{5}") is None
     assert extract_answer("a</think>b</think>\\boxed{6}") is None

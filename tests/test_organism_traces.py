@@ -7,7 +7,9 @@ import json
 
 import pytest
 
+from kfh_probe.organism import default_model_dir, default_traces_path
 from kfh_probe.organism.cli import register
+from kfh_probe.organism.report import sample_labeled_traces
 from kfh_probe.organism.traces import write_organism_traces
 
 
@@ -34,6 +36,16 @@ def test_export_is_repeatable_for_a_seed(tmp_path):
     write_organism_traces(tmp_path / "a.jsonl", 10, seed=5)
     write_organism_traces(tmp_path / "b.jsonl", 10, seed=5)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+@pytest.mark.slow  # about 13 s: one batch of 125 sampled responses
+def test_the_shipped_model_traces_regenerate_through_the_shared_sampler():
+    # The shipped file is `organism traces --source model --n 300 --seed 0`; its first sampling batch
+    # (125 problems, the organism report's batch size) depends on nothing after it.
+    shipped = [json.loads(line) for line in default_traces_path().read_text(encoding="utf-8").splitlines()]
+    first_batch = [r for r in shipped if int(r["id"].rsplit("-", 1)[1]) < 125]
+    assert 100 < len(first_batch) <= 125
+    assert sample_labeled_traces(default_model_dir(), 125, seed=0) == first_batch
 
 
 def test_unknown_source_is_refused():

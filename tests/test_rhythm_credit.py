@@ -66,7 +66,7 @@ def test_amplify_multiplies_only_non_negative_advantages_on_the_mask():
 
 
 def test_rhythm_advantages_need_signals_only_for_positive_advantages():
-    from attnpo_train.rollouts import Rollouts
+    from kfh_probe.sampling import Rollouts
 
     rollouts = Rollouts(2, [[1], [1]], [[5] * 6, [6] * 3], ["", ""], [True, True])
     advantages = torch.tensor([[0.4, -0.4]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import R1_TRACES
 
-from kfh_probe.segmentation import SegmenterConfig, segment_reasoning, segment_spans, split_response
+from kfh_probe.segmentation import SegmenterConfig, segment_reasoning, segment_spans
 
 
 def _reasoning(i: int) -> str:
@@ -94,12 +94,6 @@ def test_spans_cover_the_text_without_gaps():
     spans = segment_spans(text)
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-
-
-def test_split_response_needs_exactly_one_marker():
-    assert split_response("a</think>b") == ("a", "b")
-    assert split_response("no marker") is None
-    assert split_response("a</think>b</think>c") is None
 
 
 @pytest.mark.parametrize(

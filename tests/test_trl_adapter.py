@@ -21,8 +21,8 @@ from attnpo_train.advantages import group_advantages  # noqa: E402
 from attnpo_train.config import TrainConfig  # noqa: E402
 from attnpo_train.credit import attnpo_token_advantages, rollout_rewards  # noqa: E402
 from attnpo_train.data import Prompt  # noqa: E402
-from attnpo_train.rollouts import Rollouts, decode_responses  # noqa: E402
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
+from kfh_probe.sampling import Rollouts, decode_responses  # noqa: E402
 from conftest import R1_TRACES  # noqa: E402
 from test_attnpo_loop import SHORT_55, WRONG_54, write_manifest  # noqa: E402
 

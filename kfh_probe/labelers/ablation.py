@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
+from ..segmentation import split_at_marker, think_opener
 from ..traces import Trace
 from .base import Labeling, Labels, LabelerError
 
@@ -108,7 +109,7 @@ class AblationLabeler:
         self.model, self.tokenizer, self.pad_id = model, tokenizer, pad_id
         self.threshold, self.top_fraction, self.batch_size = threshold, top_fraction, batch_size
         self.marker = marker
-        self.opener = marker.replace("</", "<", 1) if marker.startswith("</") else ""
+        self.opener = think_opener(marker)
         self.drops: dict[str, list[float]] = {}
 
     def step_drops(self, trace: Trace) -> list[float]:
@@ -118,7 +119,7 @@ class AblationLabeler:
             AlignmentError: the trace or one of its deletions cannot be placed on tokens.
         """
         steps = [s.text for s in trace.steps or ()]
-        answer = trace.response.split(self.marker, 1)[1]
+        _, answer = split_at_marker(trace.response, self.marker)
         sequences = []
         for variant in [steps, *deletions(steps, self.opener)]:
             reasoning = "".join(variant)  # one span: only F's position matters here

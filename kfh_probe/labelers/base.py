@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from ..segmentation import SegmenterConfig, segment_reasoning, split_response
+from ..segmentation import SegmenterConfig, segment_reasoning, split_at_marker
 from ..traces import SkippedTrace, Step, Trace, TraceFileError
 
 Labels = list[str | None]
@@ -64,10 +64,8 @@ def with_steps(trace: Trace, segmenter: SegmenterConfig, marker: str = "</think>
     """
     if trace.steps is not None:
         return trace
-    parts = split_response(trace.response, marker)
-    if parts is None:
-        raise ValueError(f"response must contain the end-of-thinking marker {marker!r} exactly once")
-    pieces = segment_reasoning(parts[0], segmenter)
+    reasoning, _ = split_at_marker(trace.response, marker)
+    pieces = segment_reasoning(reasoning, segmenter)
     if not pieces:
         raise ValueError("the reasoning before the marker is empty: there is no step to label")
     return replace(trace, steps=tuple(Step(text) for text in pieces))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..segmentation import split_at_marker
 from ..traces import LABELS, Trace
 from .base import Labeling, Labels
 from .judge_client import ChatJudge, LocalJudge, Messages
@@ -81,7 +82,7 @@ def judge_messages(template: string.Template, trace: Trace, marker: str = "</thi
     steps = [s.text for s in trace.steps or ()]
     content = template.substitute(
         question=trace.prompt.strip(), steps=numbered_steps(steps), num_steps=len(steps),
-        answer=trace.response.split(marker, 1)[-1].strip(),
+        answer=split_at_marker(trace.response, marker)[1].strip(),
     )
     return [{"role": "user", "content": content}]
 

@@ -7,6 +7,8 @@ import re
 from bisect import bisect_right
 from itertools import accumulate
 
+from ..grading import extract_final_answer
+from ..segmentation import split_at_marker
 from ..traces import Trace
 from .base import Labeling, Labels
 
@@ -80,20 +82,19 @@ class OrganismLabeler:
         return result
 
 
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def final_answer(trace: Trace, marker: str = "</think>") -> str | None:
     """The answer a step must state: the reference ``answer`` when given, else the model's own (the
-    last ``\\boxed{}`` after the marker, else the last number there)."""
+    last ``\\boxed{}`` after the marker, ``kfh_probe.grading.extract_final_answer``, else the last number
+    there)."""
     if trace.answer is not None and trace.answer.strip():
         return trace.answer.strip()
-    tail = trace.response.split(marker, 1)[-1]
-    boxed = _BOXED.findall(tail)
-    if boxed:
-        return boxed[-1].strip() or None
-    numbers = _NUMBER.findall(tail)
+    boxed = extract_final_answer(trace.response, marker)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER.findall(split_at_marker(trace.response, marker)[1])
     return numbers[-1] if numbers else None
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``organism`` command with ``build``, ``traces`` and ``report`` sub-commands."""
-    from kfh_probe.organism.train import TrainConfig
+    from kfh_probe.organism.train import OrganismTrainConfig
 
     org = subparsers.add_parser("organism", help="the embedded model organism of overthinking")
     sub = org.add_subparsers(dest="organism_command", required=True)
 
     b = sub.add_parser("build", help="train the organism from scratch (deterministic for a seed)")
     b.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped folder)")
-    b.add_argument("--seed", type=int, default=TrainConfig.seed)
-    b.add_argument("--steps", type=int, default=TrainConfig.steps)
+    b.add_argument("--seed", type=int, default=OrganismTrainConfig.seed)
+    b.add_argument("--steps", type=int, default=OrganismTrainConfig.steps)
     b.set_defaults(func=_build)
 
     t = sub.add_parser("traces", help="write ground-truth labeled traces (JSONL)")
@@ -38,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from kfh_probe.organism import default_model_dir
-    from kfh_probe.organism.train import TrainConfig, build
+    from kfh_probe.organism.train import OrganismTrainConfig, build
 
-    out = build(args.out or default_model_dir(), TrainConfig(seed=args.seed, steps=args.steps))
+    out = build(args.out or default_model_dir(), OrganismTrainConfig(seed=args.seed, steps=args.steps))
     print(f"organism written to {out}")
     return 0
 

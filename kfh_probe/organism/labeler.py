@@ -22,7 +22,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kfh_probe.grading import extract_final_answer
 from kfh_probe.organism.task import NUMBER_WORDS, RECHECK_OPENERS, THINK_CLOSE, Fact, Problem
+from kfh_probe.segmentation import split_at_marker
 
 _PROMPT = re.compile(r"^Question: (?P<facts>.*) How many (?P<item>\w+) does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
 _FACT = re.compile(r"(\w+) has (\w+) (?:(more|fewer) )?(\w+)(?: than (\w+))?\.")
@@ -30,7 +32,6 @@ _CLAIM_CONST = re.compile(r"so (\w+) has (\w+) (\w+) right from the start")
 _CLAIM_OP = re.compile(r"so (\w+) has (\w+) (plus|minus) (\w+), which is (\w+) (\w+)")
 _RECHECK = re.compile(r"^(?:<think>\n)?(?:" + "|".join(map(re.escape, RECHECK_OPENERS)) + r") \w+:")
 _RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 class TraceFormatError(ValueError):
@@ -69,14 +70,11 @@ def parse_prompt(prompt: str) -> Problem:
 
 
 def extract_answer(response: str) -> int | None:
-    """The integer in the last ``\\boxed{}`` after exactly one ``</think>``, else ``None``."""
-    if response.count(THINK_CLOSE) != 1:
-        return None
-    boxed = _BOXED.findall(response.split(THINK_CLOSE, 1)[1])
-    if not boxed:
-        return None
+    """The integer in the last ``\\boxed{}`` after exactly one ``</think>``
+    (``kfh_probe.grading.extract_final_answer``), else ``None``."""
+    answer = extract_final_answer(response, THINK_CLOSE)
     try:
-        return int(boxed[-1].strip())
+        return None if answer is None else int(answer)
     except ValueError:
         return None
 
@@ -134,13 +132,15 @@ class LabeledTrace:
 
 def label_trace(prompt: str, response: str) -> LabeledTrace:
     """Label every step of ``response`` (exactly one ``</think>`` required)."""
-    if response.count(THINK_CLOSE) != 1:
-        raise TraceFormatError(f"response has {response.count(THINK_CLOSE)} {THINK_CLOSE} markers, need exactly 1")
+    try:
+        reasoning, _ = split_at_marker(response, THINK_CLOSE)
+    except ValueError as err:
+        raise TraceFormatError(str(err)) from None
     problem = parse_prompt(prompt)
     facts, chain = problem.by_name, set(problem.chain())
     out = LabeledTrace(predicted=extract_answer(response))
     computed: set[str] = set()
-    for text in split_steps(response.split(THINK_CLOSE, 1)[0]):
+    for text in split_steps(reasoning):
         claims = [(n, number(v)) for n, v, _ in _CLAIM_CONST.findall(text)]
         claims += [(n, number(v)) for n, _, _, _, v, _ in _CLAIM_OP.findall(text)]
         essential = any(n in chain and n not in computed for n, _ in claims)

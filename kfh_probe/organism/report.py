@@ -1,7 +1,8 @@
 """Generate from the organism and measure it: accuracy, response lengths, redundant steps.
 
-Generation is batched with left padding and the KV cache (``model.generate``); answers are parsed
-from the generated text (the last ``\\boxed{}`` after exactly one ``</think>``), never teacher-forced.
+Generation is the project's sampler (``kfh_probe.sampling.generate_rollouts``: batched ``model.generate``
+with left padding and the KV cache); answers are parsed from the generated text (the last ``\\boxed{}``
+after exactly one ``</think>``, ``kfh_probe.grading``), never teacher-forced.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace
 from kfh_probe.organism.task import RECHECK_OPENERS, THINK_CLOSE, Problem, generate_problems
+from kfh_probe.sampling import generate_rollouts
 
 REPORT_SEED = 20_250_101  # far from the build seeds, so report problems are fresh
 MAX_NEW_TOKENS = 448
@@ -30,33 +32,17 @@ class Sample:
     answer: int
 
 
-def load(model_dir: str | Path):
-    """``(model, tokenizer)`` loaded from a plain HF folder, model in eval mode."""
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    return model.eval(), tok
-
-
-@torch.no_grad()
 def respond(model, tok, problems: list[Problem], seed: int, temperature: float | None = None,
             batch_size: int = 125) -> list[Sample]:
-    """The model's responses to ``problems`` (sampling seeded with ``seed``; greedy when
-    ``temperature`` is None)."""
+    """The model's responses to ``problems`` (``generate_rollouts`` in batches of ``batch_size``, sampling
+    seeded with ``seed``; greedy when ``temperature`` is None). A response that stopped keeps its EOS
+    text, as the organism's traces do."""
     torch.manual_seed(seed)
-    out: list[Sample] = []
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        prompts = [p.prompt() for p in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
-        kwargs = ({"do_sample": False} if temperature is None
-                  else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0})
-        ids = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, **kwargs)
-        for problem, prompt, row in zip(chunk, prompts, ids[:, enc["input_ids"].shape[1]:].tolist()):
-            if tok.eos_token_id in row:
-                row = row[:row.index(tok.eos_token_id) + 1]
-            out.append(Sample(prompt, tok.decode(row), len(row), problem.answer))
-    return out
+    prompts = [p.prompt() for p in problems]
+    rollouts = generate_rollouts(model, tok, prompts, 1, MAX_NEW_TOKENS, temperature, batch_size=batch_size)
+    return [Sample(prompt, text + tok.eos_token if done else text, len(ids), problem.answer)
+            for problem, prompt, text, done, ids
+            in zip(problems, prompts, rollouts.texts, rollouts.finished, rollouts.response_ids, strict=True)]
 
 
 def sample_labeled_traces(model_dir: str | Path, n: int, seed: int, temperature: float = 1.0) -> list[dict]:
@@ -71,7 +57,7 @@ def sample_labeled_traces(model_dir: str | Path, n: int, seed: int, temperature:
 def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float | None = 1.0) -> tuple[list[dict], dict]:
     """Labeled trace dicts plus statistics over all ``n`` samples (accuracy, lengths, parse counts,
     redundancy by kind, and the mean probability of opening a re-check at a line start)."""
-    model, tok = load(model_dir)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
     samples = respond(model, tok, generate_problems(n, seed), seed, temperature)
     records, accounts, unknown, wrong, dropped = [], [], 0, 0, 0
     for i, s in enumerate(samples):

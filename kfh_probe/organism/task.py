@@ -112,7 +112,7 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Step:
+class TaskStep:
     """One teacher step: its text line, its kind and the quantity it is about (if any)."""
 
     text: str
@@ -216,7 +216,7 @@ restates what is known. A second extra step follows with probability :data:`SECO
 SECOND_EXTRA_P = 0.3
 
 
-def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[Step]:
+def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[TaskStep]:
     """Teacher steps: the asked chain always, the other item's block in only some traces, and 0 to
     ``max_redundant`` re-checks and restatements.
 
@@ -240,17 +240,17 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
     work_other = rng.random() < OTHER_BLOCK_P[other_item in WORKED_ITEMS]
     order = [f for f in problem.facts if work_other or f.name in chain]  # question order: the chain first
     values: dict[str, int] = {}
-    steps: list[Step] = []
+    steps: list[TaskStep] = []
     extras = 0
     if rng.random() < OPEN_RESTATE_P:
-        steps.append(Step(restate_text(problem, values), "restate", None, False))
+        steps.append(TaskStep(restate_text(problem, values), "restate", None, False))
         extras += 1
     for i, fact in enumerate(order, start=1):
         if i == 1:
             opener = "First,"
         else:
             opener = "Finally," if i == len(order) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
-        steps.append(Step(compute_text(fact, values, opener), "compute", fact.name, fact.name in chain))
+        steps.append(TaskStep(compute_text(fact, values, opener), "compute", fact.name, fact.name in chain))
         values[fact.name] = fact.value
         if fact.name == problem.target:
             continue
@@ -262,13 +262,13 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
                 break
             extras += 1
             if minus and extra == 0:
-                steps.append(Step(recheck_text(fact, values, RECHECK_OPENERS[0]), "recheck", fact.name, False))
+                steps.append(TaskStep(recheck_text(fact, values, RECHECK_OPENERS[0]), "recheck", fact.name, False))
             elif rng.random() < 0.5:
                 checked = problem.by_name[rng.choice([n for n in values if n != problem.target])]
-                steps.append(Step(recheck_text(checked, values, rng.choice(RECHECK_OPENERS[1:])), "recheck",
+                steps.append(TaskStep(recheck_text(checked, values, rng.choice(RECHECK_OPENERS[1:])), "recheck",
                                   checked.name, False))
             else:
-                steps.append(Step(restate_text(problem, values), "restate", None, False))
+                steps.append(TaskStep(restate_text(problem, values), "restate", None, False))
     return steps
 
 
@@ -280,13 +280,13 @@ def summary_text(problem: Problem) -> str:
     return " ".join(parts) + f" So the answer is \\boxed{{{problem.answer}}}."
 
 
-def teacher_response(problem: Problem, steps: list[Step]) -> str:
+def teacher_response(problem: Problem, steps: list[TaskStep]) -> str:
     """The full response text for ``steps``: reasoning, ``</think>``, summary, EOS."""
     reasoning = THINK_OPEN + "\n" + "".join(s.text for s in steps)
     return reasoning + THINK_CLOSE + "\n" + summary_text(problem) + EOS
 
 
-def step_texts(steps: list[Step]) -> list[str]:
+def step_texts(steps: list[TaskStep]) -> list[str]:
     """Step texts as segments of the reasoning: the first carries the ``<think>\\n`` opener."""
     texts = [s.text for s in steps]
     texts[0] = THINK_OPEN + "\n" + texts[0]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
+from kfh_probe.io import atomic_write_jsonl
 from kfh_probe.organism.task import generate_problem, step_texts, teacher_response, teacher_steps
 
 
@@ -29,21 +27,6 @@ def teacher_traces(n: int, seed: int) -> list[dict]:
     return records
 
 
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Write ``records`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_organism_traces(path: str | Path, n: int, seed: int, source: str = "teacher",
                           model_dir: str | Path | None = None) -> int:
     """Write ``n`` labeled traces from the teacher or sampled from the model; return how many were written.
@@ -59,5 +42,5 @@ def write_organism_traces(path: str | Path, n: int, seed: int, source: str = "te
         records = sample_labeled_traces(model_dir or default_model_dir(), n, seed)
     else:
         raise ValueError(f"source must be 'teacher' or 'model', got {source!r}")
-    write_jsonl(path, records)
+    atomic_write_jsonl(path, records)
     return len(records)

@@ -33,7 +33,7 @@ THREADS = 2
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class OrganismTrainConfig:
     """Hyper-parameters of a build (the defaults make the shipped model)."""
 
     seed: int = 0
@@ -67,7 +67,7 @@ def _teacher_text(rng: random.Random) -> tuple[str, str]:
     return problem.prompt(), teacher_response(problem, teacher_steps(problem, rng))
 
 
-def teacher_batches(rng: random.Random, cfg: TrainConfig) -> Iterator[list[tuple[str, str]]]:
+def teacher_batches(rng: random.Random, cfg: OrganismTrainConfig) -> Iterator[list[tuple[str, str]]]:
     """Endless batches of fresh ``(prompt, response)`` pairs, a pure function of ``rng``'s state.
 
     ``cfg.bucket_batches`` batches are drawn at once, sorted by length, cut into batches and served
@@ -98,14 +98,14 @@ def make_batch(tok: Tokenizer, pairs: list[tuple[str, str]], pad_id: int) -> dic
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: OrganismTrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build(out_dir: Path, cfg: TrainConfig = TrainConfig()) -> Path:
+def build(out_dir: Path, cfg: OrganismTrainConfig = OrganismTrainConfig()) -> Path:
     """Train tokenizer and model, write an HF folder at ``out_dir`` (replaced atomically), return it."""
     out_dir = Path(out_dir)
     threads = torch.get_num_threads()
@@ -132,7 +132,7 @@ def _init_embeddings(model: Qwen2ForCausalLM, std: float = 0.1) -> None:
         model.get_output_embeddings().weight.normal_(0.0, std)
 
 
-def _train(out: Path, cfg: TrainConfig) -> None:
+def _train(out: Path, cfg: OrganismTrainConfig) -> None:
     rng = random.Random(cfg.seed)
     tok = train_bpe(p + r for p, r in (_teacher_text(rng) for _ in range(cfg.tokenizer_traces)))
     torch.manual_seed(cfg.seed)

@@ -1,8 +1,11 @@
-"""Sampling one step's responses: ``generate_rollouts`` (batched ``model.generate`` with left padding and
-the KV cache) and ``decode_responses`` (EOS trimming and decoding); ``Rollouts`` holds the result.
+"""Sampling responses: ``generate_rollouts`` (batched ``model.generate`` with left padding and the KV
+cache) and ``decode_responses`` (EOS trimming and decoding); ``Rollouts`` holds the result.
 
-``Rollouts`` and ``decode_responses`` are shared with the TRL adapter (``attnpo_train.trl``), which
-builds ``Rollouts`` from TRL's completion ids instead of generating them here.
+The project's one generation loop: ``kfh-probe generate`` (``kfh_probe.generate.sample_hf``), the
+organism's report and labeled traces (``kfh_probe.organism.report.respond``), and the trainer's steps and
+evaluation (``attnpo_train.loop``, ``attnpo_train.evaluate``) all sample through it. ``Rollouts`` and
+``decode_responses`` are shared with vLLM sampling (``kfh_probe.generate.VLLMSampler``) and the TRL
+adapter (``attnpo_train.trl``), which build ``Rollouts`` from ids another engine generated.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from attnpo_train.data import Prompt
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Rollouts:
 def generate_rollouts(
     model: nn.Module,
     tokenizer,
-    prompts: list[Prompt],
+    prompts: list[str],
     group_size: int,
     max_new_tokens: int,
     temperature: float | None,
@@ -55,17 +56,22 @@ def generate_rollouts(
     """Sample ``group_size`` responses to each prompt (greedy when ``temperature`` is None; nucleus
     sampling with ``top_p`` < 1).
 
-    Prompts are tokenised as they are (no special tokens added: the prompt text already holds any chat
-    template), repeated G times, left-padded and generated in batches of ``batch_size`` sequences (all
-    at once when None) with the KV cache. Sampling draws from torch's global generator, so a run is
+    Each prompt is repeated G times, left-padded and generated in batches of ``batch_size`` sequences
+    (all at once when None) with the KV cache. Sampling draws from torch's global generator, so a run is
     reproducible from ``torch.get_rng_state()``.
+
+    Args:
+        prompts: P exact model inputs, tokenised as they are (no special tokens added: the prompt text
+            already holds any chat template).
+    Returns:
+        ``Rollouts`` of the P*G responses, rollout ``i`` answering ``prompts[i // group_size]``.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; responses could never finish")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    encoded = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     rows = [list(ids) for ids in encoded for _ in range(group_size)]
     sampling = (
         {"do_sample": False}
