@@ -12,7 +12,11 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
   (the segmenter that cut the manifest's steps), :func:`check_model_matches`;
 - traces and models: :func:`read_traces`, :class:`Trace`, :class:`Step`, :class:`SegmenterConfig`,
   :func:`tokenize_trace`, :func:`align_generated`, :func:`load_model`, :func:`load_tokenizer`,
-  :func:`pad_token_id`.
+  :func:`pad_token_id`;
+- what the notebooks draw with: :func:`per_trace_auc`, :func:`ensemble_sra` (SRA of heads and
+  ensembles), :func:`format_table`, :func:`plot_heatmap`, :func:`sra_grid` (views of a manifest), and the
+  causal check (:class:`CausalConfig`, :func:`prepare_causal_traces`, :func:`run_causal`,
+  :func:`format_causal_table`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ _PUBLIC = {
     "load_model": "loading",
     "load_tokenizer": "loading",
     "pad_token_id": "loading",
+    "per_trace_auc": "scoring",
+    "ensemble_sra": "scoring",
+    "format_table": "views",
+    "plot_heatmap": "views",
+    "sra_grid": "views",
+    "CausalConfig": "causal",
+    "prepare_causal_traces": "causal",
+    "run_causal": "causal",
+    "format_causal_table": "causal",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -53,24 +53,34 @@ class StepScorer:
         Yields:
             ``(trace_indices, step_scores)`` per batch, each score ``[layers, heads, K]`` float32.
         """
-        device = next(self.model.parameters()).device
         total = already_done + sum(len(b) for b in batches)
         bar = tqdm(total=total, initial=already_done, unit="trace", desc="sweep", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True)
         try:
             for chunk in batches:
-                batch = collate([tokenized[i] for i in chunk], self.pad_id)
-                captured = self.capture(
-                    batch.input_ids.to(device),
-                    batch.attention_mask.to(device),
-                    batch.answer_mask.to(device),
-                    layers=layers,
-                )
-                values = captured.values.float().cpu()  # [batch, layers, heads, T]
+                values = self._answer_attention([tokenized[i] for i in chunk], layers)
                 yield chunk, [step_scores(values[b], tokenized[i].step_spans) for b, i in enumerate(chunk)]
                 bar.update(len(chunk))
         finally:
             bar.close()
+
+    def _answer_attention(self, traces: list[TokenizedTrace], layers: list[int] | None) -> torch.Tensor:
+        """``[batch, layers, heads, T]`` float32 on the CPU: the attention each position receives from
+        the answer rows, summed over the rows (one right-padded forward)."""
+        device = next(self.model.parameters()).device
+        batch = collate(traces, self.pad_id)
+        captured = self.capture(
+            batch.input_ids.to(device), batch.attention_mask.to(device), batch.answer_mask.to(device), layers=layers,
+        )
+        return captured.values.float().cpu()
+
+    @torch.no_grad()
+    def head_attention(self, trace: TokenizedTrace, heads: list[tuple[int, int]]) -> torch.Tensor:
+        """``[N, T]`` for one trace: per head of ``heads``, the attention each position receives from the
+        answer rows, summed over the rows (what its step scores average; the notebooks shade text with it)."""
+        layers = sorted({layer for layer, _ in heads})
+        values = self._answer_attention([trace], layers)[0]  # [layers, heads, T]
+        return torch.stack([values[layers.index(layer), head] for layer, head in heads])
 
     def head_scores(
         self, tokenized: list[TokenizedTrace], heads: list[tuple[int, int]], batch_size: int
