@@ -15,8 +15,8 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
   advantages [B, T_completion] computed by the functions of the single-machine trainer
   (``attnpo_train.rollouts`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
   ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
-  (RLOO by default), ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's
-  top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
+  (RLOO by default), ``rate_steps`` (steps cut by the manifest's segmenter and aligned on the generated
+  ids, scored by the manifest's top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
   difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same prompts, completions and
   weights the advantages are therefore the lightweight trainer's.
 - Where the scores' attention comes from. When TRL runs a no-grad forward of the policy over the
