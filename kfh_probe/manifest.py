@@ -255,10 +255,10 @@ def manifest_segmenter(manifest: dict, source: str = "the manifest") -> Segmente
     steps_from = probe.get("steps_from")
     recorded = probe.get("segmenter")
     if steps_from != "segmenter":
-        how = ("does not record where its steps came from" if steps_from is None else
-               f"ranked its heads on steps that came with the trace file ({steps_from!r})")
+        how = ("does not record whether the steps its heads were ranked on came from the segmenter" if steps_from is None
+               else f"ranked its heads on steps that came with the trace file ({steps_from!r}), not from the segmenter")
         warnings.warn(
-            f"{source} {how}, not from the segmenter; responses are segmented with "
+            f"{source} {how}; responses are segmented with "
             f"{'its recorded' if recorded is not None else 'the default'} segmenter, which may cut them differently",
             UserWarning, stacklevel=2,
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
 from . import __version__
 from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
 from .capture import model_shape

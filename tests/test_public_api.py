@@ -176,7 +176,7 @@ def test_manifest_provenance_is_checked_and_old_manifests_stay_valid():
         del old_v2["probe"][key]
     old_v2["probe"]["segmenter"] = SegmenterConfig().to_dict()
     assert validate_manifest(old_v2) == []
-    with pytest.warns(UserWarning, match="does not record where its steps came from"):
+    with pytest.warns(UserWarning, match="does not record whether the steps its heads were ranked on came from the segmenter"):
         assert manifest_segmenter(old_v2) == SegmenterConfig()
     broken = json.loads(json.dumps(shipped))
     broken["probe"].update(steps_from="segmenter", eos_appended=-1, labeler={"judge": 0})

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..segmentation import SegmenterConfig
-from ..traces import Step, Trace
+from .. import SegmenterConfig, Step, Trace
 from .base import Labeler, Labels, run_labeler
 
 TOP_K = 3
@@ -71,7 +70,7 @@ def agreement(predicted: list[Labels], truth: list[Labels]) -> dict:
 def best_rows(flat_scores: list[torch.Tensor], labels: list[Labels], k: int = TOP_K) -> list[int]:
     """Rows of the ``k`` heads with the highest SRA under ``labels`` (ties: lower row first); empty
     when no trace has a pair."""
-    from ..scoring import per_trace_auc
+    from .. import per_trace_auc
 
     auc, _, _ = per_trace_auc(flat_scores, labels)
     if auc.shape[0] == 0:
@@ -125,8 +124,9 @@ def label_report(
         ValueError: no trace is an organism trace that maps onto tokens.
         kfh_probe.labelers.base.LabelerError: a labeller failed as a whole.
     """
-    from .. import SweepConfig, collect_step_scores, load_model, load_tokenizer, pad_token_id, prepare_traces
-    from ..scoring import ensemble_sra
+    from .. import (
+        SweepConfig, collect_step_scores, ensemble_sra, load_model, load_tokenizer, pad_token_id, prepare_traces,
+    )
     from .rules import OrganismLabeler
 
     segmenter = segmenter or SegmenterConfig()
