@@ -5,7 +5,8 @@ adapter (``attnpo_train.trl``), so that both give the same per-token advantages 
   the TLMRE length-penalised reward ("tlmre", "attnpo") or plain correctness ("rloo");
 - ``uniform_token_advantages``: every response token gets its response's outcome advantage;
 - ``attnpo_token_advantages`` = ``rate_steps`` (steps aligned on the generated ids and scored by the
-  top-N Key-Focus Heads of the current policy, ``kfh_step_scores``: a separate no-grad forward) then
+  top-N Key-Focus Heads of the current policy, ``kfh_probe.StepScorer.head_scores``: a separate no-grad
+  forward) then
   ``rescale_rollouts`` (``rescale_group`` per prompt group; pure, no model);
 - ``FusedStepCredit``: the same advantages computed inside the policy-gradient forward the update runs
   anyway, one micro-batch at a time (``TrainConfig.fused_scoring``, the default), with no forward of its
@@ -29,12 +30,12 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness, length_penalised_rewards
 from attnpo_train.truth import ratings_truth
-from kfh_probe.alignment import TokenizedTrace, align_generated, collate
-from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
+from kfh_probe import SegmenterConfig, StepScorer, align_generated
+from kfh_probe.alignment import TokenizedTrace
+from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls
 from kfh_probe.grading import resolve_grader
 from kfh_probe.sampling import Rollouts
 from kfh_probe.scoring import step_scores
-from kfh_probe.segmentation import SegmenterConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Rewards and phrase counts
@@ -108,40 +109,6 @@ def uniform_token_advantages(advantages: torch.Tensor, rollouts: Rollouts) -> li
     return [torch.full((len(r),), float(a), dtype=torch.float32) for a, r in zip(flat, rollouts.response_ids)]
 
 
-@torch.no_grad()
-def kfh_step_scores(
-    model: nn.Module, traces: list[TokenizedTrace], heads: list[tuple[int, int]], pad_id: int, batch_size: int
-) -> list[torch.Tensor]:
-    """Step scores of each trace: the mean over the given heads of ``step_scores`` (method page sec. 3).
-
-    One forward per batch of ``batch_size`` traces, stopped after the deepest head's layer, capturing
-    only the answer rows of the heads' layers (``capture_answer_attention``).
-
-    Args:
-        traces: aligned traces (absolute token spans).
-        heads: the top-N Key-Focus Heads as (layer, query head).
-    Returns:
-        one float32 tensor [K_i] per trace.
-    """
-    layers = sorted({layer for layer, _ in heads})
-    device = next(model.parameters()).device
-    scores: list[torch.Tensor] = []
-    for start in range(0, len(traces), batch_size):
-        chunk = traces[start : start + batch_size]
-        batch = collate(chunk, pad_id)
-        captured = capture_answer_attention(
-            model,
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
-            batch.answer_mask.to(device),
-            layers=layers,
-        )
-        picked = torch.stack([captured.values[:, captured.layers.index(l), h] for l, h in heads], dim=1)  # [B, N, T]
-        for b, trace in enumerate(chunk):
-            scores.append(step_scores(picked[b, :, : trace.length].float().cpu(), trace.step_spans).mean(dim=0))
-    return scores
-
-
 @dataclass(frozen=True)
 class StepRating:
     """The steps of one correct response and their Key-Focus-Head scores.
@@ -166,12 +133,14 @@ def rate_steps(
     config: TrainConfig,
     pad_id: int,
     score: bool = True,
+    segmenter: SegmenterConfig | None = None,
 ) -> list[StepRating | None]:
     """Segment and score the steps of every correct response with the current policy's top-N heads.
 
-    Each correct response is aligned on its generated ids (``align_generated``: steps and the answer
-    span F) and, when it has at least two steps, scored with ``kfh_step_scores`` in batches of
-    ``config.micro_batch_size``. Only ``rollouts.prompt_ids`` and ``rollouts.response_ids`` are read, so
+    Each correct response is aligned on its generated ids (``align_generated``: steps cut by
+    ``segmenter``, the manifest's (``kfh_probe.manifest_segmenter``; the default when None), and the
+    answer span F) and, when it has at least two steps, scored with ``StepScorer.head_scores`` (the mean
+    over ``heads``; ``hf`` capture) in batches of ``config.micro_batch_size``. Only ``rollouts.prompt_ids`` and ``rollouts.response_ids`` are read, so
     any slice of a step's rollouts can be rated on its own (a distributed engine rates each rank's share).
 
     Args:
@@ -186,12 +155,12 @@ def rate_steps(
     aligned: dict[int, TokenizedTrace] = {}
     for i in range(len(rollouts.response_ids)):
         if flat_correct[i] > 0:
-            trace = align_generated(tokenizer, rollouts.prompt_ids[i], rollouts.response_ids[i], config.marker)
+            trace = align_generated(tokenizer, rollouts.prompt_ids[i], rollouts.response_ids[i], config.marker, segmenter)
             if trace is not None and len(trace.step_spans) >= 2:
                 aligned[i] = trace
     order = sorted(aligned)
     if score:
-        scores = kfh_step_scores(model, [aligned[i] for i in order], heads, pad_id, config.micro_batch_size)
+        scores = StepScorer(model, pad_id, tokenizer).head_scores([aligned[i] for i in order], heads, config.micro_batch_size)
     else:
         scores = [torch.zeros(len(aligned[i].step_spans)) for i in order]
     ratings: list[StepRating | None] = [None] * len(rollouts.response_ids)
@@ -344,6 +313,7 @@ def attnpo_token_advantages(
     config: TrainConfig,
     pad_id: int,
     prompt_texts: list[str] | None = None,
+    segmenter: SegmenterConfig | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """AttnPO per-token advantages of one step's rollouts (method page section 6).
 
@@ -357,11 +327,13 @@ def attnpo_token_advantages(
         advantages: [P, G] outcome advantages.
         step: 0-based training step (for the attenuation schedule).
         prompt_texts: P*G prompt texts when the ground truth can be read (the organism), else None.
+        segmenter: cuts the responses into steps (``rate_steps``).
     Returns:
         see ``rescale_rollouts``; stats also holds "truth": per rollout, whether each rated step is
         essential by ground truth (``attnpo_train.truth.ratings_truth``; None without ``prompt_texts``).
     """
-    ratings = rate_steps(model, tokenizer, rollouts, correct, heads, config, pad_id, score=config.credit != "oracle")
+    ratings = rate_steps(model, tokenizer, rollouts, correct, heads, config, pad_id, score=config.credit != "oracle",
+                         segmenter=segmenter)
     truth = None if prompt_texts is None else ratings_truth(tokenizer, rollouts, ratings, prompt_texts)
     ratings = control_ratings(ratings, config.credit, truth, rollouts, seed=control_seed(config, step))
     token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
@@ -403,7 +375,7 @@ def answer_row_recorder(
 
 
 def scored_rating(rating: StepRating, answer_attention: torch.Tensor, prompt_len: int) -> StepRating:
-    """``rating`` with the step scores of ``kfh_step_scores``, from its sequence's answer-row sums.
+    """``rating`` with the step scores of ``StepScorer.head_scores``, from its sequence's answer-row sums.
 
     Args:
         answer_attention: [N, T_i] per head, the attention each position of the sequence (prompt and
@@ -447,7 +419,7 @@ class FusedStepCredit:
     on the step counts; "oracle" needs no attention, so nothing is observed). During the update,
     ``observe`` records the answer rows of the top-N heads only (detached float32, ``|F| x T`` per head,
     never ``T x T``; ``kfh_probe.capture.AnswerRowRecorder``), and ``token_advantages`` turns them into
-    step scores (``step_scores``, mean over the heads, exactly as ``kfh_step_scores``), then gammas and
+    step scores (``step_scores``, mean over the heads, exactly as ``StepScorer.head_scores``), then gammas and
     per-token advantages (``rescale_rollouts`` on the micro-batch; p and the outcome advantages are the
     group's, known before the update). The result equals ``attnpo_token_advantages`` up to float
     rounding of the two forwards (tests).
@@ -459,6 +431,7 @@ class FusedStepCredit:
         heads: the top-N Key-Focus Heads as (layer, query head).
         step: 0-based training step (schedule; seed of the "shuffled" control).
         prompt_texts: P*G prompt texts when the ground truth can be read (the organism), else None.
+        segmenter: cuts the responses into steps (``rate_steps``).
 
     Attributes:
         truth: per rollout, whether each rated step is essential (None without ``prompt_texts``).
@@ -477,8 +450,9 @@ class FusedStepCredit:
         step: int,
         config: TrainConfig,
         prompt_texts: list[str] | None = None,
+        segmenter: SegmenterConfig | None = None,
     ) -> None:
-        ratings = rate_steps(None, tokenizer, rollouts, correct, heads, config, pad_id=0, score=False)
+        ratings = rate_steps(None, tokenizer, rollouts, correct, heads, config, pad_id=0, score=False, segmenter=segmenter)
         self.truth = None if prompt_texts is None else ratings_truth(tokenizer, rollouts, ratings, prompt_texts)
         self._heads: dict[int, list[int]] = {}
         if config.credit == "oracle":

@@ -72,6 +72,7 @@ from attnpo_train.data import PromptSource, load_prompts
 from attnpo_train.loss import ppo_clip_loss
 from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
+from kfh_probe import SegmenterConfig
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 from kfh_probe.sampling import Rollouts, generate_rollouts
 
@@ -208,6 +209,8 @@ class RunInputs:
         heads: the top-N Key-Focus Heads as (layer, query head); empty unless the method is "attnpo".
         pad_id: id used for right padding.
         rhythm: the rhythm heads, W and FAI range of the "preplan", "anchor" and "coupled" methods.
+        segmenter: how responses are cut into steps: the segmenter the manifest records
+            (``kfh_probe.manifest_segmenter``); None: the default segmenter.
     """
 
     model: nn.Module
@@ -216,6 +219,7 @@ class RunInputs:
     heads: list[tuple[int, int]]
     pad_id: int
     rhythm: RhythmProbe | None = None
+    segmenter: SegmenterConfig | None = None
 
 
 def prepare_run(config: TrainConfig) -> RunInputs:
@@ -231,8 +235,10 @@ def prepare_run(config: TrainConfig) -> RunInputs:
             weight fingerprint unless ``config.allow_finetuned``), naming the mismatch.
         ValueError: a missing path or an impossible setting (more heads asked for than ranked).
     """
-    from kfh_probe.loading import load_model, load_tokenizer, model_folder, pad_token_id
-    from kfh_probe.manifest import check_model_matches, load_manifest, top_heads
+    from kfh_probe import (
+        check_model_matches, load_manifest, load_model, load_tokenizer, manifest_segmenter, pad_token_id, top_heads,
+    )
+    from kfh_probe.loading import model_folder
 
     if config.model is None:
         raise ValueError("no policy model: set 'model' (attnpo-train run --model DIR)")
@@ -255,15 +261,17 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, "float32", config.device)
     heads: list[tuple[int, int]] = []
+    segmenter = None
     if manifest is not None:
         check_model_matches(manifest, model, allow_finetuned=config.allow_finetuned)
         heads = top_heads(manifest, config.top_n_heads)
+        segmenter = manifest_segmenter(manifest, Path(config.manifest).name)
     rhythm = None
     if config.method in RHYTHM_METHODS:
         from kfh_probe.organism import default_rhythm_path
 
         rhythm = RhythmProbe.from_file(config.rhythm or default_rhythm_path(), model)
-    return RunInputs(model, tokenizer, source, heads, pad_token_id(tokenizer), rhythm)
+    return RunInputs(model, tokenizer, source, heads, pad_token_id(tokenizer), rhythm, segmenter)
 
 
 def _mean(values: list[float]) -> float:
@@ -299,11 +307,13 @@ def train_step(
     known_truth = prompt_texts if truth_steps is not None else None
     fused = None
     if config.method == "attnpo" and config.fused_scoring:
-        fused = FusedStepCredit(tokenizer, rollouts, correct, advantages, inputs.heads, step, config, known_truth)
+        fused = FusedStepCredit(tokenizer, rollouts, correct, advantages, inputs.heads, step, config, known_truth,
+                                inputs.segmenter)
         token_advantages: list[torch.Tensor] | UpdateCredit = fused
     elif config.method == "attnpo":
         token_advantages, stats = attnpo_token_advantages(
-            model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id, known_truth
+            model, tokenizer, rollouts, correct, advantages, inputs.heads, step, config, inputs.pad_id, known_truth,
+            inputs.segmenter,
         )
     elif config.method in RHYTHM_METHODS:
         token_advantages, stats = rhythm_token_advantages(

@@ -15,8 +15,8 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
   advantages [B, T_completion] computed by the functions of the single-machine trainer
   (``kfh_probe.sampling`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
   ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
-  (RLOO by default), ``rate_steps`` (steps aligned on the generated ids, scored by the manifest's
-  top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
+  (RLOO by default), ``rate_steps`` (steps cut by the manifest's segmenter and aligned on the generated
+  ids, scored by the manifest's top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
   difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same prompts, completions and
   weights the advantages are therefore the lightweight trainer's.
 - Where the scores' attention comes from. When TRL runs a no-grad forward of the policy over the
@@ -58,6 +58,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,8 +81,8 @@ from attnpo_train.rhythm import RhythmProbe, rhythm_advantages, rollout_signals
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from kfh_probe.capture import attention_calls, attention_modules
-from kfh_probe.loading import pad_token_id
-from kfh_probe.manifest import ManifestMismatchError, check_model_matches, load_manifest, top_heads
+from kfh_probe import check_model_matches, load_manifest, manifest_segmenter, pad_token_id, top_heads
+from kfh_probe.manifest import ManifestMismatchError
 from kfh_probe.sampling import Rollouts, decode_responses
 
 ANSWER_COLUMN = "answer"
@@ -250,6 +251,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         # refuse a bad file before loading any weights
         manifest = load_manifest(args.attnpo_manifest) if args.attnpo_method == "attnpo" else None
         self._attnpo_heads = [] if manifest is None else top_heads(manifest, args.attnpo_top_n_heads)
+        self._attnpo_segmenter = None if manifest is None else manifest_segmenter(manifest, Path(args.attnpo_manifest).name)
         super().__init__(
             model=model,
             reward_funcs=[self.attnpo_correct],
@@ -326,7 +328,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         local = Rollouts(1, prompt_ids, trimmed, [""] * len(trimmed), finished)
         config = self.args.to_train_config(self.num_generations)
         ratings = rate_steps(None, self._tokenizer, local, correct, self._attnpo_heads, config, self._attnpo_pad_id,
-                             score=False)
+                             score=False, segmenter=self._attnpo_segmenter)
         heads: dict[int, list[int]] = {}
         for layer, head in self._attnpo_heads:
             heads.setdefault(layer, []).append(head)
@@ -444,7 +446,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             with self._scoring_model() as model:
                 ratings = rate_steps(
                     model, self._tokenizer, local_rollouts, correct.reshape(-1)[local], self._attnpo_heads, config,
-                    self._attnpo_pad_id,
+                    self._attnpo_pad_id, segmenter=self._attnpo_segmenter,
                 )
         ratings = gather_object(ratings)
         token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)

@@ -1,3 +1,69 @@
-"""kfh_probe: find the attention heads whose answer rows single out a reasoning trace's essential steps."""
+"""kfh_probe: find the attention heads whose answer rows single out a reasoning trace's essential steps.
+
+The public API (the CLI, the notebooks, ``label-report`` and ``attnpo_train`` use these names only;
+they are imported on first use, so ``import kfh_probe`` stays cheap):
+
+- the sweep: :func:`run_sweep` (labeled traces and a model in, the manifest out), :class:`SweepConfig`,
+  and its steps for callers who need the per-trace scores: :func:`prepare_traces`,
+  :func:`collect_step_scores`;
+- step scores: :class:`StepScorer` (any capture backend; every head of some layers, or the mean over
+  given heads, as the trainer's credit assignment uses it);
+- manifests: :func:`load_manifest`, :func:`top_heads` (the top-N heads), :func:`manifest_segmenter`
+  (the segmenter that cut the manifest's steps), :func:`check_model_matches`;
+- traces and models: :func:`read_traces`, :class:`Trace`, :class:`Step`, :class:`SegmenterConfig`,
+  :func:`tokenize_trace`, :func:`align_generated`, :func:`load_model`, :func:`load_tokenizer`,
+  :func:`pad_token_id`;
+- what the notebooks draw with: :func:`per_trace_auc`, :func:`ensemble_sra` (SRA of heads and
+  ensembles), :func:`format_table`, :func:`plot_heatmap`, :func:`sra_grid` (views of a manifest), and the
+  causal check (:class:`CausalConfig`, :func:`prepare_causal_traces`, :func:`run_causal`,
+  :func:`format_causal_table`).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "run_sweep": "pipeline",
+    "SweepConfig": "sweep",
+    "prepare_traces": "sweep",
+    "collect_step_scores": "sweep",
+    "StepScorer": "step_scorer",
+    "load_manifest": "manifest",
+    "top_heads": "manifest",
+    "manifest_segmenter": "manifest",
+    "check_model_matches": "manifest",
+    "read_traces": "traces",
+    "Trace": "traces",
+    "Step": "traces",
+    "SegmenterConfig": "segmentation",
+    "tokenize_trace": "alignment",
+    "align_generated": "alignment",
+    "load_model": "loading",
+    "load_tokenizer": "loading",
+    "pad_token_id": "loading",
+    "per_trace_auc": "scoring",
+    "ensemble_sra": "scoring",
+    "format_table": "views",
+    "plot_heatmap": "views",
+    "sra_grid": "views",
+    "CausalConfig": "causal",
+    "prepare_causal_traces": "causal",
+    "run_causal": "causal",
+    "format_causal_table": "causal",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'kfh_probe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -36,12 +36,15 @@ class TokenizedTrace:
         step_spans: ``[start, end)`` token span of each step (non-empty, in order).
         answer_span: ``[start, end)`` token span of F.
         prompt_len: number of tokens that belong to the prompt.
+        eos_appended: whether the EOS id was added to F because the response text lacked it
+            (``tokenize_trace``; the sweep counts these traces in its manifest).
     """
 
     input_ids: list[int]
     step_spans: list[tuple[int, int]]
     answer_span: tuple[int, int]
     prompt_len: int
+    eos_appended: bool = False
 
     @property
     def length(self) -> int:
@@ -128,17 +131,19 @@ def tokenize_trace(
             local.append((pos, pos + len(text)))
             pos += len(text)
     base = len(prompt)
-    ids, starts = _encode(tokenizer, prompt, response, append_eos, add_special_tokens)
+    ids, starts, eos_appended = _encode(tokenizer, prompt, response, append_eos, add_special_tokens)
     marker_start = base + len(reasoning)
     step_chars = [(base + a, base + b) for a, b in local]
     step_spans, answer_span = _spans_from_offsets(starts, step_chars, (marker_start, marker_start + len(marker)))
     prompt_len = sum(1 for s in starts if 0 <= s < base)
-    return TokenizedTrace(ids, step_spans, answer_span, prompt_len)
+    return TokenizedTrace(ids, step_spans, answer_span, prompt_len, eos_appended)
 
 
-def _encode(tokenizer, prompt: str, response: str, append_eos: bool, add_special_tokens: bool) -> tuple[list[int], list[int]]:
-    """Token ids of ``prompt + response`` (EOS appended as in ``tokenize_trace``) and each token's first
-    character (``-1`` for none)."""
+def _encode(
+    tokenizer, prompt: str, response: str, append_eos: bool, add_special_tokens: bool
+) -> tuple[list[int], list[int], bool]:
+    """Token ids of ``prompt + response`` (EOS appended as in ``tokenize_trace``), each token's first
+    character (``-1`` for none), and whether EOS was appended."""
     text = prompt + response
     try:
         encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
@@ -147,10 +152,11 @@ def _encode(tokenizer, prompt: str, response: str, append_eos: bool, add_special
     ids = list(encoded["input_ids"])
     starts = visible_starts(text, [tuple(span) for span in encoded["offset_mapping"]])
     eos_text = tokenizer.eos_token
-    if append_eos and tokenizer.eos_token_id is not None and not (eos_text and response.endswith(eos_text)):
+    appended = append_eos and tokenizer.eos_token_id is not None and not (eos_text and response.endswith(eos_text))
+    if appended:
         ids.append(tokenizer.eos_token_id)
         starts.append(len(text))
-    return ids, starts
+    return ids, starts, appended
 
 
 def tokenize_response(tokenizer, prompt: str, response: str, append_eos: bool = True) -> tuple[list[int], int]:
@@ -161,7 +167,7 @@ def tokenize_response(tokenizer, prompt: str, response: str, append_eos: bool = 
     Raises:
         AlignmentError: the tokenizer cannot return offsets, or the response has no token.
     """
-    ids, starts = _encode(tokenizer, prompt, response, append_eos, add_special_tokens=False)
+    ids, starts, _ = _encode(tokenizer, prompt, response, append_eos, add_special_tokens=False)
     prompt_len = sum(1 for s in starts if 0 <= s < len(prompt))
     if prompt_len >= len(ids):
         raise AlignmentError("the response maps to no token")

@@ -48,78 +48,31 @@ def _default_inputs(args) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .backends import get_backend
-    from .io import atomic_write_json, file_sha256
-    from .loading import load_model, load_tokenizer, pad_token_id
-    from .manifest import model_record
-    from .partials import PartStore
-    from .segmentation import SegmenterConfig
-    from .sweep import SweepConfig, build_manifest, collect_step_scores_resumable, prepare_traces, probed_layers
-    from .traces import read_traces
+    from .pipeline import run_sweep
+    from .sweep import SweepConfig
 
     args.model_name = None
     _default_inputs(args)
-    get_backend(args.backend)  # a missing backend package fails here, before any work
     config = SweepConfig(
-        layers=_layers(args.layers) if args.layers else None,
-        batch_size=args.batch_size,
-        top_n=args.top_n,
-        seed=args.seed,
-        bootstrap=args.bootstrap,
-        permutations=args.permutations,
-        marker=args.marker,
-        segmenter=SegmenterConfig(),
-        skip_invalid=args.skip_invalid,
-        backend=args.backend,
+        layers=_layers(args.layers) if args.layers else None, batch_size=args.batch_size, top_n=args.top_n,
+        seed=args.seed, bootstrap=args.bootstrap, permutations=args.permutations, marker=args.marker,
+        skip_invalid=args.skip_invalid, backend=args.backend,
     )
-    traces, skipped = read_traces(args.traces, config.marker, config.skip_invalid)
-    tokenizer = load_tokenizer(args.model)
-    prepared = prepare_traces(traces, tokenizer, config, source=args.traces)
-    skipped += prepared.skipped
-    tokenized, labels = prepared.tokenized, prepared.labels
-    if args.max_traces is not None:
-        tokenized, labels = tokenized[: args.max_traces], labels[: args.max_traces]
-    if not tokenized:
-        print(f"kfh-probe sweep: no usable trace in {args.traces}", file=sys.stderr)
-        return 2
-    print(f"{len(tokenized)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    model = load_model(args.model, args.dtype, args.device)
-    config.layers = probed_layers(model, config.layers)
-    trace_sha = file_sha256(args.traces)
-    model_block = model_record(model, args.model_name or args.model)
-    run_key = {
-        "trace_file_sha256": trace_sha, "fingerprint": model_block["fingerprint"], "layers": config.layers,
-        "batch_size": config.batch_size, "marker": config.marker, "backend": config.backend, "dtype": args.dtype,
-        "max_traces": args.max_traces, "skip_invalid": config.skip_invalid, "world_size": world_size,
-    }
-    store = PartStore(args.work_dir or f"{args.out}.parts", run_key)
+    work_dir = args.work_dir or f"{args.out}.parts"
     try:
-        scores = collect_step_scores_resumable(
-            model, tokenized, config, pad_token_id(tokenizer), store, rank, world_size,
-            progress=not args.quiet, tokenizer=tokenizer,
+        manifest = run_sweep(
+            args.model, args.traces, config, out=args.out, model_name=args.model_name, max_traces=args.max_traces,
+            dtype=args.dtype, device=args.device, work_dir=work_dir, keep_parts=args.keep_parts,
+            progress=not args.quiet, rank=rank, world_size=world_size,
         )
     except KeyboardInterrupt:
-        print(f"interrupted: finished batches are kept in {store.directory}; run the same command again to "
+        print(f"interrupted: finished batches are kept in {work_dir}; run the same command again to "
               "continue where it stopped", file=sys.stderr)
         return 130
-    if scores is None:
-        print(f"rank {rank}: my share of the sweep is saved in {store.directory}; rank 0 writes {args.out}", file=sys.stderr)
+    if manifest is None:
+        print(f"rank {rank}: my share of the sweep is saved in {work_dir}; rank 0 writes {args.out}", file=sys.stderr)
         return 0
-    probe_block = {
-        "trace_file": Path(args.traces).name,
-        "trace_file_sha256": trace_sha,
-        "traces_skipped": {"count": len(skipped), "reasons": [s.to_dict() for s in skipped]},
-        "labeler": "given",
-        "dtype": args.dtype,
-        "backend": args.backend,
-        "max_traces": args.max_traces,
-    }
-    step_lengths = [[end - start for start, end in t.step_spans] for t in tokenized]
-    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths)
-    atomic_write_json(args.out, manifest)
-    if not args.keep_parts:
-        store.remove()
     best = manifest["heads"][0]
     print(
         f"wrote {args.out}: {len(manifest['heads'])} heads ranked on {manifest['probe']['traces_with_pairs']} traces; "

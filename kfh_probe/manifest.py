@@ -5,6 +5,12 @@ bootstrap interval, sorted, the top-k ensemble curve, and enough about the model
 one. Version 2 adds the controls: per head the SRA over the pairs whose redundant step comes after /
 before the essential one, a ``baselines`` block (position, step length, permutation null) and
 ``probe.reliability`` (split-half agreement). Version 1 files stay readable everywhere.
+
+Provenance (``probe``): ``labeler`` says what produced the labels, ``steps_from`` whether the steps
+came with the file or from the segmenter (whose settings ``segmenter`` then holds), ``eos_appended``
+how many traces got EOS appended to F. Manifests written before ``steps_from`` existed stay valid;
+their ``segmenter`` is the default the sweep recorded whatever cut the steps, so
+:func:`manifest_segmenter` treats their step provenance as unknown.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -21,6 +28,7 @@ import torch
 from torch import nn
 
 from .capture import model_shape
+from .segmentation import SegmenterConfig
 
 FORMAT = "kfh-manifest"
 VERSION = 2
@@ -111,6 +119,38 @@ def validate_manifest(data: object) -> list[str]:
         problems += _validate_baselines(data["baselines"])
     if version == 2 and isinstance(data.get("probe"), dict) and "reliability" not in data["probe"]:
         problems.append("probe: missing 'reliability' (null when fewer than 2 traces have pairs)")
+    if isinstance(data.get("probe"), dict):
+        problems += _validate_provenance(data["probe"])
+    return problems
+
+
+def _is_name_or_counts(value: object, names: tuple[str, ...] | None = None) -> bool:
+    """A name, or ``{name: positive count}`` (``names``: the allowed names; any when None)."""
+    if isinstance(value, str):
+        return names is None or value in names
+    return isinstance(value, dict) and bool(value) and all(
+        (names is None or k in names) and isinstance(n, int) and n > 0 for k, n in value.items()
+    )
+
+
+def _validate_provenance(probe: dict) -> list[str]:
+    """The optional provenance keys, when present: ``labeler``, ``steps_from``, ``segmenter``, ``eos_appended``."""
+    problems = []
+    if "labeler" in probe and not _is_name_or_counts(probe["labeler"]):
+        problems.append("probe.labeler must be a labeller's name or a count per labeller")
+    if "steps_from" in probe:
+        if not _is_name_or_counts(probe["steps_from"], ("file", "segmenter")):
+            problems.append("probe.steps_from must be 'file', 'segmenter' or a count of each")
+        elif (probe["steps_from"] != "file") != ("segmenter" in probe):
+            problems.append("probe.segmenter must be given exactly when the segmenter cut some steps (probe.steps_from)")
+    if "segmenter" in probe:
+        try:
+            SegmenterConfig.from_dict(probe["segmenter"])
+        except ValueError as err:
+            problems.append(f"probe.segmenter: {err}")
+    eos = probe.get("eos_appended", 0)
+    if not (isinstance(eos, int) and eos >= 0):
+        problems.append(f"probe.eos_appended must be a count, got {eos!r}")
     return problems
 
 
@@ -199,6 +239,30 @@ def top_heads(manifest: dict, n: int | None = None) -> list[tuple[int, int]]:
     if n < 1 or n > len(manifest["heads"]):
         raise ValueError(f"asked for {n} heads; the manifest ranks {len(manifest['heads'])}")
     return [(h["layer"], h["head"]) for h in manifest["heads"][:n]]
+
+
+def manifest_segmenter(manifest: dict, source: str = "the manifest") -> SegmenterConfig:
+    """The segmenter to cut a policy's responses with so that its steps are those the heads were ranked on.
+
+    The manifest's ``probe.segmenter`` (the default segmenter when it records none). Warns
+    (``UserWarning``) unless every step of the sweep came from that segmenter: steps that came with the
+    trace file may be cut differently from the steps a policy's responses get.
+
+    Args:
+        source: how the warning names the manifest (its file name, say).
+    """
+    probe = manifest["probe"]
+    steps_from = probe.get("steps_from")
+    recorded = probe.get("segmenter")
+    if steps_from != "segmenter":
+        how = ("does not record whether the steps its heads were ranked on came from the segmenter" if steps_from is None
+               else f"ranked its heads on steps that came with the trace file ({steps_from!r}), not from the segmenter")
+        warnings.warn(
+            f"{source} {how}; responses are segmented with "
+            f"{'its recorded' if recorded is not None else 'the default'} segmenter, which may cut them differently",
+            UserWarning, stacklevel=2,
+        )
+    return SegmenterConfig() if recorded is None else SegmenterConfig.from_dict(recorded)
 
 
 def check_model_matches(

@@ -22,7 +22,7 @@ through the offsets of the real tokenisation.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 CONFUSED = (
     "Wait", "But", "However", "Hold on", "Looking back", "I don't see any errors", "Hmm, wait", "Hmm, no",
@@ -102,6 +102,24 @@ class SegmenterConfig:
         data = asdict(self)
         data.pop("_phrases")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: object) -> "SegmenterConfig":
+        """The settings :meth:`to_dict` wrote (a labeled record's or a manifest's ``segmenter``).
+
+        Raises:
+            ValueError: not an object, an unknown key, or a setting ``__init__`` refuses.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"segmenter settings must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown segmenter setting(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        except TypeError as err:
+            raise ValueError(f"bad segmenter settings: {err}") from None
 
     def match(self, text: str, pos: int) -> tuple[str, str] | None:
         """The longest phrase that starts a word at ``pos`` as ``(phrase, family)``, or None."""

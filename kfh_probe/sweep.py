@@ -5,25 +5,22 @@ manifest. Traces are checked and tokenised before any model work, so a bad file 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import __version__
-from .alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
-from .backends import get_backend
+from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
 from .capture import model_shape
 from .manifest import FORMAT, VERSION
 from .partials import PartStore, plan_batches
 from .scoring import (
     DIRECTIONS, bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, permutation_null, split_half_reliability,
-    step_scores,
 )
-from .segmentation import SegmenterConfig
+from .step_scorer import StepScorer
 from .traces import SkippedTrace, Trace, TraceFileError
 
 QUERY_SPAN = "final-answer tokens: every token after the end-of-thinking marker, EOS included"
@@ -43,7 +40,6 @@ class SweepConfig:
         bootstrap: bootstrap resamples for the 95% intervals.
         permutations: draws of the permutation null (step scores shuffled within each trace).
         marker: end-of-thinking marker.
-        segmenter: how traces without steps are segmented (labeled files carry their steps).
         skip_invalid: leave out broken traces (counted in the manifest) instead of failing.
         backend: how attention is captured: ``hf`` (default), ``nnsight`` or ``lens`` (``kfh_probe.backends``).
     """
@@ -55,7 +51,6 @@ class SweepConfig:
     bootstrap: int = 1000
     permutations: int = 1000
     marker: str = "</think>"
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     skip_invalid: bool = False
     backend: str = "hf"
 
@@ -96,41 +91,41 @@ def prepare_traces(traces: list[Trace], tokenizer, config: SweepConfig, source: 
     return PreparedTraces(kept, tokenized, labels, problems)
 
 
-def score_batches(
-    model: nn.Module,
-    tokenized: list[TokenizedTrace],
-    batches: list[list[int]],
-    config: SweepConfig,
-    pad_id: int,
-    tokenizer=None,
-    progress: bool = True,
-    already_done: int = 0,
-) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-    """Capture and score the given batches one at a time, captured by ``config.backend``.
+def _one_or_counts(names: list[str]) -> str | dict[str, int]:
+    """The single name every entry has, or how many entries have each name (sorted)."""
+    counts = Counter(names)
+    return names[0] if len(counts) == 1 else dict(sorted(counts.items()))
 
-    ``tokenizer`` is the model's; the ``nnsight`` and ``lens`` backends need it to wrap the model.
 
-    Yields:
-        ``(trace_indices, step_scores)`` per batch, each score ``[layers, heads, K]`` float32.
+def provenance(traces: list[Trace], tokenized: list[TokenizedTrace], source: str = "<memory>") -> dict:
+    """What the manifest says about where the used traces' labels and steps came from (design page).
+
+    Args:
+        traces: the traces the sweep uses; tokenized: the same traces as tokenised.
+    Returns:
+        ``labeler``: the labeller every trace names (``given`` for one that names none), or a count per
+        labeller when they differ; ``steps_from``: ``file`` (the steps came with the labelled file),
+        ``segmenter`` (``kfh-probe label`` cut them), or a count of each when mixed; ``segmenter``: the
+        segmenter's settings, only when it cut some trace's steps; ``eos_appended``: how many traces got
+        the EOS id appended to F because the response text did not end with it.
+    Raises:
+        ValueError: the traces were cut with different segmenter settings (naming two of them).
     """
-    device = next(model.parameters()).device
-    capture = get_backend(config.backend)(model, tokenizer)
-    total = already_done + sum(len(b) for b in batches)
-    bar = tqdm(total=total, initial=already_done, unit="trace", desc="sweep", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for chunk in batches:
-            batch = collate([tokenized[i] for i in chunk], pad_id)
-            captured = capture(
-                batch.input_ids.to(device),
-                batch.attention_mask.to(device),
-                batch.answer_mask.to(device),
-                layers=config.layers,
-            )
-            values = captured.values.float().cpu()  # [batch, layers, heads, T]
-            yield chunk, [step_scores(values[b], tokenized[i].step_spans) for b, i in enumerate(chunk)]
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+    block: dict = {
+        "labeler": _one_or_counts([t.labeler or "given" for t in traces]),
+        "steps_from": _one_or_counts(["file" if t.segmenter is None else "segmenter" for t in traces]),
+        "eos_appended": sum(t.eos_appended for t in tokenized),
+    }
+    cut = [t for t in traces if t.segmenter is not None]
+    other = next((t for t in cut if t.segmenter != cut[0].segmenter), None)
+    if other is not None:
+        raise ValueError(
+            f"{source}: traces were cut with different segmenter settings (line {cut[0].line}, id {cut[0].id!r}, "
+            f"and line {other.line}, id {other.id!r}); a manifest records one segmenter: label them with one setting"
+        )
+    if cut:
+        block["segmenter"] = cut[0].segmenter.to_dict()
+    return block
 
 
 def collect_step_scores(
@@ -141,14 +136,16 @@ def collect_step_scores(
     progress: bool = True,
     tokenizer=None,
 ) -> list[torch.Tensor]:
-    """Step scores of every probed head on every trace, in memory (batches as :func:`plan_batches`).
+    """Step scores of every probed head on every trace, in memory (batches as :func:`plan_batches`),
+    captured by ``config.backend`` (``tokenizer``: the model's; the ``nnsight`` and ``lens`` backends need it).
 
     Returns:
         per trace, ``[layers, heads, K]`` float32 (layers as in ``config.layers``, all by default).
     """
     results: list[torch.Tensor | None] = [None] * len(tokenized)
     batches = plan_batches([t.length for t in tokenized], config.batch_size)
-    for chunk, scores in score_batches(model, tokenized, batches, config, pad_id, tokenizer, progress):
+    scorer = StepScorer(model, pad_id, tokenizer, config.backend)
+    for chunk, scores in scorer.score_batches(tokenized, batches, config.layers, progress):
         for i, score in zip(chunk, scores):
             results[i] = score
     return results  # type: ignore[return-value]
@@ -178,7 +175,8 @@ def collect_step_scores_resumable(
     finished = sum(len(batches[j]) for j in mine if j in done)
     if finished:
         print(f"resuming: {finished} traces already scored in {store.directory}", file=sys.stderr)
-    scored = score_batches(model, tokenized, [batches[j] for j in todo], config, pad_id, tokenizer, progress, finished)
+    scorer = StepScorer(model, pad_id, tokenizer, config.backend)
+    scored = scorer.score_batches(tokenized, [batches[j] for j in todo], config.layers, progress, finished)
     for j, (chunk, scores) in zip(todo, scored):
         store.save(j, chunk, scores)
     store.mark_done(rank)
@@ -307,7 +305,6 @@ def build_manifest(
         "seed": config.seed,
         "bootstrap_resamples": config.bootstrap,
         "permutation_draws": config.permutations,
-        "segmenter": config.segmenter.to_dict(),
         "marker": config.marker,
         "query_span": QUERY_SPAN,
         "package_version": __version__,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .segmentation import split_at_marker, think_opener
+from .segmentation import SegmenterConfig, split_at_marker, think_opener
 
 LABELS = ("essential", "redundant")
 
@@ -37,6 +37,10 @@ class Trace:
         answer: reference final answer, if known.
         steps: the segmentation and labels, if given; texts concatenate to the reasoning part.
         line: 1-based line number in the file it came from (0 when built in memory).
+        labeler: what produced the step labels (``kfh-probe label`` writes its labeller's name); None
+            when the file does not say (the labels were given).
+        segmenter: the settings of the segmenter that cut ``steps`` (``kfh-probe label`` on a trace
+            without steps); None when the steps came with the file.
     """
 
     id: str
@@ -45,6 +49,8 @@ class Trace:
     answer: str | None = None
     steps: tuple[Step, ...] | None = None
     line: int = 0
+    labeler: str | None = None
+    segmenter: SegmenterConfig | None = None
 
     def to_record(self) -> dict:
         """The trace as a JSON-able record of the design page's format."""
@@ -53,6 +59,10 @@ class Trace:
             record["answer"] = self.answer
         if self.steps is not None:
             record["steps"] = [{"text": s.text, "label": s.label} for s in self.steps]
+        if self.labeler is not None:
+            record["labeler"] = self.labeler
+        if self.segmenter is not None:
+            record["segmenter"] = self.segmenter.to_dict()
         return record
 
 
@@ -114,6 +124,17 @@ def parse_record(record: object, line: int, marker: str = "</think>") -> Trace:
     steps = None
     if record.get("steps") is not None:
         steps = _parse_steps(record["steps"], reasoning)
+    labeler = record.get("labeler")
+    if labeler is not None and not (isinstance(labeler, str) and labeler):
+        raise ValueError(f"field 'labeler' must be a non-empty string, got {labeler!r}")
+    segmenter = None
+    if record.get("segmenter") is not None:
+        if steps is None:
+            raise ValueError("field 'segmenter' is given but there are no 'steps' it could have cut")
+        try:
+            segmenter = SegmenterConfig.from_dict(record["segmenter"])
+        except ValueError as err:
+            raise ValueError(f"field 'segmenter': {err}") from None
     return Trace(
         id=trace_id,
         prompt=record["prompt"],
@@ -121,6 +142,8 @@ def parse_record(record: object, line: int, marker: str = "</think>") -> Trace:
         answer=None if answer is None else str(answer),
         steps=steps,
         line=line,
+        labeler=labeler,
+        segmenter=segmenter,
     )
 
 

@@ -15,6 +15,7 @@ from kfh_probe.labelers.base import run_labeler
 from kfh_probe.labelers.rules import OrganismLabeler, PostAnswerLabeler, project_labels, states_answer
 from kfh_probe.organism import default_model_dir
 from kfh_probe.organism.traces import teacher_traces
+from kfh_probe.segmentation import SegmenterConfig
 from kfh_probe.traces import TraceFileError, parse_record, read_traces
 
 
@@ -168,4 +169,7 @@ def test_cli_organism_labels_teacher_traces(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [{k: v for k, v in r.items() if k != "steps"} for r in records])
     out = tmp_path / "out.jsonl"
     assert main(["label", "--traces", str(source), "--labeler", "organism", "--out", str(out)]) == 0
-    assert [t.to_record() for t in read_traces(out)[0]] == records
+    written = [t.to_record() for t in read_traces(out)[0]]
+    # each record says what labelled it and which segmenter cut its steps (the file had none)
+    assert [(r.pop("labeler"), r.pop("segmenter")) for r in written] == [("organism", SegmenterConfig().to_dict())] * 3
+    assert written == records

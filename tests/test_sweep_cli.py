@@ -83,7 +83,7 @@ def test_unlabeled_traces_are_refused_with_a_hint(tiny_model_dir, tmp_path, caps
 def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
     tiny_model_dir, labeled_trace_file, tmp_path, monkeypatch
 ):
-    import kfh_probe.sweep as sweep_module
+    import kfh_probe.step_scorer as sweep_module  # where the sweep turns captured attention into step scores
 
     reference = tmp_path / "reference.json"
     assert _sweep(tiny_model_dir, labeled_trace_file, reference, "--batch-size", "1") == 0

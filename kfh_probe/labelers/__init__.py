@@ -2,7 +2,9 @@
 
 ``kfh-probe label --traces F --labeler NAME --out F2`` segments traces that have no ``steps`` and
 writes the same JSONL with every step labelled ``"essential"``, ``"redundant"`` or ``null``
-(disputed or unknown; such steps are kept out of SRA pairs).
+(disputed or unknown; such steps are kept out of SRA pairs), each record naming the labeller
+(``"labeler"``) and, where the steps were cut here, the segmenter's settings (``"segmenter"``), so a
+sweep's manifest can say where its labels and steps came from.
 
 Labellers (one module each, a shared driver in :mod:`.base`):
 

@@ -57,7 +57,8 @@ class Labeler(Protocol):
 
 
 def with_steps(trace: Trace, segmenter: SegmenterConfig, marker: str = "</think>") -> Trace:
-    """``trace`` with ``steps`` set: its own when it has them, else the segmenter's pieces unlabelled.
+    """``trace`` with ``steps`` set: its own when it has them, else the segmenter's pieces unlabelled
+    (and ``segmenter`` recorded in the trace, so a sweep can say where its steps came from).
 
     Raises:
         ValueError: the response lacks the marker or its reasoning is empty.
@@ -68,7 +69,7 @@ def with_steps(trace: Trace, segmenter: SegmenterConfig, marker: str = "</think>
     pieces = segment_reasoning(reasoning, segmenter)
     if not pieces:
         raise ValueError("the reasoning before the marker is empty: there is no step to label")
-    return replace(trace, steps=tuple(Step(text) for text in pieces))
+    return replace(trace, steps=tuple(Step(text) for text in pieces), segmenter=segmenter)
 
 
 @dataclass
@@ -104,6 +105,9 @@ def run_labeler(
 ) -> LabelRun:
     """Segment where needed, label, and gather failures.
 
+    Every labelled trace records what produced its labels (``Trace.labeler``): the labeller's name; the
+    ``given`` labeller only checks the file's labels and keeps what the file said (nothing: unknown).
+
     Raises:
         TraceFileError: some trace could not be segmented or labelled and ``skip_invalid`` is False
             (the message names file, line and id of each).
@@ -126,7 +130,8 @@ def run_labeler(
             problems.append(SkippedTrace(trace.line, trace.id, f"{labeler.name} labeller: {labeling.failures.get(i, 'no labels')}"))
             continue
         assert trace.steps is not None and len(labels) == len(trace.steps), "a labeller returned the wrong number of labels"
-        out.append(replace(trace, steps=tuple(Step(s.text, lab) for s, lab in zip(trace.steps, labels))))
+        producer = trace.labeler if labeler.name == "given" else labeler.name
+        out.append(replace(trace, steps=tuple(Step(s.text, lab) for s, lab in zip(trace.steps, labels)), labeler=producer))
         for lab in labels:
             counts[lab or "unlabelled"] += 1
     problems.sort(key=lambda p: p.line)

@@ -216,12 +216,32 @@ def cmd_label(args) -> int:
     return 0 if run.traces else 2
 
 
+def report_labelers(args) -> dict:
+    """``--labelers`` (plus ``judge`` when a judge is given) as name -> factory of ``label_report``; the
+    ablation labeller reuses the report's loaded model."""
+    names = [n.strip() for n in args.labelers.split(",") if n.strip()]
+    if (args.judge or args.judge_local) and "judge" not in names:
+        names.append("judge")
+    unknown = [n for n in names if n not in LABELERS]
+    if unknown:
+        raise ValueError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELERS)}")
+    return {name: (lambda model, tokenizer: ablation_labeler(args, model, tokenizer)) if name == "ablation" else
+            (lambda model, tokenizer, name=name: make_labeler(name, args)) for name in names}
+
+
 def cmd_label_report(args) -> int:
     from ..traces import TraceFileError
     from .report import label_report
 
+    rule = (f"top {args.top_fraction:.0%} of drops" if args.top_fraction is not None else
+            f"drop >= {1.0 if args.threshold is None else args.threshold} nats")
+    labelers = report_labelers(args)
     try:
-        table = label_report(args)
+        table = label_report(
+            model_dir(args), labelers, args.traces, n=args.n, seed=args.seed, marker=args.marker,
+            segmenter=segmenter(args), dtype=args.dtype, device=args.device, progress=not args.quiet,
+            note=f"ablation rule: {rule}",
+        )
     except TraceFileError as err:
         return _report_problems("label-report", err)
     except LabelerError as err:

@@ -14,13 +14,15 @@ Step scores do not depend on labels, so the model runs once for all labellers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ..traces import Step, Trace
-from .base import Labels, run_labeler
+from .. import SegmenterConfig, Step, Trace
+from .base import Labeler, Labels, run_labeler
 
 TOP_K = 3
 COLUMNS = ("labeller", "traces labelled", "essential", "redundant", "null", "accuracy", "Cohen's kappa",
@@ -33,19 +35,22 @@ def shipped_traces_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_report_traces(args, model_path: str) -> tuple[list[Trace], str]:
-    """The traces to measure on and a description of where they came from: ``--traces``, else the
-    shipped file, else ``--n`` fresh samples from the model (``--seed``)."""
-    from ..traces import parse_record, read_traces
+def load_report_traces(
+    traces: str | Path | None, model_path: str | Path, n: int, seed: int, marker: str = "</think>"
+) -> tuple[list[Trace], str]:
+    """The traces to measure on and a description of where they came from: ``traces``, else the shipped
+    file, else ``n`` fresh samples from the model (``seed``)."""
+    from .. import read_traces
+    from ..traces import parse_record
 
-    path = args.traces or shipped_traces_path()
+    path = traces or shipped_traces_path()
     if path is not None:
-        return read_traces(path, args.marker)[0], str(path)
+        return read_traces(path, marker)[0], str(path)
     from ..organism.report import sample_labeled_traces
 
-    records = sample_labeled_traces(model_path, args.n, args.seed)
-    traces = [parse_record(r, i + 1, args.marker) for i, r in enumerate(records)]
-    return traces, f"{len(traces)} fresh samples of {model_path} (seed {args.seed})"
+    records = sample_labeled_traces(model_path, n, seed)
+    parsed = [parse_record(r, i + 1, marker) for i, r in enumerate(records)]
+    return parsed, f"{len(parsed)} fresh samples of {model_path} (seed {seed})"
 
 
 def agreement(predicted: list[Labels], truth: list[Labels]) -> dict:
@@ -62,10 +67,10 @@ def agreement(predicted: list[Labels], truth: list[Labels]) -> dict:
     return {**result, "accuracy": accuracy_score(true, pred), "kappa": float(kappa)}
 
 
-def top_heads(flat_scores: list[torch.Tensor], labels: list[Labels], k: int = TOP_K) -> list[int]:
+def best_rows(flat_scores: list[torch.Tensor], labels: list[Labels], k: int = TOP_K) -> list[int]:
     """Rows of the ``k`` heads with the highest SRA under ``labels`` (ties: lower row first); empty
     when no trace has a pair."""
-    from ..scoring import per_trace_auc
+    from .. import per_trace_auc
 
     auc, _, _ = per_trace_auc(flat_scores, labels)
     if auc.shape[0] == 0:
@@ -88,45 +93,65 @@ def markdown_table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def label_report(args) -> str:
-    """Run every requested labeller on the organism's traces and return the markdown table."""
-    from ..loading import load_model, load_tokenizer, pad_token_id
-    from ..scoring import ensemble_sra
-    from ..sweep import SweepConfig, collect_step_scores, prepare_traces
-    from .cli import LABELERS, ablation_labeler, judge_labeler, model_dir, segmenter
-    from .rules import GivenLabeler, OrganismLabeler, PostAnswerLabeler
+LabelerFactory = Callable[[nn.Module, object], Labeler]
+"""Makes a labeller, given the loaded model and its tokenizer (the ablation labeller uses them)."""
 
-    names = [n.strip() for n in args.labelers.split(",") if n.strip()]
-    if (args.judge or args.judge_local) and "judge" not in names:
-        names.append("judge")
-    unknown = [n for n in names if n not in LABELERS]
-    if unknown:
-        raise ValueError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELERS)}")
-    path = model_dir(args)
-    model, tokenizer = load_model(path, args.dtype, args.device), load_tokenizer(path)
-    traces, source = load_report_traces(args, path)
-    config = SweepConfig(marker=args.marker, segmenter=segmenter(args), skip_invalid=True)
-    truth_run = run_labeler(traces, OrganismLabeler(), config.segmenter, args.marker, skip_invalid=True, source=source)
+
+def label_report(
+    model_path: str | Path,
+    labelers: dict[str, LabelerFactory],
+    traces: str | Path | None = None,
+    *,
+    n: int = 64,
+    seed: int = 0,
+    marker: str = "</think>",
+    segmenter: SegmenterConfig | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+    note: str = "",
+) -> str:
+    """Run every labeller on the organism's traces and return the markdown table.
+
+    Args:
+        model_path: the organism's model folder (loaded once; step scores do not depend on labels).
+        labelers: name -> factory, one row each, in this order.
+        traces: organism traces (default: the shipped ones, else ``n`` fresh samples with ``seed``).
+        segmenter: cuts traces that have no steps (the default segmenter when None).
+        note: appended to the table's header (the ablation rule, say).
+
+    Raises:
+        ValueError: no trace is an organism trace that maps onto tokens.
+        kfh_probe.labelers.base.LabelerError: a labeller failed as a whole.
+    """
+    from .. import (
+        SweepConfig, collect_step_scores, ensemble_sra, load_model, load_tokenizer, pad_token_id, prepare_traces,
+    )
+    from .rules import OrganismLabeler
+
+    segmenter = segmenter or SegmenterConfig()
+    model, tokenizer = load_model(model_path, dtype, device), load_tokenizer(model_path)
+    traces_used, source = load_report_traces(traces, model_path, n, seed, marker)
+    config = SweepConfig(marker=marker, skip_invalid=True)
+    truth_run = run_labeler(traces_used, OrganismLabeler(), segmenter, marker, skip_invalid=True, source=source)
     prepared = prepare_traces(truth_run.traces, tokenizer, config, source)
     if not prepared.traces:
         raise ValueError(f"no trace of {source} is an organism trace that maps onto tokens")
     truth = prepared.labels
-    scores = collect_step_scores(model, prepared.tokenized, config, pad_token_id(tokenizer), progress=not args.quiet)
+    scores = collect_step_scores(model, prepared.tokenized, config, pad_token_id(tokenizer), progress=progress)
     num_heads = scores[0].shape[1]
     flat = [s.reshape(-1, s.shape[-1]) for s in scores]
     # Every labeller sees the same steps, unlabelled; "given" sees the file's labels on them.
-    originals = {t.id: t for t in traces}
+    originals = {t.id: t for t in traces_used}
     unlabelled = [replace(t, steps=tuple(Step(s.text) for s in t.steps)) for t in prepared.traces]
     given_steps = [replace(t, steps=originals[t.id].steps or t.steps) for t in unlabelled]
-    makers = {"given": GivenLabeler, "organism": OrganismLabeler, "post-answer": lambda: PostAnswerLabeler(args.marker),
-              "ablation": lambda: ablation_labeler(args, model, tokenizer), "judge": lambda: judge_labeler(args)}
     rows = []
-    for name in names:
-        run = run_labeler(given_steps if name == "given" else unlabelled, makers[name](), config.segmenter,
-                          args.marker, skip_invalid=True, source=source)
+    for name, make in labelers.items():
+        run = run_labeler(given_steps if name == "given" else unlabelled, make(model, tokenizer), segmenter,
+                          marker, skip_invalid=True, source=source)
         by_id = {t.id: [s.label for s in t.steps] for t in run.traces}
         labels = [by_id.get(t.id, [None] * len(t.steps)) for t in prepared.traces]
-        heads = top_heads(flat, labels)
+        heads = best_rows(flat, labels)
         rows.append({
             "labeller": name, "labelled": len(run.traces), "traces": len(prepared.traces), **agreement(labels, truth),
             "heads": [(r // num_heads, r % num_heads) for r in heads],
@@ -134,7 +159,5 @@ def label_report(args) -> str:
             "sra_truth": ensemble_sra(flat, truth, heads) if heads else math.nan,
         })
     header = (f"Labellers against the organism's ground truth on {len(prepared.traces)} traces ({source}); "
-              f"model {path}; ablation rule: " +
-              (f"top {args.top_fraction:.0%} of drops" if args.top_fraction is not None else
-               f"drop >= {1.0 if args.threshold is None else args.threshold} nats") + ".")
+              f"model {model_path}{'; ' + note if note else ''}.")
     return markdown_table(rows, header)
