@@ -15,48 +15,10 @@ from attnpo_train.checkpoint import latest_checkpoint
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
 from attnpo_train.data import DataError, Prompt, PromptSource, load_prompts
-from attnpo_train.rollouts import Rollouts, generate_rollouts
-from conftest import R1_TRACES
+from attnpo_train.rollouts import generate_rollouts
+from conftest import R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, small_config, write_manifest
 
 TIMING = set(loop.TIMING_FIELDS)
-
-
-def write_manifest(path, model_dir, **model_changes) -> None:
-    """A valid KFH manifest for the model in ``model_dir`` (heads ranked by an arbitrary fixed order)."""
-    from kfh_probe.loading import load_model
-    from kfh_probe.manifest import model_record
-
-    model = load_model(model_dir)
-    record = {**model_record(model, "tiny"), **model_changes}
-    layers, heads = record["num_layers"], record["num_heads"]  # the heads of the model the manifest describes
-    order = sorted(((l, h) for l in range(layers) for h in range(heads)), key=lambda lh: (-lh[0], lh[1]))
-    ranked = [
-        {"layer": l, "head": h, "sra": 0.9 - 0.01 * i, "ci95": [0.0, 1.0], "traces": 2} for i, (l, h) in enumerate(order)
-    ]
-    manifest = {"format": "kfh-manifest", "version": 1, "model": record, "probe": {}, "heads": ranked,
-                "top_n": 3, "ensemble": [{"k": 1, "sra": 0.9}]}
-    path.write_text(json.dumps(manifest), encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def manifest_file(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("manifest") / "manifest.json"
-    write_manifest(path, tiny_model_dir)
-    return path
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data.jsonl"
-    rows = [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def small_config(tiny_model_dir, manifest_file, data_file, out, **changes) -> TrainConfig:
-    base = dict(model=str(tiny_model_dir), manifest=str(manifest_file), data=str(data_file), out=str(out), steps=2,
-                prompts_per_step=2, group_size=3, max_new_tokens=20, micro_batch_size=4, checkpoint_every=1)
-    return TrainConfig(**{**base, **changes})
 
 
 def scramble_global_rngs() -> None:
@@ -100,20 +62,6 @@ def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_fi
     trained = final.state_dict()
     assert any(not torch.equal(before[k], trained[k]) for k in before), "the update changed no weight"
     assert all(torch.equal(trained[k], v) for k, v in inputs.model.state_dict().items())
-
-
-def crafted_rollouts(tokenizer, responses: list[str], prompt: str) -> Rollouts:
-    """One group of rollouts of ``prompt`` with the given response texts, as if generated (EOS appended)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    return Rollouts(len(responses), [list(prompt_ids) for _ in responses], response_ids, list(responses),
-                         [True] * len(responses))
-
-
-SHORT_55 = R1_TRACES[0]["response"].replace(
-    "Hmm, alternatively I could run ```python\nprint(sum(range(11)))\n``` which also prints 55, the same thing again.\n\n", ""
-)
-WRONG_54 = R1_TRACES[0]["response"].replace("\\boxed{55}", "\\boxed{54}")
 
 
 def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, byte_tokenizer):

@@ -23,15 +23,6 @@ from kfh_probe.organism.task import generate_problems, teacher_response, teacher
 ORGANISM = default_model_dir()
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    from conftest import R1_TRACES
-
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in R1_TRACES))
-    return path
-
-
 def fake_rollouts(n: int, prompt_len: int = 10, response_len: int = 30) -> Rollouts:
     return Rollouts(n, [[0] * prompt_len] * n, [[1] * response_len] * n, ["x"] * n, [True] * n)
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import R1_TRACES, tiny_model
+from conftest import tiny_model
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.causal import (
@@ -145,11 +145,11 @@ def test_causal_on_the_organism_writes_every_condition(tmp_path, capsys):
     assert result["settings"]["traces_used"] == 2 and result["settings"]["traces_left_out"]["count"] == 70
 
 
-def test_causal_on_any_model_with_unlabeled_traces(tiny_model_dir, labeled_trace_file, tmp_path, capsys):
+def test_causal_on_any_model_with_unlabeled_traces(tiny_model_dir, labeled_trace_file, raw_trace_file, tmp_path,
+                                                    capsys):
     manifest = tmp_path / "m.json"
     assert main(["sweep", "--model", str(tiny_model_dir), "--traces", str(labeled_trace_file), "--out", str(manifest), "--quiet"]) == 0
-    raw = tmp_path / "raw.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in R1_TRACES))
+    raw = raw_trace_file
     assert main(["causal", "--model", str(tiny_model_dir), "--traces", str(raw)]) == 2
     assert "without --manifest" in capsys.readouterr().err
     out = tmp_path / "c.json"

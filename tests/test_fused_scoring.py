@@ -15,8 +15,7 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards
 from attnpo_train.data import Prompt
 from attnpo_train.rollouts import Rollouts, generate_rollouts
-from conftest import R1_TRACES, tiny_model
-from test_attnpo_loop import SHORT_55
+from conftest import R1_TRACES, SHORT_55, tiny_model
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
 from kfh_probe.organism import default_manifest_path, default_model_dir
 from kfh_probe.organism.task import generate_problems

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import R1_TRACES, tiny_model
+from conftest import R1_TRACES, tiny_model, write_jsonl
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
 from kfh_probe.labelers.ablation import AblationLabeler, answer_logprobs, deletions, label_from_drops
@@ -20,11 +20,6 @@ from kfh_probe.traces import TraceFileError, parse_record, read_traces
 
 def unlabelled(records: list[dict]):
     return [parse_record({k: v for k, v in r.items() if k != "steps"}, i + 1) for i, r in enumerate(records)]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def test_post_answer_marks_steps_after_the_first_statement_of_the_answer_redundant():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -75,8 +75,7 @@ def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
              "confused_per_response": 2.0 - 0.1 * s, "summary_per_response": 1.0 + 0.05 * s}
             for s in range(1, 6)
         ]
-        path = tmp_path / f"{name}-{seed}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path = write_jsonl(tmp_path / f"{name}-{seed}.jsonl", rows)
         paths.setdefault(name, []).append(str(path))
     metrics = {"attnpo": paths["attnpo"], "tlmre": paths["tlmre"][0]}
     out = tmp_path / "figs"

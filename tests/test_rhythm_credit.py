@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import R1_TRACES
-from test_attnpo_loop import SHORT_55, WRONG_54, crafted_rollouts, data_file, small_config  # noqa: F401 (fixture)
+from conftest import R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, eager_maps, rhythm_reference, small_config
 
 from attnpo_train import loop
 from attnpo_train.config import TrainConfig
@@ -22,7 +21,7 @@ from attnpo_train.rhythm import (
     top_share,
     waad_rise,
 )
-from kfh_probe.rhythm import RhythmHeads, RhythmSignals, rhythm_header
+from kfh_probe.rhythm import RhythmSignals
 
 NAN = float("nan")
 
@@ -81,27 +80,9 @@ def test_rhythm_advantages_need_signals_only_for_positive_advantages():
         token_mask("sideways", WAAD, FAI)
 
 
-def write_rhythm_file(path, model_dir):
-    """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
-    from kfh_probe.loading import load_model
-    from kfh_probe.manifest import model_record
-
-    heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
-    header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
-    path.write_text(json.dumps(header) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def rhythm_file(tmp_path_factory, tiny_model_dir):
-    return write_rhythm_file(tmp_path_factory.mktemp("rhythm") / "rhythm.jsonl", tiny_model_dir)
-
-
 @pytest.mark.parametrize("strategy", ["preplan", "anchor", "coupled"])
 def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy, tiny_model_dir, byte_tokenizer,
                                                                       rhythm_file):
-    from test_rhythm import _eager_maps, _reference
-
     from kfh_probe.loading import load_model
 
     model = load_model(tiny_model_dir)
@@ -111,7 +92,7 @@ def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy,
     out, stats = rhythm_token_advantages(model, rollouts, advantages, probe, strategy, 0.4, 1.5, pad_id=0, batch_size=2)
     for i in range(2):
         sequence = rollouts.prompt_ids[i] + rollouts.response_ids[i]
-        _, waad, fai = _reference(_eager_maps(model, sequence), len(rollouts.prompt_ids[i]), probe.heads)
+        _, waad, fai = rhythm_reference(eager_maps(model, sequence), len(rollouts.prompt_ids[i]), probe.heads)
         mask = token_mask(strategy, waad, fai)
         assert torch.equal(stats["masks"][i], mask)
         assert torch.allclose(out[i], amplify(float(advantages[0, i]), mask))

@@ -3,11 +3,12 @@ commands around it, and refusal of bad input without writing anything."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, interrupting, labeled, tiny_model, with_broken_record
+from conftest import R1_TRACES, interrupting, kfh_probe_cli, labeled, tiny_model, with_broken_record
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
@@ -18,8 +19,7 @@ from kfh_probe.manifest import (
 from kfh_probe.sweep import SweepConfig, collect_step_scores
 
 
-def _sweep(model_dir, traces, out, *extra):
-    return main(["sweep", "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
+_sweep = functools.partial(kfh_probe_cli, "sweep")
 
 
 def test_step_scores_equal_the_definition_on_eager_attention(byte_tokenizer):

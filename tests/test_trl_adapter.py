@@ -23,8 +23,7 @@ from attnpo_train.credit import attnpo_token_advantages, rollout_rewards  # noqa
 from attnpo_train.data import Prompt  # noqa: E402
 from attnpo_train.rollouts import Rollouts, decode_responses  # noqa: E402
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
-from conftest import R1_TRACES  # noqa: E402
-from test_attnpo_loop import SHORT_55, WRONG_54, write_manifest  # noqa: E402
+from conftest import R1_TRACES, SHORT_55, WRONG_54, write_jsonl, write_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = R1_TRACES[0]["prompt"]
@@ -32,21 +31,6 @@ PROMPT = R1_TRACES[0]["prompt"]
 # wrong one and a truncated one (no EOS; incorrect).
 RESPONSES = [R1_TRACES[0]["response"], SHORT_55] * 3 + [WRONG_54, SHORT_55]
 TRUNCATED = 7
-
-
-@pytest.fixture(scope="module")
-def manifest_file(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("trl-manifest") / "manifest.json"
-    write_manifest(path, tiny_model_dir)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("trl-data") / "data.jsonl"
-    rows = [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def trl_args(tmp_path, manifest_file, **changes) -> AttnPOConfig:
@@ -135,15 +119,13 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
 
 @pytest.mark.parametrize("method", ["preplan", "coupled"])
 def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, tiny_model_dir, byte_tokenizer,
-                                                              monkeypatch):
+                                                              rhythm_file, monkeypatch):
     from datasets import Dataset
-    from test_rhythm_credit import write_rhythm_file
     from transformers import AutoModelForCausalLM
 
     from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
 
-    rhythm = write_rhythm_file(tmp_path / "rhythm.jsonl", tiny_model_dir)
-    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm))
+    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm_file))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
     trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=byte_tokenizer)
@@ -159,7 +141,7 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, 
     config = TrainConfig(method=method, group_size=4)
     correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
     advantages = group_advantages(rewards, "rloo")
-    probe = RhythmProbe.from_file(rhythm, trainer.model)
+    probe = RhythmProbe.from_file(rhythm_file, trainer.model)
     expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8)
     assert 0 < stats["amplified_frac"] < 1
     for b, values in enumerate(expected):
@@ -271,9 +253,8 @@ def test_two_process_accelerate_run_on_the_organism(tmp_path):
     from kfh_probe.organism import default_manifest_path, default_model_dir
     from kfh_probe.organism.task import generate_problems
 
-    data = tmp_path / "organism.jsonl"
     rows = [{"id": f"p{i}", "prompt": p.prompt(), "answer": str(p.answer)} for i, p in enumerate(generate_problems(8, 5))]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = write_jsonl(tmp_path / "organism.jsonl", rows)
     steps = train_two_processes(default_model_dir(), data, default_manifest_path(), tmp_path / "run",
                                 completion_length=200, per_device=4, lr="1e-4")
     assert all(0.0 <= h["attnpo/accuracy"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0 for h in steps)
