@@ -151,6 +151,7 @@ def test_step_accounting_is_absent_for_data_the_labeler_cannot_read(tiny_model_d
     assert "steps" not in result and result["n"] == 2
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_greedy_and_avg_at_k_with_aes(capsys):
     code = main(["eval", "--model", str(ORGANISM), "--base", str(ORGANISM), "--n", "2", "--samples", "2",
                  "--max-new-tokens", "320", "--json"])

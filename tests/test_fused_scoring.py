@@ -100,6 +100,7 @@ def test_fused_and_unfused_scoring_agree_on_a_qwen2_with_bf16_weights(byte_token
     assert unfused[1]["attenuated_steps"] > 0
 
 
+@pytest.mark.slow
 def test_fused_and_unfused_seeded_runs_log_the_same_metrics(tmp_path):
     config = TrainConfig(method="attnpo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=320, horizon=0,
                          lr=2e-3, seed=3, micro_batch_size=3, model=str(ORGANISM),

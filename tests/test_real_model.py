@@ -16,6 +16,8 @@ from kfh_probe.cli import main as kfh_probe
 from kfh_probe.io import file_sha256
 from kfh_probe.manifest import load_manifest, model_fingerprint
 
+pytestmark = pytest.mark.slow  # the real model: a one-time GGUF conversion, then forwards of a 135M model
+
 
 def _chat_traces(tokenizer, records):
     """The R1-style traces with their questions put through SmolLM2's own chat template."""

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, interrupting, kfh_probe_cli, labeled, tiny_model, with_broken_record
+from conftest import R1_TRACES, interrupting, kfh_probe_cli, tiny_model, with_broken_record
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
@@ -104,6 +104,7 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
     assert out.read_bytes() == reference.read_bytes()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_manifest_as_one(tiny_model_dir, labeled_trace_file, tmp_path):
     import os
     import subprocess
@@ -180,6 +181,7 @@ def test_manifest_refuses_another_model(tiny_model_dir, labeled_trace_file, tmp_
         check_model_matches(manifest, other, allow_finetuned=True)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_gives_the_same_manifest(tiny_model_dir, labeled_trace_file, tmp_path):
     import shutil
     import subprocess
