@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from attnpo_train import loop
+from attnpo_train.advantages import group_advantages
 from attnpo_train.checkpoint import latest_checkpoint
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
@@ -112,13 +113,20 @@ def test_attnpo_step_rescales_correct_rollouts(tiny_model_dir, manifest_file, da
     monkeypatch.setattr(PromptSource, "draw", lambda self, rng, k: [Prompt("p", prompt, "55")])
     config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method="attnpo", steps=1,
                           prompts_per_step=1, group_size=2, horizon=0)
-    metrics = loop.train(loop.prepare_run(config), config, progress=False)
+    inputs = loop.prepare_run(config)
+    correct, rewards = rollout_rewards(fake, [Prompt("p", prompt, "55")], config)
+    expected, stats = attnpo_token_advantages(inputs.model, byte_tokenizer, fake, correct, group_advantages(rewards),
+                                              inputs.heads, 0, config, inputs.pad_id)
+    metrics = loop.train(inputs, config, progress=False)
     m = metrics[0]
     assert m["accuracy"] == 1.0 and m["rescaled_responses"] == 2.0
     # p = 1: Pos-Adv attenuates the short response's low-score steps, Neg-Adv zeroes the long one's high-score steps
     assert m["mean_gamma"] < 1.0 and m["frac_attenuated"] > 0.0
+    assert (m["mean_gamma"], m["frac_attenuated"]) == pytest.approx((stats["mean_gamma"], stats["frac_attenuated"]))
     # both reasonings: "Wait" (confused); "Okay, so" and "So" (summary); "Hmm, alternatively" is neither
     assert (m["confused_per_response"], m["summary_per_response"]) == (1.0, 2.0)
+    # on-policy (ratio 1): the loss is -sum of the token advantages / tokens
+    assert m["loss"] == pytest.approx(-float(torch.cat(expected).sum()) / sum(map(len, expected)), abs=1e-6)
     assert m["loss"] != 0.0 and m["grad_norm"] > 0.0
 
 
