@@ -183,19 +183,21 @@ def test_manifest_refuses_another_model(tiny_model_dir, labeled_trace_file, tmp_
 
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_gives_the_same_manifest(tiny_model_dir, labeled_trace_file, tmp_path):
-    import shutil
+    import os
     import subprocess
+    import sys
 
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate is not installed (pip install 'kfh-attnpo[trl]')")
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'kfh-attnpo[trl]')")
     single = tmp_path / "single.json"
     assert _sweep(tiny_model_dir, labeled_trace_file, single, "--batch-size", "1") == 0
     launched = tmp_path / "launched.json"
+    # `--cpu` alone starts one process (without an MPI hostfile); `--multi_gpu` starts two through torch.distributed
     done = subprocess.run(
-        ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir), "--traces",
-         str(labeled_trace_file), "--out", str(launched), "--batch-size", "1", "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir),
+         "--traces", str(labeled_trace_file), "--out", str(launched), "--batch-size", "1", "--quiet"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 1: my share" in done.stderr, done.stderr[-2000:]
     assert launched.read_bytes() == single.read_bytes()
