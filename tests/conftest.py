@@ -146,6 +146,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session")
+def organism():
+    """``(model, tokenizer)`` of the shipped organism (committed: a missing folder fails), float32, eval mode
+    (shared: do not modify the weights)."""
+    from kfh_probe.loading import load_model, load_tokenizer
+    from kfh_probe.organism import default_model_dir
+
+    return load_model(default_model_dir()), load_tokenizer(default_model_dir())
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, byte_tokenizer):
     """A saved tiny Qwen2 model folder with the byte tokenizer, loadable by from_pretrained."""
     path = tmp_path_factory.mktemp("tiny-qwen2")

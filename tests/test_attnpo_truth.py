@@ -112,13 +112,6 @@ def test_aes_uses_the_published_weights():
     assert scores["aes"] == pytest.approx(-0.3) and scores["aes_weights"] == {"gain": 3.0, "loss": 5.0}
 
 
-@pytest.fixture(scope="module")
-def organism():
-    from kfh_probe.loading import load_model, load_tokenizer
-
-    return load_model(ORGANISM), load_tokenizer(ORGANISM)
-
-
 def organism_prompts(n: int) -> list[Prompt]:
     return [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(n, 555))]
 

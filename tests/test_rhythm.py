@@ -52,12 +52,11 @@ def test_signals_equal_eager_attention(family):
     assert len(defined) > 0 and (float(defined.max()) > 0) == (family != "mistral")
 
 
-def test_signals_equal_eager_attention_on_the_organism():
-    from kfh_probe.loading import load_model, load_tokenizer, pad_token_id
-    from kfh_probe.organism import default_model_dir, default_traces_path
+def test_signals_equal_eager_attention_on_the_organism(organism):
+    from kfh_probe.organism import default_traces_path
     from kfh_probe.traces import read_traces
 
-    model, tokenizer = load_model(default_model_dir()), load_tokenizer(default_model_dir())
+    model, tokenizer = organism
     traces, _ = read_traces(default_traces_path())
     sequences, starts = [], []
     for trace in traces[:2]:
