@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny models built from configs and a byte-level tokenizer trained on the spot (no downloads)."""
+"""Shared fixtures and helpers of the test files: tiny models built from configs and a byte-level tokenizer trained
+on the spot (no downloads), trace, data, manifest and rhythm files, crafted rollouts, reference computations on
+eager attention and the CLI runners. Every helper used by more than one test file lives here, once."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,31 @@ R1_TRACES = [
         "answer": "21",
     },
 ]
+
+# The R1-style trace with its re-check paragraph cut (shorter, still correct), and with a wrong boxed answer.
+SHORT_55 = R1_TRACES[0]["response"].replace(
+    "Hmm, alternatively I could run ```python\nprint(sum(range(11)))\n``` which also prints 55, the same thing again.\n\n", ""
+)
+WRONG_54 = R1_TRACES[0]["response"].replace("\\boxed{55}", "\\boxed{54}")
+
+# The architecture families ``tiny_config`` builds: GQA + biases (qwen2), GQA (llama), q/k norms (qwen3), sliding
+# window + soft-capping (gemma2), fused qkv + partial rotary (phi3, gpt_neox), sliding window (mistral), absolute
+# positions + fused qkv + biases (gpt2).
+FAMILIES = ["qwen2", "llama", "qwen3", "gemma2", "phi3", "mistral", "gpt_neox", "gpt2"]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Write ``records`` to ``path`` one per line (a str as it is, e.g. a broken line; else JSON, UTF-8); return it."""
+    lines = (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def kfh_probe_cli(command: str, model_dir, traces, out, *extra: str) -> int:
+    """Exit code of ``kfh-probe COMMAND --model MODEL_DIR --traces TRACES --out OUT --quiet EXTRA...``."""
+    from kfh_probe.cli import main
+
+    return main([command, "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
 
 
 def labeled(record: dict, labels: list[str]) -> dict:
@@ -118,6 +146,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="session")
+def organism():
+    """``(model, tokenizer)`` of the shipped organism (committed: a missing folder fails), float32, eval mode
+    (shared: do not modify the weights)."""
+    from kfh_probe.loading import load_model, load_tokenizer
+    from kfh_probe.organism import default_model_dir
+
+    return load_model(default_model_dir()), load_tokenizer(default_model_dir())
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, byte_tokenizer):
     """A saved tiny Qwen2 model folder with the byte tokenizer, loadable by from_pretrained."""
     path = tmp_path_factory.mktemp("tiny-qwen2")
@@ -133,9 +171,119 @@ def labeled_trace_file(tmp_path):
         labeled(R1_TRACES[0], ["essential", "redundant", "redundant"]),
         labeled(R1_TRACES[1], ["essential", "redundant", "redundant", "essential"]),
     ]
-    path = tmp_path / "traces.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return write_jsonl(tmp_path / "traces.jsonl", records)
+
+
+@pytest.fixture
+def raw_trace_file(tmp_path):
+    """The R1-style traces without steps or labels, as a JSONL file."""
+    return write_jsonl(tmp_path / "raw.jsonl", R1_TRACES)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """The R1-style traces' prompts and reference answers as a trainer data file (``id``, ``prompt``, ``answer``)."""
+    return write_jsonl(tmp_path / "data.jsonl", [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES])
+
+
+def write_manifest(path: Path, model_dir, **model_changes) -> None:
+    """A valid KFH manifest for the model in ``model_dir`` (heads ranked by an arbitrary fixed order: deepest layer
+    first, then by head; top 3), with ``model_changes`` applied to its model record."""
+    from kfh_probe.loading import load_model
+    from kfh_probe.manifest import model_record
+
+    model = load_model(model_dir)
+    record = {**model_record(model, "tiny"), **model_changes}
+    layers, heads = record["num_layers"], record["num_heads"]  # the heads of the model the manifest describes
+    order = sorted(((l, h) for l in range(layers) for h in range(heads)), key=lambda lh: (-lh[0], lh[1]))
+    ranked = [
+        {"layer": l, "head": h, "sra": 0.9 - 0.01 * i, "ci95": [0.0, 1.0], "traces": 2} for i, (l, h) in enumerate(order)
+    ]
+    manifest = {"format": "kfh-manifest", "version": 1, "model": record, "probe": {}, "heads": ranked,
+                "top_n": 3, "ensemble": [{"k": 1, "sra": 0.9}]}
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def manifest_file(tmp_path_factory, tiny_model_dir) -> Path:
+    """``write_manifest`` of the tiny model (its top 3 heads: (2, 0), (2, 1), (2, 2))."""
+    path = tmp_path_factory.mktemp("manifest") / "manifest.json"
+    write_manifest(path, tiny_model_dir)
     return path
+
+
+def write_rhythm_file(path: Path, model_dir) -> Path:
+    """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
+    from kfh_probe.loading import load_model
+    from kfh_probe.manifest import model_record
+    from kfh_probe.rhythm import RhythmHeads, rhythm_header
+
+    heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
+    header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
+    path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def rhythm_file(tmp_path_factory, tiny_model_dir) -> Path:
+    """``write_rhythm_file`` of the tiny model."""
+    return write_rhythm_file(tmp_path_factory.mktemp("rhythm") / "rhythm.jsonl", tiny_model_dir)
+
+
+def small_config(tiny_model_dir, manifest_file, data_file, out, **changes):
+    """A two-step ``TrainConfig`` of the lightweight trainer on the tiny model (2 prompts x 3 rollouts of <= 20 tokens)."""
+    from attnpo_train.config import TrainConfig
+
+    base = dict(model=str(tiny_model_dir), manifest=str(manifest_file), data=str(data_file), out=str(out), steps=2,
+                prompts_per_step=2, group_size=3, max_new_tokens=20, micro_batch_size=4, checkpoint_every=1)
+    return TrainConfig(**{**base, **changes})
+
+
+def crafted_rollouts(tokenizer, responses: list[str], prompt: str):
+    """One group of rollouts of ``prompt`` with the given response texts, as if generated (EOS appended)."""
+    from kfh_probe.sampling import Rollouts
+
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
+    return Rollouts(len(responses), [list(prompt_ids) for _ in responses], response_ids, list(responses),
+                    [True] * len(responses))
+
+
+def eager_maps(model, ids: list[int]) -> torch.Tensor:
+    """Reference: the full eager maps of one unpadded sequence, ``[L, H, T, T]`` float64."""
+    original = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            maps = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(original)
+    return torch.stack([m[0].double() for m in maps])
+
+
+def rhythm_reference(maps: torch.Tensor, start: int, heads, window=10, lo=10, hi=50):
+    """Mean distance per head, WAAD and FAI by the definitions, with explicit loops over positions.
+
+    Args:
+        maps: ``eager_maps`` of one sequence, [L, H, T, T]; start: the first response position;
+        heads: a ``kfh_probe.rhythm.RhythmHeads``.
+    Returns:
+        (distance [L, H] float32, WAAD [T - start], FAI [T - start] with NaN where fewer than ``lo`` tokens follow).
+    """
+    T = maps.shape[-1]
+    t = torch.arange(T)[:, None]
+    s = torch.arange(T)[None, :]
+    distance = (maps * (t - s).clamp(min=0)).sum(-1)[:, :, start:].mean(-1)  # [L, H]
+    local = torch.stack([maps[l, h] for l, h in heads.local]).mean(0)
+    glob = torch.stack([maps[l, h] for l, h in heads.global_]).mean(0)
+    waad = [float(sum(local[q, k] * min(q - k, window) for k in range(q + 1))) for q in range(start, T)]
+    fai = []
+    for k in range(start, T):
+        if k + lo > T - 1:
+            fai.append(math.nan)
+        else:
+            fai.append(float(torch.stack([glob[q, k] for q in range(k + lo, min(k + hi, T - 1) + 1)]).mean()))
+    return distance.float(), torch.tensor(waad), torch.tensor(fai)
 
 
 def smollm2_gguf_path() -> Path | None:

@@ -8,17 +8,9 @@ import pytest
 
 from attnpo_train.cli import main
 from attnpo_train.evaluate import efficiency
-from conftest import R1_TRACES
-from test_attnpo_loop import write_manifest
+from conftest import write_manifest
 
 SMALL = ["--set", "prompts_per_step=1", "--set", "group_size=2", "--set", "max_new_tokens=8", "--no-progress"]
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in R1_TRACES))
-    return path
 
 
 def run(tiny_model_dir, manifest, data, out, *extra):

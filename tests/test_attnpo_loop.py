@@ -11,52 +11,15 @@ import pytest
 import torch
 
 from attnpo_train import loop
+from attnpo_train.advantages import group_advantages
 from attnpo_train.checkpoint import latest_checkpoint
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
 from attnpo_train.data import DataError, Prompt, PromptSource, load_prompts
-from kfh_probe.sampling import Rollouts, generate_rollouts
-from conftest import R1_TRACES
+from kfh_probe.sampling import generate_rollouts
+from conftest import R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, small_config, write_manifest
 
 TIMING = set(loop.TIMING_FIELDS)
-
-
-def write_manifest(path, model_dir, **model_changes) -> None:
-    """A valid KFH manifest for the model in ``model_dir`` (heads ranked by an arbitrary fixed order)."""
-    from kfh_probe.loading import load_model
-    from kfh_probe.manifest import model_record
-
-    model = load_model(model_dir)
-    record = {**model_record(model, "tiny"), **model_changes}
-    layers, heads = record["num_layers"], record["num_heads"]  # the heads of the model the manifest describes
-    order = sorted(((l, h) for l in range(layers) for h in range(heads)), key=lambda lh: (-lh[0], lh[1]))
-    ranked = [
-        {"layer": l, "head": h, "sra": 0.9 - 0.01 * i, "ci95": [0.0, 1.0], "traces": 2} for i, (l, h) in enumerate(order)
-    ]
-    manifest = {"format": "kfh-manifest", "version": 1, "model": record, "probe": {}, "heads": ranked,
-                "top_n": 3, "ensemble": [{"k": 1, "sra": 0.9}]}
-    path.write_text(json.dumps(manifest), encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def manifest_file(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("manifest") / "manifest.json"
-    write_manifest(path, tiny_model_dir)
-    return path
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data.jsonl"
-    rows = [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def small_config(tiny_model_dir, manifest_file, data_file, out, **changes) -> TrainConfig:
-    base = dict(model=str(tiny_model_dir), manifest=str(manifest_file), data=str(data_file), out=str(out), steps=2,
-                prompts_per_step=2, group_size=3, max_new_tokens=20, micro_batch_size=4, checkpoint_every=1)
-    return TrainConfig(**{**base, **changes})
 
 
 def scramble_global_rngs() -> None:
@@ -100,20 +63,6 @@ def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_fi
     trained = final.state_dict()
     assert any(not torch.equal(before[k], trained[k]) for k in before), "the update changed no weight"
     assert all(torch.equal(trained[k], v) for k, v in inputs.model.state_dict().items())
-
-
-def crafted_rollouts(tokenizer, responses: list[str], prompt: str) -> Rollouts:
-    """One group of rollouts of ``prompt`` with the given response texts, as if generated (EOS appended)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
-    return Rollouts(len(responses), [list(prompt_ids) for _ in responses], response_ids, list(responses),
-                         [True] * len(responses))
-
-
-SHORT_55 = R1_TRACES[0]["response"].replace(
-    "Hmm, alternatively I could run ```python\nprint(sum(range(11)))\n``` which also prints 55, the same thing again.\n\n", ""
-)
-WRONG_54 = R1_TRACES[0]["response"].replace("\\boxed{55}", "\\boxed{54}")
 
 
 def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, byte_tokenizer):
@@ -164,13 +113,20 @@ def test_attnpo_step_rescales_correct_rollouts(tiny_model_dir, manifest_file, da
     monkeypatch.setattr(PromptSource, "draw", lambda self, rng, k: [Prompt("p", prompt, "55")])
     config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method="attnpo", steps=1,
                           prompts_per_step=1, group_size=2, horizon=0)
-    metrics = loop.train(loop.prepare_run(config), config, progress=False)
+    inputs = loop.prepare_run(config)
+    correct, rewards = rollout_rewards(fake, [Prompt("p", prompt, "55")], config)
+    expected, stats = attnpo_token_advantages(inputs.model, byte_tokenizer, fake, correct, group_advantages(rewards),
+                                              inputs.heads, 0, config, inputs.pad_id)
+    metrics = loop.train(inputs, config, progress=False)
     m = metrics[0]
     assert m["accuracy"] == 1.0 and m["rescaled_responses"] == 2.0
     # p = 1: Pos-Adv attenuates the short response's low-score steps, Neg-Adv zeroes the long one's high-score steps
     assert m["mean_gamma"] < 1.0 and m["frac_attenuated"] > 0.0
+    assert (m["mean_gamma"], m["frac_attenuated"]) == pytest.approx((stats["mean_gamma"], stats["frac_attenuated"]))
     # both reasonings: "Wait" (confused); "Okay, so" and "So" (summary); "Hmm, alternatively" is neither
     assert (m["confused_per_response"], m["summary_per_response"]) == (1.0, 2.0)
+    # on-policy (ratio 1): the loss is -sum of the token advantages / tokens
+    assert m["loss"] == pytest.approx(-float(torch.cat(expected).sum()) / sum(map(len, expected)), abs=1e-6)
     assert m["loss"] != 0.0 and m["grad_norm"] > 0.0
 
 

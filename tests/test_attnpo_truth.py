@@ -23,15 +23,6 @@ from kfh_probe.sampling import Rollouts
 ORGANISM = default_model_dir()
 
 
-@pytest.fixture
-def data_file(tmp_path):
-    from conftest import R1_TRACES
-
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in R1_TRACES))
-    return path
-
-
 def fake_rollouts(n: int, prompt_len: int = 10, response_len: int = 30) -> Rollouts:
     return Rollouts(n, [[0] * prompt_len] * n, [[1] * response_len] * n, ["x"] * n, [True] * n)
 
@@ -121,13 +112,6 @@ def test_aes_uses_the_published_weights():
     assert scores["aes"] == pytest.approx(-0.3) and scores["aes_weights"] == {"gain": 3.0, "loss": 5.0}
 
 
-@pytest.fixture(scope="module")
-def organism():
-    from kfh_probe.loading import load_model, load_tokenizer
-
-    return load_model(ORGANISM), load_tokenizer(ORGANISM)
-
-
 def organism_prompts(n: int) -> list[Prompt]:
     return [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(n, 555))]
 
@@ -160,6 +144,7 @@ def test_step_accounting_is_absent_for_data_the_labeler_cannot_read(tiny_model_d
     assert "steps" not in result and result["n"] == 2
 
 
+@pytest.mark.slow
 def test_eval_cli_reports_greedy_and_avg_at_k_with_aes(capsys):
     code = main(["eval", "--model", str(ORGANISM), "--base", str(ORGANISM), "--n", "2", "--samples", "2",
                  "--max-new-tokens", "320", "--json"])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import R1_TRACES, labeled, tiny_model
+from conftest import R1_TRACES, tiny_model
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.backends import BackendNotInstalledError, get_backend
@@ -119,14 +119,9 @@ def test_sweep_with_a_missing_backend_fails_before_loading_anything(monkeypatch,
 
 
 @pytest.mark.parametrize("backend", ["nnsight", "lens"])
-def test_sweep_command_with_a_backend_ranks_heads_like_hf(backend, tiny_model_dir, tmp_path):
+def test_sweep_command_with_a_backend_ranks_heads_like_hf(backend, tiny_model_dir, labeled_trace_file, tmp_path):
     _require(backend)
-    records = [
-        labeled(R1_TRACES[0], ["essential", "redundant", "redundant"]),
-        labeled(R1_TRACES[1], ["essential", "redundant", "redundant", "essential"]),
-    ]
-    traces = tmp_path / "traces.jsonl"
-    traces.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    traces = labeled_trace_file
     manifests = {}
     for name in ("hf", backend):
         out = tmp_path / f"{name}.json"

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 
 from kfh_probe.capture import UnsupportedModelError, capture_answer_attention
 
-# GQA + biases (qwen2), GQA (llama), q/k norms (qwen3), sliding window + soft-capping (gemma2), fused qkv +
-# partial rotary (phi3, gpt_neox), sliding window (mistral), absolute positions + fused qkv + biases (gpt2).
-FAMILIES = ["qwen2", "llama", "qwen3", "gemma2", "phi3", "mistral", "gpt_neox", "gpt2"]
 TOLERANCE = 1e-5
 
 

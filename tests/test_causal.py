@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import R1_TRACES, tiny_model
+from conftest import tiny_model
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.causal import (
@@ -139,17 +139,21 @@ def test_causal_on_the_organism_writes_every_condition(tmp_path, capsys):
     result = json.loads(out.read_text())
     for key in ("none", "delete_top", "delete_bottom", "delete_random", "delete_essential", "delete_redundant",
                 "ablate_top", "ablate_random"):
-        assert key in table and 0.0 <= result[key]["accuracy"] <= 1.0 and result[key]["n"] == 2
+        assert key in table and result[key]["n"] == 2
+    # the organism's ground truth: its greedy answer needs the essential steps and not the redundant ones
+    assert [result[k]["accuracy"] for k in ("none", "delete_redundant", "delete_essential")] == [1.0, 1.0, 0.0]
+    for key in ("delete_random", "ablate_random"):
+        assert result[key]["accuracy"] == pytest.approx(sum(result[key]["accuracy_per_draw"]) / 2)
     assert result["none"]["answer_logprob_change"] == 0.0 and len(result["delete_random"]["accuracy_per_draw"]) == 2
     assert result["ablate_top"]["heads"] == [[1, 4], [1, 5], [1, 2], [1, 7], [2, 3]]
     assert result["settings"]["traces_used"] == 2 and result["settings"]["traces_left_out"]["count"] == 70
 
 
-def test_causal_on_any_model_with_unlabeled_traces(tiny_model_dir, labeled_trace_file, tmp_path, capsys):
+def test_causal_on_any_model_with_unlabeled_traces(tiny_model_dir, labeled_trace_file, raw_trace_file, tmp_path,
+                                                    capsys):
     manifest = tmp_path / "m.json"
     assert main(["sweep", "--model", str(tiny_model_dir), "--traces", str(labeled_trace_file), "--out", str(manifest), "--quiet"]) == 0
-    raw = tmp_path / "raw.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in R1_TRACES))
+    raw = raw_trace_file
     assert main(["causal", "--model", str(tiny_model_dir), "--traces", str(raw)]) == 2
     assert "without --manifest" in capsys.readouterr().err
     out = tmp_path / "c.json"

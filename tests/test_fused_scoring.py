@@ -14,8 +14,8 @@ from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards
 from attnpo_train.data import Prompt
-from conftest import R1_TRACES, tiny_model
-from test_attnpo_loop import SHORT_55
+from kfh_probe.sampling import Rollouts, generate_rollouts
+from conftest import R1_TRACES, SHORT_55, tiny_model
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
 from kfh_probe.organism import default_manifest_path, default_model_dir
 from kfh_probe.organism.task import generate_problems
@@ -101,6 +101,7 @@ def test_fused_and_unfused_scoring_agree_on_a_qwen2_with_bf16_weights(byte_token
     assert unfused[1]["attenuated_steps"] > 0
 
 
+@pytest.mark.slow
 def test_fused_and_unfused_seeded_runs_log_the_same_metrics(tmp_path):
     config = TrainConfig(method="attnpo", steps=3, prompts_per_step=2, group_size=4, max_new_tokens=320, horizon=0,
                          lr=2e-3, seed=3, micro_batch_size=3, model=str(ORGANISM),

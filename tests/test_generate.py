@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import write_jsonl
 
 from kfh_probe.cli import main
 from kfh_probe.generate import (
     GenerateConfig, ProblemFileError, generate_traces, plan_batches, read_problems, run_file,
 )
 from kfh_probe.traces import read_traces
-
-
-def _write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 class ChatTokenizer:
@@ -29,7 +25,7 @@ class ChatTokenizer:
 
 
 def test_problem_rows_become_model_inputs(tmp_path):
-    path = _write(tmp_path / "p.jsonl", [
+    path = write_jsonl(tmp_path / "p.jsonl", [
         {"id": "a", "problem": "2+3?", "answer": 5},
         {"id": "b", "prompt": "EXACT INPUT", "answer": "x"},
         {"problem": "no id here"},
@@ -43,7 +39,7 @@ def test_problem_rows_become_model_inputs(tmp_path):
 
 
 def test_every_bad_problem_row_is_reported_with_line_and_id(tmp_path):
-    path = _write(tmp_path / "p.jsonl", [
+    path = write_jsonl(tmp_path / "p.jsonl", [
         {"id": "ok", "problem": "fine", "answer": "1"},
         "{not json",
         {"id": "both", "problem": "a", "prompt": "b"},
@@ -61,13 +57,13 @@ def test_every_bad_problem_row_is_reported_with_line_and_id(tmp_path):
 
 
 def test_correct_only_needs_an_answer_on_every_row(tmp_path):
-    path = _write(tmp_path / "p.jsonl", [{"id": "q", "problem": "2+3?"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "problem": "2+3?"}])
     with pytest.raises(ProblemFileError, match=r"p.jsonl:1 \(id 'q'\): no 'answer'"):
         read_problems(path, ChatTokenizer(), need_answers=True)
 
 
 def test_a_tokenizer_without_a_chat_template_asks_for_a_prompt_template(tmp_path, byte_tokenizer):
-    path = _write(tmp_path / "p.jsonl", [{"id": "q", "problem": "2+3?"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "problem": "2+3?"}])
     with pytest.raises(ProblemFileError, match="--prompt-template"):
         read_problems(path, byte_tokenizer)
 
@@ -89,7 +85,7 @@ def _scripted(prompts, config, seed):
 
 
 def _problems(tmp_path):
-    path = _write(tmp_path / "p.jsonl", [{"id": k, "prompt": k, "answer": "0.5"} for k in SCRIPTED])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": k, "prompt": k, "answer": "0.5"} for k in SCRIPTED])
     return read_problems(path, ChatTokenizer())
 
 
@@ -132,7 +128,7 @@ def test_an_interrupted_run_resumes_to_the_same_file(tmp_path, tiny_model_dir):
     from kfh_probe.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    path = _write(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"What is {i} + {i}?<think>", "answer": str(2 * i)}
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": f"What is {i} + {i}?<think>", "answer": str(2 * i)}
                                          for i in range(3)])
     problems = read_problems(path, tokenizer)
     config = GenerateConfig(samples=2, batch_size=2, max_new_tokens=6, temperature=1.0, top_p=1.0, seed=3)
@@ -160,7 +156,7 @@ def test_an_interrupted_run_resumes_to_the_same_file(tmp_path, tiny_model_dir):
 
 
 def test_generate_command_writes_a_trace_file(tmp_path, tiny_model_dir, capsys):
-    problems = _write(tmp_path / "p.jsonl", [{"id": "q", "problem": "1+1?", "answer": "2"}])
+    problems = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "problem": "1+1?", "answer": "2"}])
     template = tmp_path / "template.txt"
     template.write_text("Question: $problem\nAnswer:", encoding="utf-8")
     out = tmp_path / "t.jsonl"

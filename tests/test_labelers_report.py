@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from conftest import tiny_model
+from conftest import tiny_model, write_jsonl
 from kfh_probe.cli import main
 from kfh_probe.labelers.report import agreement
 from kfh_probe.organism.traces import teacher_traces
@@ -27,8 +26,7 @@ def test_agreement_counts_only_labelled_steps():
 
 
 def test_label_report_prints_one_row_per_labeller_with_truth_rows_perfect(tmp_path, organism_like_model_dir, capsys):
-    traces = tmp_path / "organism.jsonl"
-    traces.write_text("".join(json.dumps(r) + "\n" for r in teacher_traces(3, seed=2)), encoding="utf-8")
+    traces = write_jsonl(tmp_path / "organism.jsonl", teacher_traces(3, seed=2))
     out_md = tmp_path / "report.md"
     code = main(["label-report", "--traces", str(traces), "--model", str(organism_like_model_dir), "--top-fraction", "0.5",
                  "--out-md", str(out_md), "--quiet"])

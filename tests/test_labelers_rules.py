@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import R1_TRACES, tiny_model
+from conftest import R1_TRACES, tiny_model, write_jsonl
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
 from kfh_probe.labelers.ablation import AblationLabeler, answer_logprobs, deletions, label_from_drops
 from kfh_probe.labelers.base import run_labeler
 from kfh_probe.labelers.rules import OrganismLabeler, PostAnswerLabeler, project_labels, states_answer
-from kfh_probe.organism import default_model_dir
 from kfh_probe.organism.traces import teacher_traces
 from kfh_probe.segmentation import SegmenterConfig
 from kfh_probe.traces import TraceFileError, parse_record, read_traces
@@ -21,11 +20,6 @@ from kfh_probe.traces import TraceFileError, parse_record, read_traces
 
 def unlabelled(records: list[dict]):
     return [parse_record({k: v for k, v in r.items() if k != "steps"}, i + 1) for i, r in enumerate(records)]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def test_post_answer_marks_steps_after_the_first_statement_of_the_answer_redundant():
@@ -95,15 +89,15 @@ def test_ablation_scores_k_plus_one_sequences_in_one_forward(byte_tokenizer):
     assert [s.label for s in run.traces[0].steps] == expected
 
 
-def test_ablation_on_the_organism_agrees_with_ground_truth_better_than_chance():
+def test_ablation_on_the_organism_agrees_with_ground_truth_better_than_chance(organism):
     # post-answer is not held to this: it keeps every step before the first statement of the answer, and
     # the organism works the other item's quantities first (README: kappa -0.05 on 298 traces).
     from kfh_probe.labelers.report import agreement
-    from kfh_probe.loading import load_model, load_tokenizer, pad_token_id
+    from kfh_probe.loading import pad_token_id
 
     records = teacher_traces(8, seed=11)
     truth = [[s["label"] for s in r["steps"]] for r in records]
-    model, tok = load_model(default_model_dir()), load_tokenizer(default_model_dir())
+    model, tok = organism
     labeler = AblationLabeler(model, tok, pad_token_id(tok), threshold=None, top_fraction=0.5)
     run = run_labeler(unlabelled(records), labeler, skip_invalid=True)
     by_id = {t.id: [s.label for s in t.steps] for t in run.traces}

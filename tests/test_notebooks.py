@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from conftest import write_jsonl
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -45,6 +45,7 @@ def test_notebooks_have_no_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name}: clear the outputs"
 
 
+@pytest.mark.slow
 def test_kfh_heatmaps_notebook(tmp_path):
     run_notebook(
         "01_kfh_heatmaps.ipynb",
@@ -56,6 +57,7 @@ def test_kfh_heatmaps_notebook(tmp_path):
                           "kfh_ensemble_curve.png", "kfh_vs_random.png", "kfh_causal.png"])
 
 
+@pytest.mark.slow
 def test_attnpo_training_notebook_trains_when_no_metrics(tmp_path):
     run_notebook(
         "02_attnpo_training.ipynb",
@@ -65,6 +67,7 @@ def test_attnpo_training_notebook_trains_when_no_metrics(tmp_path):
     check_pngs(tmp_path, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
 
 
+@pytest.mark.slow
 def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
     """Given files (one method with two seeds, one with a single path), it plots them and trains nothing."""
     paths = {}
@@ -75,8 +78,7 @@ def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
              "confused_per_response": 2.0 - 0.1 * s, "summary_per_response": 1.0 + 0.05 * s}
             for s in range(1, 6)
         ]
-        path = tmp_path / f"{name}-{seed}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        path = write_jsonl(tmp_path / f"{name}-{seed}.jsonl", rows)
         paths.setdefault(name, []).append(str(path))
     metrics = {"attnpo": paths["attnpo"], "tlmre": paths["tlmre"][0]}
     out = tmp_path / "figs"
@@ -88,6 +90,7 @@ def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
     check_pngs(out, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
 
 
+@pytest.mark.slow
 def test_rhythm_notebook(tmp_path):
     run_notebook(
         "03_rhythm.ipynb",

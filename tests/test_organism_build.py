@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kfh_probe.organism.train import OrganismTrainConfig, build
@@ -9,6 +10,7 @@ from kfh_probe.organism.train import OrganismTrainConfig, build
 TINY = OrganismTrainConfig(seed=3, steps=2, batch_size=4, tokenizer_traces=200)
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_for_a_seed_and_loads_with_no_flags(tmp_path):
     a = build(tmp_path / "a", TINY)
     b = build(tmp_path / "b", TINY)
@@ -22,6 +24,7 @@ def test_build_is_deterministic_for_a_seed_and_loads_with_no_flags(tmp_path):
     assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
 
 
+@pytest.mark.slow
 def test_a_different_seed_gives_different_weights(tmp_path):
     a = build(tmp_path / "a", TINY)
     b = build(tmp_path / "b", OrganismTrainConfig(seed=4, steps=2, batch_size=4, tokenizer_traces=200))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from kfh_probe.organism import default_model_dir
@@ -17,6 +18,7 @@ def test_shipped_folder_is_small_and_loads_with_no_flags():
     assert model.config.num_key_value_heads < model.config.num_attention_heads
 
 
+@pytest.mark.slow
 def test_greedy_accuracy_on_fresh_problems_is_at_least_95_percent_and_greedy_still_overthinks():
     stats = labeled_samples(MODEL, 200, REPORT_SEED + 7, temperature=None)[1]
     assert stats["accuracy"] >= 0.95, stats
@@ -25,6 +27,7 @@ def test_greedy_accuracy_on_fresh_problems_is_at_least_95_percent_and_greedy_sti
     assert stats["missing_essential_mean"] <= 0.05, stats
 
 
+@pytest.mark.slow
 def test_sampling_stays_accurate_and_spreads_lengths_and_redundancy():
     stats = labeled_samples(MODEL, 200, REPORT_SEED + 8, temperature=1.0)[1]
     assert stats["accuracy"] >= 0.80, stats
@@ -38,6 +41,7 @@ def test_sampling_stays_accurate_and_spreads_lengths_and_redundancy():
     assert 0 < stats["recheck_open_p"] < 1, stats
 
 
+@pytest.mark.slow
 def test_sampled_traces_are_design_format_records_with_both_labels():
     records = sample_labeled_traces(MODEL, 24, seed=REPORT_SEED + 9)
     assert len(records) >= 22
@@ -57,6 +61,7 @@ def _default_sweep(tmp_path):
     return out, load_manifest(out)
 
 
+@pytest.mark.slow
 def test_main_job_reproduces_the_shipped_manifest(tmp_path):
     from kfh_probe.organism import default_manifest_path
 
@@ -66,6 +71,7 @@ def test_main_job_reproduces_the_shipped_manifest(tmp_path):
     assert out.read_bytes() == default_manifest_path().read_bytes()
 
 
+@pytest.mark.slow
 def test_sweep_on_sampled_traces_finds_a_head_above_090_with_most_heads_far_lower(tmp_path):
     import statistics
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, labeled
+from conftest import R1_TRACES, labeled, write_jsonl
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.capture import capture_answer_attention
@@ -16,10 +16,7 @@ from kfh_probe.cli import main as kfh_probe
 from kfh_probe.io import file_sha256
 from kfh_probe.manifest import load_manifest, model_fingerprint
 
-
-def _jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.slow  # the real model: a one-time GGUF conversion, then forwards of a 135M model
 
 
 def _chat_traces(tokenizer, records):
@@ -93,7 +90,7 @@ def test_a_mid_line_wait_token_opens_its_step_with_the_real_tokenizer(smollm2):
 
 
 def test_generate_on_the_real_model_end_to_end(smollm2_gguf, tmp_path):
-    problems = _jsonl(tmp_path / "problems.jsonl", [
+    problems = write_jsonl(tmp_path / "problems.jsonl", [
         {"id": "add", "problem": "What is 2 + 3?", "answer": "5"},
         {"id": "half", "problem": "Write one half as a decimal.", "answer": "\\frac{1}{2}"},
     ])
@@ -113,7 +110,7 @@ def test_generate_on_the_real_model_end_to_end(smollm2_gguf, tmp_path):
 
 
 def test_local_judge_with_the_real_chat_model_retries_malformed_replies_and_finishes(smollm2_gguf, tmp_path, capsys):
-    traces = _jsonl(tmp_path / "raw.jsonl", [{**r, "id": f"t{i}"} for i, r in enumerate(R1_TRACES)])
+    traces = write_jsonl(tmp_path / "raw.jsonl", [{**r, "id": f"t{i}"} for i, r in enumerate(R1_TRACES)])
     template = tmp_path / "judge.txt"
     template.write_text('Label each step essential or redundant. Reply {"steps": [{"step": 1, "label": ...}]}.\n'
                         "$steps\n", encoding="utf-8")
@@ -137,7 +134,7 @@ def test_sweep_and_two_training_steps_with_its_own_manifest(smollm2_gguf, smollm
     model, tokenizer = smollm2
     records = _chat_traces(tokenizer, [labeled(R1_TRACES[0], ["essential", "redundant", "redundant"]),
                                        labeled(R1_TRACES[1], ["essential", "redundant", "redundant", "essential"])])
-    traces = _jsonl(tmp_path / "labeled.jsonl", records)
+    traces = write_jsonl(tmp_path / "labeled.jsonl", records)
     manifest_path = tmp_path / "manifest.json"
     assert kfh_probe(["sweep", "--model", str(smollm2_gguf), "--traces", str(traces), "--out", str(manifest_path),
                       "--bootstrap", "20", "--quiet"]) == 0
@@ -147,7 +144,7 @@ def test_sweep_and_two_training_steps_with_its_own_manifest(smollm2_gguf, smollm
     assert manifest["model"]["fingerprint"] == model_fingerprint(model)  # of the dequantized weights
     assert len(manifest["heads"]) == 270
 
-    data = _jsonl(tmp_path / "data.jsonl", [{"prompt": r["prompt"] + "<think>\n", "answer": r["answer"]} for r in records])
+    data = write_jsonl(tmp_path / "data.jsonl", [{"prompt": r["prompt"] + "<think>\n", "answer": r["answer"]} for r in records])
     out = tmp_path / "run"
     assert attnpo_train(["run", "--model", str(smollm2_gguf), "--manifest", str(manifest_path), "--data", str(data),
                          "--out", str(out), "--steps", "2", "--set", "prompts_per_step=1", "--set", "group_size=2",

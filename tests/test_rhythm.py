@@ -3,46 +3,16 @@ on the capture's architecture families and on the organism, in batches of traces
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_capture import FAMILIES
+from conftest import FAMILIES, eager_maps, kfh_probe_cli, rhythm_reference, tiny_model
 
 from kfh_probe.rhythm import RhythmHeads, mean_distances, rhythm_signals, row_reductions, select_heads
 
 TOLERANCE = 1e-5
-
-
-def _eager_maps(model, ids: list[int]) -> torch.Tensor:
-    """Reference: the full eager maps of one unpadded sequence, ``[L, H, T, T]`` float32."""
-    original = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            maps = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(original)
-    return torch.stack([m[0].double() for m in maps])
-
-
-def _reference(maps: torch.Tensor, start: int, heads: RhythmHeads, window=10, lo=10, hi=50):
-    """Mean distance per head, WAAD and FAI by the definitions, with explicit loops over positions."""
-    T = maps.shape[-1]
-    t = torch.arange(T)[:, None]
-    s = torch.arange(T)[None, :]
-    distance = (maps * (t - s).clamp(min=0)).sum(-1)[:, :, start:].mean(-1)  # [L, H]
-    local = torch.stack([maps[l, h] for l, h in heads.local]).mean(0)
-    glob = torch.stack([maps[l, h] for l, h in heads.global_]).mean(0)
-    waad = [float(sum(local[q, k] * min(q - k, window) for k in range(q + 1))) for q in range(start, T)]
-    fai = []
-    for k in range(start, T):
-        if k + lo > T - 1:
-            fai.append(math.nan)
-        else:
-            fai.append(float(torch.stack([glob[q, k] for q in range(k + lo, min(k + hi, T - 1) + 1)]).mean()))
-    return distance.float(), torch.tensor(waad), torch.tensor(fai)
 
 
 def _traces(seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -57,7 +27,7 @@ def _check_against_eager(model, sequences, starts, chunk):
     signals = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=2, chunk=chunk)
     reference_distance = torch.zeros_like(distances)
     for seq, start, got in zip(sequences, starts, signals):
-        distance, waad, fai = _reference(_eager_maps(model, seq), start, heads)
+        distance, waad, fai = rhythm_reference(eager_maps(model, seq), start, heads)
         reference_distance += distance / len(sequences)
         assert got.response_start == start
         assert got.waad.shape == waad.shape == (len(seq) - start,)
@@ -82,12 +52,11 @@ def test_signals_equal_eager_attention(family):
     assert len(defined) > 0 and (float(defined.max()) > 0) == (family != "mistral")
 
 
-def test_signals_equal_eager_attention_on_the_organism():
-    from kfh_probe.loading import load_model, load_tokenizer, pad_token_id
-    from kfh_probe.organism import default_model_dir, default_traces_path
+def test_signals_equal_eager_attention_on_the_organism(organism):
+    from kfh_probe.organism import default_traces_path
     from kfh_probe.traces import read_traces
 
-    model, tokenizer = load_model(default_model_dir()), load_tokenizer(default_model_dir())
+    model, tokenizer = organism
     traces, _ = read_traces(default_traces_path())
     sequences, starts = [], []
     for trace in traces[:2]:
@@ -130,19 +99,7 @@ def test_row_reductions_by_hand():
 # --- kfh-probe rhythm ---------------------------------------------------------------------------------
 
 
-def _rhythm(model_dir, traces, out, *extra):
-    from kfh_probe.cli import main
-
-    return main(["rhythm", "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
-
-
-@pytest.fixture
-def raw_trace_file(tmp_path):
-    from conftest import R1_TRACES
-
-    path = tmp_path / "raw.jsonl"
-    path.write_text("".join(__import__("json").dumps(r, ensure_ascii=False) + "\n" for r in R1_TRACES), encoding="utf-8")
-    return path
+_rhythm = functools.partial(kfh_probe_cli, "rhythm")
 
 
 def test_rhythm_command_writes_the_header_and_one_line_per_trace(tiny_model_dir, raw_trace_file, tmp_path):
@@ -167,7 +124,7 @@ def test_rhythm_command_writes_the_header_and_one_line_per_trace(tiny_model_dir,
     for trace, record in zip(R1_TRACES, records):
         ids, start = tokenize_response(tokenizer, trace["prompt"], trace["response"])
         assert ids[-1] == tokenizer.eos_token_id and record["response_start"] == start
-        _, waad, fai = _reference(_eager_maps(model, ids), start, heads)
+        _, waad, fai = rhythm_reference(eager_maps(model, ids), start, heads)
         assert len(record["waad"]) == len(record["fai"]) == len(ids) - start
         assert torch.allclose(torch.tensor(record["waad"]), waad, atol=1e-4)
         assert all(v is None for v in record["fai"][-10:]) and record["fai"][-11] is not None

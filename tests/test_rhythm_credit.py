@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import R1_TRACES
-from test_attnpo_loop import SHORT_55, WRONG_54, crafted_rollouts, data_file, small_config  # noqa: F401 (fixture)
+from conftest import R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, eager_maps, rhythm_reference, small_config
 
 from attnpo_train import loop
 from attnpo_train.config import TrainConfig
+from attnpo_train.data import Prompt, PromptSource
 from attnpo_train.rhythm import (
     RhythmProbe,
     amplify,
@@ -22,7 +22,7 @@ from attnpo_train.rhythm import (
     top_share,
     waad_rise,
 )
-from kfh_probe.rhythm import RhythmHeads, RhythmSignals, rhythm_header
+from kfh_probe.rhythm import RhythmSignals
 
 NAN = float("nan")
 
@@ -81,27 +81,9 @@ def test_rhythm_advantages_need_signals_only_for_positive_advantages():
         token_mask("sideways", WAAD, FAI)
 
 
-def write_rhythm_file(path, model_dir):
-    """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
-    from kfh_probe.loading import load_model
-    from kfh_probe.manifest import model_record
-
-    heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
-    header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
-    path.write_text(json.dumps(header) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def rhythm_file(tmp_path_factory, tiny_model_dir):
-    return write_rhythm_file(tmp_path_factory.mktemp("rhythm") / "rhythm.jsonl", tiny_model_dir)
-
-
 @pytest.mark.parametrize("strategy", ["preplan", "anchor", "coupled"])
 def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy, tiny_model_dir, byte_tokenizer,
                                                                       rhythm_file):
-    from test_rhythm import _eager_maps, _reference
-
     from kfh_probe.loading import load_model
 
     model = load_model(tiny_model_dir)
@@ -111,7 +93,7 @@ def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy,
     out, stats = rhythm_token_advantages(model, rollouts, advantages, probe, strategy, 0.4, 1.5, pad_id=0, batch_size=2)
     for i in range(2):
         sequence = rollouts.prompt_ids[i] + rollouts.response_ids[i]
-        _, waad, fai = _reference(_eager_maps(model, sequence), len(rollouts.prompt_ids[i]), probe.heads)
+        _, waad, fai = rhythm_reference(eager_maps(model, sequence), len(rollouts.prompt_ids[i]), probe.heads)
         mask = token_mask(strategy, waad, fai)
         assert torch.equal(stats["masks"][i], mask)
         assert torch.allclose(out[i], amplify(float(advantages[0, i]), mask))
@@ -120,13 +102,29 @@ def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy,
 
 
 @pytest.mark.parametrize("method", ["preplan", "anchor", "coupled"])
-def test_two_steps_of_each_rhythm_method(method, tiny_model_dir, data_file, tmp_path, rhythm_file):
-    config = small_config(tiny_model_dir, None, data_file, tmp_path / "out", method=method, rhythm=str(rhythm_file))
+def test_two_steps_of_each_rhythm_method_log_the_strategys_credit_and_loss(method, tiny_model_dir, data_file, tmp_path,
+                                                                          rhythm_file, byte_tokenizer, monkeypatch):
+    """Two loop steps on a crafted group (long correct, short correct, wrong): TLMRE rewards by hand, and the first
+    step's amplified share and loss (-sum of the token advantages / tokens: on-policy, the ratio is 1) are those of
+    ``rhythm_token_advantages`` on the untrained model."""
+    prompt = R1_TRACES[0]["prompt"]
+    fake = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], prompt)
+    monkeypatch.setattr(loop, "generate_rollouts", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(PromptSource, "draw", lambda self, rng, k: [Prompt("p", prompt, "55")])
+    config = small_config(tiny_model_dir, None, data_file, tmp_path / "out", method=method, rhythm=str(rhythm_file),
+                          prompts_per_step=1, group_size=3)
     inputs = loop.prepare_run(config)
+    long, short = 1 - 0.2 / (1 + math.exp(-1)), 1 - 0.2 / (1 + math.exp(1))  # z = +1, -1 for the two lengths
+    advantages = torch.tensor([[long - short / 2, short - long / 2, -(long + short) / 2]])  # RLOO
+    expected, stats = rhythm_token_advantages(inputs.model, fake, advantages, inputs.rhythm, method, 0.4, 1.5,
+                                              inputs.pad_id, config.micro_batch_size)
     metrics = loop.train(inputs, config, progress=False)
     assert [m["step"] for m in metrics] == [1, 2]
-    assert all(0.0 <= m["amplified_frac"] <= 1.0 for m in metrics)
-    assert math.isfinite(metrics[-1]["loss"])
+    assert all(m["reward_mean"] == pytest.approx((long + short) / 3) and m["accuracy"] == pytest.approx(2 / 3)
+               for m in metrics)
+    assert 0 < stats["amplified_frac"] < 1, "nothing or everything amplified: the check would be vacuous"
+    assert metrics[0]["amplified_frac"] == pytest.approx(stats["amplified_frac"])
+    assert metrics[0]["loss"] == pytest.approx(-float(torch.cat(expected).sum()) / sum(map(len, expected)), abs=1e-6)
 
 
 def test_rhythm_file_of_another_model_is_refused(tiny_model_dir, data_file, tmp_path, rhythm_file):

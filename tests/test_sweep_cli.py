@@ -3,11 +3,12 @@ commands around it, and refusal of bad input without writing anything."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, interrupting, labeled, tiny_model, with_broken_record
+from conftest import R1_TRACES, interrupting, kfh_probe_cli, tiny_model, with_broken_record
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
@@ -18,8 +19,7 @@ from kfh_probe.manifest import (
 from kfh_probe.sweep import SweepConfig, collect_step_scores
 
 
-def _sweep(model_dir, traces, out, *extra):
-    return main(["sweep", "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
+_sweep = functools.partial(kfh_probe_cli, "sweep")
 
 
 def test_step_scores_equal_the_definition_on_eager_attention(byte_tokenizer):
@@ -104,6 +104,7 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
     assert out.read_bytes() == reference.read_bytes()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_manifest_as_one(tiny_model_dir, labeled_trace_file, tmp_path):
     import os
     import subprocess
@@ -180,20 +181,23 @@ def test_manifest_refuses_another_model(tiny_model_dir, labeled_trace_file, tmp_
         check_model_matches(manifest, other, allow_finetuned=True)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_gives_the_same_manifest(tiny_model_dir, labeled_trace_file, tmp_path):
-    import shutil
+    import os
     import subprocess
+    import sys
 
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate is not installed (pip install 'kfh-attnpo[trl]')")
+    pytest.importorskip("accelerate", reason="accelerate is not installed (pip install 'kfh-attnpo[trl]')")
     single = tmp_path / "single.json"
     assert _sweep(tiny_model_dir, labeled_trace_file, single, "--batch-size", "1") == 0
     launched = tmp_path / "launched.json"
+    # `--cpu` alone starts one process (without an MPI hostfile); `--multi_gpu` starts two through torch.distributed
     done = subprocess.run(
-        ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir), "--traces",
-         str(labeled_trace_file), "--out", str(launched), "--batch-size", "1", "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir),
+         "--traces", str(labeled_trace_file), "--out", str(launched), "--batch-size", "1", "--quiet"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "rank 1: my share" in done.stderr, done.stderr[-2000:]
     assert launched.read_bytes() == single.read_bytes()

@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import R1_TRACES, labeled
+from conftest import R1_TRACES, labeled, write_jsonl
 
 from kfh_probe.traces import TraceFileError, read_traces
-
-
-def _write(tmp_path, lines: list[str]):
-    path = tmp_path / "t.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def test_valid_file_loads_with_steps_and_line_numbers(labeled_trace_file):
@@ -40,7 +34,7 @@ BROKEN = [
 @pytest.mark.parametrize("line,reason", BROKEN)
 def test_broken_record_is_reported_with_file_line_and_id(tmp_path, line, reason):
     good = json.dumps(labeled(R1_TRACES[0], ["essential", "redundant", "redundant"]))
-    path = _write(tmp_path, [good, line])
+    path = write_jsonl(tmp_path / "t.jsonl", [good, line])
     with pytest.raises(TraceFileError) as caught:
         read_traces(path)
     message = str(caught.value)
@@ -54,7 +48,7 @@ def test_broken_record_is_reported_with_file_line_and_id(tmp_path, line, reason)
 def test_duplicate_ids_are_refused(tmp_path):
     record = json.dumps(R1_TRACES[0])
     with pytest.raises(TraceFileError, match="duplicate id"):
-        read_traces(_write(tmp_path, [record, record]))
+        read_traces(write_jsonl(tmp_path / "t.jsonl", [record, record]))
 
 
 def test_missing_file_is_named(tmp_path):

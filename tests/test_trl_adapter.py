@@ -1,11 +1,14 @@
-"""Checks of attnpo_train.trl: the TRL path's per-token advantages equal the lightweight trainer's (in one
-process, and with prompt groups split across two processes), and a two-process `accelerate launch` run of the
-example script trains and logs the AttnPO metrics."""
+"""Checks of attnpo_train.trl: the TRL path's rewards and outcome advantages equal the TLMRE and RLOO formulas worked
+by hand, its per-token advantages equal the lightweight trainer's (in one process, and with prompt groups split
+across two processes), TRL's loss on them equals the lightweight trainer's PPO loss (value and gradient), and
+two-process `accelerate launch` runs of the example script log AttnPO metrics that agree with TRL's own reward
+and completions table."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -21,10 +24,10 @@ from attnpo_train.advantages import group_advantages  # noqa: E402
 from attnpo_train.config import TrainConfig  # noqa: E402
 from attnpo_train.credit import attnpo_token_advantages, rollout_rewards  # noqa: E402
 from attnpo_train.data import Prompt  # noqa: E402
+from attnpo_train.loss import ppo_clip_loss  # noqa: E402
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
 from kfh_probe.sampling import Rollouts, decode_responses  # noqa: E402
-from conftest import R1_TRACES  # noqa: E402
-from test_attnpo_loop import SHORT_55, WRONG_54, write_manifest  # noqa: E402
+from conftest import R1_TRACES, SHORT_55, WRONG_54, write_jsonl, write_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = R1_TRACES[0]["prompt"]
@@ -32,21 +35,14 @@ PROMPT = R1_TRACES[0]["prompt"]
 # wrong one and a truncated one (no EOS; incorrect).
 RESPONSES = [R1_TRACES[0]["response"], SHORT_55] * 3 + [WRONG_54, SHORT_55]
 TRUNCATED = 7
-
-
-@pytest.fixture(scope="module")
-def manifest_file(tmp_path_factory, tiny_model_dir):
-    path = tmp_path_factory.mktemp("trl-manifest") / "manifest.json"
-    write_manifest(path, tiny_model_dir)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("trl-data") / "data.jsonl"
-    rows = [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+# TLMRE by hand: each group's correct responses have two lengths, the long one (R1) and the short one (SHORT_55),
+# equally often, so mu_c is their midpoint, sigma_c half their difference and z = +1 / -1:
+LONG = 1 - 0.2 / (1 + math.exp(-1))  # r = 1 - alpha_len * sigmoid(+1)
+SHORT = 1 - 0.2 / (1 + math.exp(1))  # r = 1 - alpha_len * sigmoid(-1); LONG + SHORT = 1.8
+REWARDS = [[LONG, SHORT, LONG, SHORT], [LONG, SHORT, 0.0, 0.0]]
+# RLOO by hand: A_i = r_i - (the mean of the other three rewards of its group)
+RLOO = [[2 * (LONG - SHORT) / 3, 2 * (SHORT - LONG) / 3] * 2,
+        [LONG - SHORT / 3, SHORT - LONG / 3, -(LONG + SHORT) / 3, -(LONG + SHORT) / 3]]
 
 
 def trl_args(tmp_path, manifest_file, **changes) -> AttnPOConfig:
@@ -112,7 +108,9 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
     config = TrainConfig(method="attnpo", group_size=4, horizon=0)
     correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
     assert correct.tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    torch.testing.assert_close(rewards, torch.tensor(REWARDS), atol=1e-6, rtol=0)
     advantages = group_advantages(rewards, "rloo")
+    torch.testing.assert_close(advantages, torch.tensor(RLOO), atol=1e-6, rtol=0)
     heads = [(2, 0), (2, 1), (2, 2)]  # the manifest's top 3
     expected, stats = attnpo_token_advantages(
         trainer.model.eval(), byte_tokenizer, rollouts, correct, advantages, heads, 0, config, eos
@@ -126,24 +124,55 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
         torch.testing.assert_close(got[b, : len(values)], values, atol=1e-6, rtol=0)
         assert not got[b, len(values):].any()
     assert any(len(set(v.tolist())) > 1 for v in expected), "no step was rescaled: the check would be vacuous"
+    for b in (6, TRUNCATED):  # incorrect responses are not rescaled: -(LONG + SHORT) / 3 on every token
+        torch.testing.assert_close(got[b, : len(expected[b])], torch.full((len(expected[b]),), -0.6), atol=1e-6, rtol=0)
     metrics = trainer._metrics["train"]
     assert metrics["attnpo/frac_attenuated"] == [stats["frac_attenuated"]]
     assert metrics["attnpo/mean_gamma"] == [pytest.approx(stats["mean_gamma"], abs=1e-6)]
-    assert metrics["attnpo/reward"] == [float(rewards.mean())]
-    assert list(trainer._logs["advantages"]) == advantages.reshape(-1).tolist()
+    assert metrics["attnpo/reward"] == [pytest.approx(3 * 1.8 / 8)] and metrics["attnpo/accuracy"] == [0.75]
+    assert list(trainer._logs["advantages"]) == pytest.approx(sum(RLOO, []), abs=1e-6)
+
+    # TRL's loss on these advantages is the lightweight trainer's PPO loss: at the first update the policy is the
+    # sampling policy (ratio 1), so both are -sum_t A_t / (completion tokens), with the same gradient
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # what TRL's training loop sets before compute_loss
+    loss = trainer.compute_loss(trainer.model, output)
+    mask = output["completion_mask"]
+    assert mask.sum(1).tolist() == [len(c) for c in completions]
+    assert float(loss.detach()) == pytest.approx(-float(torch.cat(expected).sum()) / sum(map(len, completions)), abs=1e-6)
+    trainer.model.zero_grad()
+    loss.backward()
+    trl_grads = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad()
+    reference, _ = ppo_clip_loss(*policy_logprobs(trainer.model, prompt_ids, completions), got, mask.float())
+    torch.testing.assert_close(reference, loss.detach(), atol=1e-6, rtol=1e-5)
+    reference.backward()
+    for trl_grad, p in zip(trl_grads, trainer.model.parameters()):
+        torch.testing.assert_close(trl_grad, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def policy_logprobs(model, prompt_ids: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities [B, T] of each completion's tokens under ``model``, one unpadded forward per completion
+    (zero beyond a completion's end), and the same detached (the sampling policy's, before any update)."""
+    width = max(map(len, completions))
+    rows = []
+    for completion in completions:
+        logits = model(input_ids=torch.tensor([prompt_ids + completion])).logits[0, len(prompt_ids) - 1 : -1]
+        picked = logits.float().log_softmax(-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        rows.append(torch.nn.functional.pad(picked, (0, width - len(completion))))
+    logprobs = torch.stack(rows)
+    return logprobs, logprobs.detach()
 
 
 @pytest.mark.parametrize("method", ["preplan", "coupled"])
 def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, tiny_model_dir, byte_tokenizer,
-                                                              monkeypatch):
+                                                              rhythm_file, monkeypatch):
     from datasets import Dataset
-    from test_rhythm_credit import write_rhythm_file
     from transformers import AutoModelForCausalLM
 
     from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
 
-    rhythm = write_rhythm_file(tmp_path / "rhythm.jsonl", tiny_model_dir)
-    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm))
+    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm_file))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
     trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=byte_tokenizer)
@@ -159,11 +188,17 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, 
     config = TrainConfig(method=method, group_size=4)
     correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
     advantages = group_advantages(rewards, "rloo")
-    probe = RhythmProbe.from_file(rhythm, trainer.model)
+    torch.testing.assert_close(advantages, torch.tensor(RLOO), atol=1e-6, rtol=0)  # the same TLMRE reward
+    probe = RhythmProbe.from_file(rhythm_file, trainer.model)
     expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8)
     assert 0 < stats["amplified_frac"] < 1
     for b, values in enumerate(expected):
         assert torch.equal(output["advantages"][b, : len(values)], values), b
+        a = advantages.reshape(-1)[b]
+        if a < 0:  # only non-negative advantages are amplified
+            assert torch.equal(values, a.expand(len(values))), b
+        else:  # each token keeps A or gets 1.5 A
+            assert (torch.isclose(values, a) | torch.isclose(values, 1.5 * a)).all(), b
     assert any(len(set(v.tolist())) > 1 for v in expected), "no token was amplified: the check would be vacuous"
     assert trainer._metrics["train"]["attnpo/amplified_frac"] == [stats["amplified_frac"]]
 
@@ -191,7 +226,9 @@ def free_port() -> int:
 
 
 def train_two_processes(model_dir, data_file, manifest_file, out, completion_length: int, per_device: int, lr: str) -> list[dict]:
-    """Run the example script for 2 steps in 2 CPU processes; return the log lines with AttnPO metrics."""
+    """Run the example script for 2 steps in 2 CPU processes; return the log lines with AttnPO metrics, each with
+    TRL's completions table of its step (``--log_completions``: the 0/1 reward and the logged advantage per row of
+    the global batch) under "table"."""
     # `accelerate launch --cpu` starts a single process unless it is given an MPI hostfile; `--multi_gpu` starts
     # the processes through torch.distributed, and the script's `--use_cpu` makes them a gloo (MULTI_CPU) group.
     command = [
@@ -203,7 +240,7 @@ def train_two_processes(model_dir, data_file, manifest_file, out, completion_len
         "--output_dir", str(out), "--max_steps", "2", "--num_generations", "4",
         "--per_device_train_batch_size", str(per_device), "--max_completion_length", str(completion_length),
         "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
-        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", lr,
+        "--use_cpu", "--attnpo_horizon", "0", "--learning_rate", lr, "--log_completions", "true",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -211,18 +248,77 @@ def train_two_processes(model_dir, data_file, manifest_file, out, completion_len
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     steps = [h for h in history if "attnpo/frac_attenuated" in h]
     assert [h["step"] for h in steps] == [1, 2]
-    return steps
+    import pandas as pd
+
+    return [{**h, "table": pd.read_parquet(out / "completions" / f"completions_{h['step']:05d}.parquet")} for h in steps]
 
 
+def tlmre_rewards_from_rloo(correct: list[float], advantages: list[float], alpha_len: float = 0.2) -> list[float]:
+    """The rewards of one group recovered from its 0/1 correctness and its logged RLOO advantages, checked against
+    the TLMRE formula r = 1 - alpha_len * sigmoid(z) on the correct responses (z: their standardised lengths, so
+    sum z = 0 and sum z^2 = their number, or all z = 0 for equal lengths) and r = 0 on the others.
+
+    RLOO gives A_i = G / (G - 1) * (r_i - mean r), so r_i = mean r + (G - 1) / G * A_i; mean r follows from a
+    reward of 0 (an incorrect response) or, in an all-correct group, from sum z = 0.
+    """
+    g, right = len(correct), [c == 1.0 for c in correct]
+    assert set(correct) <= {0.0, 1.0}
+    assert sum(advantages) == pytest.approx(0.0, abs=1e-5)  # leave-one-out advantages of a group sum to zero
+
+    def rewards(mean: float) -> list[float]:
+        return [mean + (g - 1) / g * a for a in advantages]
+
+    def z_sum(mean: float) -> float:
+        return sum(math.log((1 - r) / (alpha_len + r - 1)) for r, c in zip(rewards(mean), right) if c)  # logit((1-r)/a)
+
+    if not all(right):
+        mean = -(g - 1) / g * advantages[right.index(False)]
+    else:  # z_sum falls as the mean reward rises; bisect where every reward lies in TLMRE's open range
+        lo = 1 - alpha_len - (g - 1) / g * min(advantages) + 1e-9
+        hi = 1 - (g - 1) / g * max(advantages) - 1e-9
+        assert lo < hi, f"advantages {advantages} spread wider than TLMRE rewards of correct responses can"
+        for _ in range(60):
+            lo, hi = ((lo + hi) / 2, hi) if z_sum((lo + hi) / 2) > 0 else (lo, (lo + hi) / 2)
+        mean = (lo + hi) / 2
+    got = rewards(mean)
+    assert [r for r, c in zip(got, right) if not c] == pytest.approx([0.0] * right.count(False), abs=1e-5)
+    if any(right):
+        assert all(1 - alpha_len < r < 1 for r, c in zip(got, right) if c), got
+        z = [math.log((1 - r) / (alpha_len + r - 1)) for r, c in zip(got, right) if c]
+        assert sum(z) == pytest.approx(0.0, abs=1e-3)
+        squares = sum(x * x for x in z)
+        assert squares == pytest.approx(len(z), abs=1e-3) or squares == pytest.approx(0.0, abs=1e-3), z
+    return got
+
+
+def check_logged_step(h: dict, group_size: int) -> None:
+    """An AttnPO log line agrees with TRL's own reward metric and completions table: accuracy is the mean 0/1 reward
+    TRL gathered, the logged advantages are RLOO of TLMRE rewards of that correctness, and attnpo/reward and
+    attnpo/advantage_abs_mean are their means."""
+    correct, advantages = h["table"]["attnpo_correct"].tolist(), h["table"]["advantage"].tolist()
+    assert len(correct) == len(advantages) and len(correct) % group_size == 0
+    assert h["attnpo/accuracy"] == pytest.approx(sum(correct) / len(correct)) == pytest.approx(h["reward"])
+    rewards = [r for i in range(0, len(correct), group_size)
+               for r in tlmre_rewards_from_rloo(correct[i : i + group_size], advantages[i : i + group_size])]
+    assert h["attnpo/reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
+    assert h["attnpo/advantage_abs_mean"] == pytest.approx(sum(map(abs, advantages)) / len(advantages), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_two_process_accelerate_run_logs_attnpo_metrics(tmp_path, tiny_model_dir, manifest_file, data_file):
     out = tmp_path / "run"
     steps = train_two_processes(tiny_model_dir, data_file, manifest_file, out, completion_length=16, per_device=2, lr="1e-3")
     for h in steps:
-        assert 0.0 <= h["attnpo/frac_attenuated"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0
-        assert {"attnpo/reward", "attnpo/accuracy", "attnpo/rescaled_responses", "loss"} <= h.keys()
+        check_logged_step(h, group_size=4)
+        # A random 3-layer model does not write the marker and a boxed 55 within 16 tokens: no correct response, so
+        # every reward and advantage is 0, nothing is rescaled (mean gamma 1 without steps) and the loss is 0
+        assert h["attnpo/accuracy"] == h["attnpo/reward"] == h["attnpo/advantage_abs_mean"] == 0.0
+        assert (h["attnpo/rescaled_responses"], h["attnpo/frac_attenuated"], h["attnpo/mean_gamma"]) == (0, 0.0, 1.0)
+        assert h["loss"] == 0.0
     assert (out / "final" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_path, tiny_model_dir, manifest_file,
                                                                          ):
     """Three groups of 4 over 2 ranks of 6 rows: the middle group has two rows on each rank."""
@@ -255,6 +351,9 @@ def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_pa
     config = TrainConfig(method="attnpo", group_size=4, horizon=0)
     correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 3, config)
     assert correct.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
+    # the third group's correct lengths are short, long, long: z = -sqrt(2), 1/sqrt(2), 1/sqrt(2)
+    low, high = 1 - 0.2 / (1 + math.exp(math.sqrt(2))), 1 - 0.2 / (1 + math.exp(-1 / math.sqrt(2)))
+    torch.testing.assert_close(rewards, torch.tensor([*REWARDS, [low, high, high, 0.0]]), atol=1e-6, rtol=0)
     advantages = group_advantages(rewards, "rloo")
     expected, stats = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages,
                                                    [(2, 0), (2, 1), (2, 2)], 0, config, eos)
@@ -267,13 +366,15 @@ def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_pa
     assert got["metrics"]["attnpo/mean_gamma"] == [pytest.approx(stats["mean_gamma"])]
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_run_on_the_organism(tmp_path):
     from kfh_probe.organism import default_manifest_path, default_model_dir
     from kfh_probe.organism.task import generate_problems
 
-    data = tmp_path / "organism.jsonl"
     rows = [{"id": f"p{i}", "prompt": p.prompt(), "answer": str(p.answer)} for i, p in enumerate(generate_problems(8, 5))]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = write_jsonl(tmp_path / "organism.jsonl", rows)
     steps = train_two_processes(default_model_dir(), data, default_manifest_path(), tmp_path / "run",
                                 completion_length=200, per_device=4, lr="1e-4")
-    assert all(0.0 <= h["attnpo/accuracy"] <= 1.0 and 0.0 <= h["attnpo/mean_gamma"] <= 1.0 for h in steps)
+    for h in steps:
+        check_logged_step(h, group_size=4)
+    assert sum(h["attnpo/accuracy"] for h in steps) > 0, "no correct response: the reward checks would be vacuous"
