@@ -57,6 +57,7 @@ from attnpo_train.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    ResumeError,
     save_final,
 )
 from attnpo_train.config import RHYTHM_METHODS, TrainConfig
@@ -73,6 +74,7 @@ from attnpo_train.loss import ppo_clip_loss
 from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
 from attnpo_train.rollouts import Rollouts, generate_rollouts
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
+from kfh_probe.errors import InputError
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 
 TIMING_FIELDS = ("time_rollout_s", "time_scoring_s", "time_update_s")
@@ -235,9 +237,9 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     from kfh_probe.manifest import check_model_matches, load_manifest, top_heads
 
     if config.model is None:
-        raise ValueError("no policy model: set 'model' (attnpo-train run --model DIR)")
+        raise InputError("no policy model: set 'model' (attnpo-train run --model DIR)")
     if config.method == "attnpo" and config.manifest is None:
-        raise ValueError("method 'attnpo' needs a KFH manifest: set 'manifest' (attnpo-train run --manifest M)")
+        raise InputError("method 'attnpo' needs a KFH manifest: set 'manifest' (attnpo-train run --manifest M)")
     prompts = None if config.data is None else load_prompts(config.data)
     if config.credit == "oracle" and prompts is not None:
         from kfh_probe.organism.labeler import TraceFormatError, parse_prompt
@@ -245,7 +247,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         try:
             parse_prompt(prompts[0].text)
         except TraceFormatError:
-            raise ValueError(
+            raise InputError(
                 f"credit 'oracle' needs ground-truth step labels, which only the organism's task has; "
                 f"{config.data} does not hold organism prompts"
             ) from None
@@ -370,7 +372,7 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
     if resume:
         path = latest_checkpoint(out)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_root(out)}")
+            raise ResumeError(f"--resume: no checkpoint in {checkpoint_root(out)}")
         state, metrics, saved = load_checkpoint(path)
         check_resumable(saved, config, path)
         model.load_state_dict(state["model"])

@@ -81,6 +81,7 @@ from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from attnpo_train.rollouts import Rollouts, decode_responses
 from kfh_probe.capture import attention_calls, attention_modules
+from kfh_probe.errors import InputError
 from kfh_probe.loading import pad_token_id
 from kfh_probe.manifest import ManifestMismatchError, check_model_matches, load_manifest, top_heads
 
@@ -187,15 +188,15 @@ class AttnPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.attnpo_method not in ("attnpo", *RHYTHM_METHODS):
-            raise ValueError(f"config 'attnpo_method' must be one of attnpo, {', '.join(RHYTHM_METHODS)}; got "
+            raise InputError(f"config 'attnpo_method' must be one of attnpo, {', '.join(RHYTHM_METHODS)}; got "
                              f"{self.attnpo_method!r}")
         if self.attnpo_method == "attnpo" and self.attnpo_manifest is None:
-            raise ValueError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
+            raise InputError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
         if self.attnpo_method in RHYTHM_METHODS and self.attnpo_rhythm is None:
-            raise ValueError(f"attnpo_method {self.attnpo_method!r} needs 'attnpo_rhythm', a kfh-probe rhythm file of "
+            raise InputError(f"attnpo_method {self.attnpo_method!r} needs 'attnpo_rhythm', a kfh-probe rhythm file of "
                              "the policy's base model")
         if self.num_generations_eval is not None and self.num_generations_eval < 2:
-            raise ValueError(
+            raise InputError(
                 f"AttnPO's group baseline needs num_generations_eval >= 2 (or None); got {self.num_generations_eval}"
             )
         self.to_train_config(self.num_generations)  # the range checks of the lightweight trainer
@@ -207,11 +208,11 @@ class AttnPOConfig(GRPOConfig):
         }
         try:
             return TrainConfig(group_size=group_size, **values)
-        except ValueError as err:  # name the field as it is spelled here
+        except InputError as err:  # name the field as it is spelled here
             message = str(err)
             for name in values:
                 message = message.replace(f"config '{name}'", f"config '{PREFIX}{name}'")
-            raise ValueError(message) from None
+            raise InputError(message) from None
 
 
 class AttnPOGRPOTrainer(GRPOTrainer):
@@ -246,7 +247,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             columns = getattr(dataset, "column_names", None)
             if isinstance(columns, list) and ANSWER_COLUMN not in columns:
-                raise ValueError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
+                raise InputError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
         # refuse a bad file before loading any weights
         manifest = load_manifest(args.attnpo_manifest) if args.attnpo_method == "attnpo" else None
         self._attnpo_heads = [] if manifest is None else top_heads(manifest, args.attnpo_top_n_heads)

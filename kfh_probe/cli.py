@@ -1,7 +1,8 @@
 """``kfh-probe``: sweep traces for Key-Focus Heads and look at the result.
 
 Every command returns an exit code: 0 success, 1 a failed check (validate), 2 bad input, 130 interrupted.
-Errors are one readable message on stderr, never a traceback, for anything the user can fix.
+Anything the user can fix (a :class:`~kfh_probe.errors.KFHError`) is one line ``kfh-probe CMD: error: ...``
+on stderr; any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -13,19 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
-
-def _layers(text: str) -> list[int]:
-    """``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]``."""
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            layers += range(int(lo), int(hi) + 1)
-        elif part:
-            layers.append(int(part))
-    return layers
+from .errors import InputError, KFHError, report_error
 
 
 def _default_inputs(args) -> None:
@@ -33,23 +22,24 @@ def _default_inputs(args) -> None:
     if args.model is not None and args.traces is not None:
         return
     if args.model is None and args.traces is not None:
-        raise SystemExit(f"kfh-probe {args.command}: --traces was given without --model; give both, or neither to use the embedded organism")
+        raise InputError("--traces was given without --model; give both, or neither to use the embedded organism")
     try:
-        from .organism import default_model_dir, default_traces_path
+        from .organism import built_model_dir, default_traces_path
     except ImportError:
-        raise SystemExit(f"kfh-probe {args.command}: the embedded organism is not available in this installation; pass --model DIR --traces F") from None
+        raise InputError("the embedded organism is not available in this installation; pass --model DIR --traces F") from None
     if args.model is None:
-        args.model = str(default_model_dir())
+        args.model = str(built_model_dir())
         args.model_name = "kfh-organism"
     if args.traces is None:
         if args.model_name != "kfh-organism":
-            raise SystemExit(f"kfh-probe {args.command}: --model was given without --traces; pass the labeled traces of that model with --traces F")
+            raise InputError("--model was given without --traces; pass the labeled traces of that model with --traces F")
         args.traces = str(default_traces_path())
 
 
 def cmd_sweep(args) -> int:
     from .backends import get_backend
     from .io import atomic_write_json, file_sha256
+    from .layers import parse_layers
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
     from .partials import PartStore
@@ -61,7 +51,7 @@ def cmd_sweep(args) -> int:
     _default_inputs(args)
     get_backend(args.backend)  # a missing backend package fails here, before any work
     config = SweepConfig(
-        layers=_layers(args.layers) if args.layers else None,
+        layers=parse_layers(args.layers) if args.layers is not None else None,
         batch_size=args.batch_size,
         top_n=args.top_n,
         seed=args.seed,
@@ -141,7 +131,7 @@ def cmd_causal(args) -> int:
     _default_inputs(args)
     if args.manifest is None:
         if not organism:
-            raise ValueError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
+            raise InputError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
         from .organism import default_manifest_path
 
         args.manifest = str(default_manifest_path())
@@ -214,9 +204,6 @@ def cmd_generate(args) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: finished batches are in {args.out}; run the same command again to continue", file=sys.stderr)
         return 130
-    except FileExistsError as err:
-        print(f"kfh-probe generate: {err}", file=sys.stderr)
-        return 2
     graded = f"; {counts['correct']} of {counts['graded']} graded correct ({config.grader})" if counts["graded"] else ""
     print(f"wrote {args.out}: {counts['kept']} of {counts['responses']} responses kept{graded}; "
           f"{counts['truncated']} truncated (no EOS within {config.max_new_tokens} tokens: marked, refused by the "
@@ -241,7 +228,7 @@ def cmd_rhythm(args) -> int:
     args.model_name = None
     _default_inputs(args)
     if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
-        raise ValueError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
+        raise InputError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
                          f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
     traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
     tokenizer = load_tokenizer(args.model)
@@ -518,11 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backends import BackendNotInstalledError
-    from .capture import UnsupportedModelError
+    """Run one ``kfh-probe`` command; a :class:`~kfh_probe.errors.KFHError` ends it with one line and exit code 2."""
     from .loading import model_path
-    from .manifest import ManifestError, ManifestMismatchError
-    from .traces import TraceFileError
 
     args = build_parser().parse_args(argv)
     try:
@@ -532,12 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (
-        TraceFileError, ManifestError, ManifestMismatchError, UnsupportedModelError, BackendNotInstalledError,
-        FileNotFoundError, ValueError,
-    ) as err:
-        print(f"kfh-probe {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KFHError as err:
+        return report_error(f"kfh-probe {args.command}", err)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from torch import nn
 
 from .capture import model_shape
 
+from .errors import InputError, KFHError, listed
+
 FORMAT = "kfh-manifest"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -34,11 +36,11 @@ GatherParams = Callable[[list[nn.Parameter]], AbstractContextManager]
 """A context-manager factory that makes sharded parameters readable in full (see ``model_fingerprint``)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that is unreadable or breaks the schema."""
 
 
-class ManifestMismatchError(ValueError):
+class ManifestMismatchError(KFHError, ValueError):
     """A manifest made for another model than the one given."""
 
 
@@ -189,7 +191,7 @@ def load_manifest(path: str | Path) -> dict:
         raise ManifestError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     problems = validate_manifest(data)
     if problems:
-        raise ManifestError(f"{path} is not a valid KFH manifest:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ManifestError(f"{path} is not a valid KFH manifest: {listed(problems)}")
     return data
 
 
@@ -197,7 +199,7 @@ def top_heads(manifest: dict, n: int | None = None) -> list[tuple[int, int]]:
     """The ``n`` best heads as ``(layer, head)`` (the manifest's ``top_n`` when None)."""
     n = manifest["top_n"] if n is None else n
     if n < 1 or n > len(manifest["heads"]):
-        raise ValueError(f"asked for {n} heads; the manifest ranks {len(manifest['heads'])}")
+        raise InputError(f"asked for {n} heads; the manifest ranks {len(manifest['heads'])}")
     return [(h["layer"], h["head"]) for h in manifest["heads"][:n]]
 
 

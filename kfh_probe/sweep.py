@@ -17,6 +17,8 @@ from . import __version__
 from .alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
 from .backends import get_backend
 from .capture import model_shape
+from .errors import InputError
+from .layers import check_layers
 from .manifest import FORMAT, VERSION
 from .partials import PartStore, plan_batches
 from .scoring import (
@@ -254,7 +256,7 @@ def build_manifest(
     flat = [s.reshape(len(layers) * num_heads, -1) for s in step_score_list]  # row = layer_pos * H + head
     auc, used, pairs = per_trace_auc(flat, labels)
     if auc.shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             "no trace has both an essential and a redundant step, so no head can be ranked; "
             "check the labels (kfh-probe label) or use more traces"
         )
@@ -328,11 +330,5 @@ def build_manifest(
 
 
 def probed_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
-    """The sorted layers a sweep covers, checked against the model."""
-    num_layers = model_shape(model)["num_layers"]
-    if layers is None:
-        return list(range(num_layers))
-    bad = [layer for layer in layers if not 0 <= layer < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{num_layers - 1}")
-    return sorted(set(layers))
+    """The sorted layers a sweep covers (``--layers``), checked against the model (:func:`~kfh_probe.layers.check_layers`)."""
+    return check_layers(layers, model_shape(model)["num_layers"])

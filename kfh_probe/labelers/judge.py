@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import InputError, KFHError
 from ..traces import LABELS, Trace
 from .base import Labeling, Labels
 from .judge_client import ChatJudge, LocalJudge, Messages
@@ -42,7 +43,7 @@ CONSENSUS = ("all", "majority")
 _PLACEHOLDERS = {"question", "steps", "num_steps", "answer"}
 
 
-class VerdictError(ValueError):
+class VerdictError(KFHError, ValueError):
     """A judge reply that is not a verdict for every step."""
 
 
@@ -58,16 +59,16 @@ def load_template(path: str | Path | None = None) -> string.Template:
         where = "the packaged judge prompt"
     else:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"prompt template not found: {path}")
+            raise InputError(f"prompt template not found: {path}")
         text, where = Path(path).read_text(encoding="utf-8"), str(path)
     template = string.Template(text)
     names = {m.group("named") or m.group("braced") for m in template.pattern.finditer(text)} - {None}
     unknown = names - _PLACEHOLDERS
     if unknown:
-        raise ValueError(f"{where}: unknown placeholder(s) {sorted('$' + n for n in unknown)}; "
+        raise InputError(f"{where}: unknown placeholder(s) {sorted('$' + n for n in unknown)}; "
                          f"available: {sorted('$' + n for n in _PLACEHOLDERS)} (write $$ for a literal $)")
     if "steps" not in names:
-        raise ValueError(f"{where}: the template must contain $steps (the numbered reasoning steps)")
+        raise InputError(f"{where}: the template must contain $steps (the numbered reasoning steps)")
     return template
 
 

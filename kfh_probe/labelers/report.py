@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from ..traces import Step, Trace
 from .base import Labels, run_labeler
 
@@ -101,7 +102,7 @@ def label_report(args) -> str:
         names.append("judge")
     unknown = [n for n in names if n not in LABELERS]
     if unknown:
-        raise ValueError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELERS)}")
+        raise InputError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELERS)}")
     path = model_dir(args)
     model, tokenizer = load_model(path, args.dtype, args.device), load_tokenizer(path)
     traces, source = load_report_traces(args, path)
@@ -109,7 +110,7 @@ def label_report(args) -> str:
     truth_run = run_labeler(traces, OrganismLabeler(), config.segmenter, args.marker, skip_invalid=True, source=source)
     prepared = prepare_traces(truth_run.traces, tokenizer, config, source)
     if not prepared.traces:
-        raise ValueError(f"no trace of {source} is an organism trace that maps onto tokens")
+        raise InputError(f"no trace of {source} is an organism trace that maps onto tokens")
     truth = prepared.labels
     scores = collect_step_scores(model, prepared.tokenized, config, pad_token_id(tokenizer), progress=not args.quiet)
     num_heads = scores[0].shape[1]

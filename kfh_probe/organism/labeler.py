@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kfh_probe.errors import KFHError
 from kfh_probe.organism.task import NUMBER_WORDS, RECHECK_OPENERS, THINK_CLOSE, Fact, Problem
 
 _PROMPT = re.compile(r"^Question: (?P<facts>.*) How many (?P<item>\w+) does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
@@ -33,7 +34,7 @@ _RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(KFHError, ValueError):
     """A prompt or response that the organism's grammar cannot describe."""
 
 
