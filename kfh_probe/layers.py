@@ -10,7 +10,7 @@ import re
 
 from .errors import InputError
 
-_PART = re.compile(r"(\d+)(?:-(\d+))?")
+_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
 
 
 def parse_layers(text: str, argument: str = "--layers") -> list[int]:
