@@ -231,7 +231,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         kfh_probe.manifest.ManifestError: an unreadable or invalid manifest.
         kfh_probe.manifest.ManifestMismatchError: a manifest made for another model (shape always;
             weight fingerprint unless ``config.allow_finetuned``), naming the mismatch.
-        ValueError: a missing path or an impossible setting (more heads asked for than ranked).
+        kfh_probe.errors.InputError: a missing path or an impossible setting (more heads asked for than ranked).
     """
     from kfh_probe.loading import load_model, load_tokenizer, model_folder, pad_token_id
     from kfh_probe.manifest import check_model_matches, load_manifest, top_heads
@@ -350,8 +350,8 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
 
     Args:
         inputs: the checked model, tokenizer, prompts and heads (see ``RunInputs``).
-        resume: continue from the newest checkpoint in ``out/checkpoints`` (FileNotFoundError when there is
-            none, ResumeError when its settings differ beyond ``RESUMABLE_CHANGES``).
+        resume: continue from the newest checkpoint in ``out/checkpoints`` (ResumeError when there is
+            none or its settings differ beyond ``RESUMABLE_CHANGES``).
         progress: show a tqdm bar with live reward, accuracy and response tokens.
     Returns:
         every metrics line of the run (resumed lines included).

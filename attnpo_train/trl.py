@@ -227,7 +227,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         kfh_probe.manifest.ManifestError: an unreadable or invalid manifest.
         kfh_probe.manifest.ManifestMismatchError: a manifest made for another model.
         kfh_probe.capture.UnsupportedModelError: an architecture whose attention cannot be captured.
-        ValueError: a dataset without an ``answer`` column, more heads asked for than ranked.
+        kfh_probe.errors.InputError: a dataset without an ``answer`` column, more heads asked for than ranked.
         NotImplementedError: FSDP (use DeepSpeed ZeRO).
     """
 

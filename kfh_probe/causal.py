@@ -178,7 +178,7 @@ def random_heads(top: list[tuple[int, int]], num_heads: int, draws: int, seed: i
     """``draws`` sets of random heads, one in the layer of each top head, never a top head, no repeats.
 
     Raises:
-        ValueError: a layer holds more top heads than other heads to draw from.
+        InputError: a layer holds more top heads than other heads to draw from.
     """
     rng = np.random.default_rng(seed)
     per_layer: dict[int, int] = {}

@@ -116,8 +116,7 @@ def load_prompt_template(path: str | Path) -> string.Template:
     """A ``$problem`` template from ``path`` (``$$`` for a literal ``$``).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the template lacks ``$problem`` or names another placeholder.
+        InputError: no such file, or the template lacks ``$problem`` or names another placeholder.
     """
     path = Path(path)
     if not path.is_file():
@@ -145,7 +144,7 @@ def read_problems(path: str | Path, tokenizer, template: string.Template | None 
     """Read and check a problems file (module docstring); every bad row is reported at once.
 
     Raises:
-        FileNotFoundError: no such file.
+        InputError: no such file.
         ProblemFileError: naming the file and each bad row by line and id.
     """
     path = Path(path)

@@ -161,6 +161,10 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
 
     The attention implementation is the model's default (sdpa where supported); capture never needs
     eager. Answer rows are computed in float32 whatever ``dtype`` the weights have.
+
+    Raises:
+        ModelFolderError: ``path`` fails :func:`model_folder`, or transformers cannot load the weights.
+        InputError: an unknown ``dtype``, or a CUDA ``device`` on a machine without CUDA.
     """
     from transformers import AutoModelForCausalLM
 
@@ -171,7 +175,11 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
 
 
 def load_tokenizer(path: str | Path):
-    """``AutoTokenizer.from_pretrained`` on a local folder or a GGUF file; it must return offsets."""
+    """``AutoTokenizer.from_pretrained`` on a local folder or a GGUF file; it must return offsets.
+
+    Raises:
+        ModelFolderError: ``path`` fails :func:`model_folder`, has no loadable tokenizer, or only a slow one.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer, path)

@@ -61,6 +61,12 @@ class SweepConfig:
     skip_invalid: bool = False
     backend: str = "hf"
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "bootstrap", "permutations", "top_n"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
 
 @dataclass
 class PreparedTraces:
@@ -290,6 +296,8 @@ def build_manifest(
         for r, value in greedy_ensemble(with_pairs, used_labels, max_size=ENSEMBLE_SIZES)
     ]
     if config.top_n is not None:
+        if config.top_n > len(sra):
+            raise InputError(f"--top-n {config.top_n}: the sweep ranks only {len(sra)} heads")
         top_n = config.top_n
     else:
         best = max(e["sra"] for e in ensemble)

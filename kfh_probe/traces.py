@@ -159,7 +159,7 @@ def read_traces(
         ``(traces, skipped)``. ``skipped`` is empty unless ``skip_invalid``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        InputError: the file does not exist.
         TraceFileError: some record is broken and ``skip_invalid`` is False.
     """
     path = Path(path)

@@ -15,7 +15,7 @@ def sra_grid(manifest: dict, key: str = "sra") -> np.ndarray:
     """``[layers, heads]`` of a per-head value, ``sra`` by default (NaN where absent or not probed).
 
     Raises:
-        ValueError: no head of the manifest has ``key`` (a version-1 manifest has no controls).
+        InputError: no head of the manifest has ``key`` (a version-1 manifest has no controls).
     """
     model = manifest["model"]
     if not any(key in head for head in manifest["heads"]):
@@ -101,7 +101,7 @@ def plot_heatmap(manifest: dict, out: str | Path, top_n: int | None = None, pane
     outlined; written atomically.
 
     Raises:
-        ValueError: a panel the manifest has no values for (version 1 has only ``sra``).
+        InputError: a panel the manifest has no values for (version 1 has only ``sra``).
     """
     import matplotlib
 

@@ -12,6 +12,7 @@ from attnpo_train.rewards import (
     extract_final_answer,
     length_penalised_rewards,
 )
+from kfh_probe.errors import NotInstalledError
 
 
 def sigmoid(x: float) -> float:
@@ -114,7 +115,7 @@ def test_exact_grader_makes_no_symbolic_check():
 
 def test_math_verify_grader_without_the_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(rewards, "_mv_verify", None)
-    with pytest.raises(ValueError, match="pip install math-verify"):
+    with pytest.raises(NotInstalledError, match="pip install math-verify"):
         answers_match("0.5", "\\frac{1}{2}")
 
 

@@ -51,8 +51,7 @@ def load_template(path: str | Path | None = None) -> string.Template:
     """The prompt template from ``path``, or the packaged default.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the template lacks ``$steps`` or uses an unknown ``$name``.
+        InputError: ``path`` does not exist, or the template lacks ``$steps`` or uses an unknown ``$name``.
     """
     if path is None:
         text = resources.files("kfh_probe").joinpath("data/judge_prompt.txt").read_text(encoding="utf-8")
