@@ -145,8 +145,7 @@ def cmd_causal(args) -> int:
     skipped += left_out
     items = items[: args.max_traces] if args.max_traces is not None else items
     if not items:
-        print(f"kfh-probe causal: no usable trace in {args.traces} ({len(skipped)} left out)", file=sys.stderr)
-        return 2
+        raise InputError(f"no usable trace in {args.traces} ({len(skipped)} left out)")
     model = load_model(args.model, args.dtype, args.device)
     check_model_matches(manifest, model, allow_finetuned=args.allow_finetuned)
     print(f"{len(items)} traces ({len(skipped)} left out); heads {heads}", file=sys.stderr)
@@ -247,8 +246,7 @@ def cmd_rhythm(args) -> int:
     if args.max_traces is not None:
         kept, sequences, starts = kept[: args.max_traces], sequences[: args.max_traces], starts[: args.max_traces]
     if not kept:
-        print(f"kfh-probe rhythm: no usable trace in {args.traces}", file=sys.stderr)
-        return 2
+        raise InputError(f"no usable trace in {args.traces}")
     print(f"{len(kept)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
     model = load_model(args.model, args.dtype, args.device)
     model_block = model_record(model, args.model_name or args.model)

@@ -83,12 +83,9 @@ def _check_config(config: Path) -> None:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ModelFolderError(f"{config}: not a UTF-8 text file") from None
-    except json.JSONDecodeError as err:
-        raise ModelFolderError(f"{config}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    from .io import read_json
+
+    data = read_json(config, ModelFolderError)
     model_type = data.get("model_type") if isinstance(data, dict) else None
     if not isinstance(model_type, str) or not model_type:
         raise ModelFolderError(f"{config}: no 'model_type' (a JSON object with e.g. \"model_type\": \"qwen2\" is expected)")

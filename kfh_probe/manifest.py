@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -23,6 +22,7 @@ from torch import nn
 from .capture import model_shape
 
 from .errors import InputError, KFHError, listed
+from .io import read_json
 
 FORMAT = "kfh-manifest"
 VERSION = 2
@@ -183,12 +183,9 @@ def load_manifest(path: str | Path) -> dict:
         ManifestError: naming the file and every problem.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    data = read_json(path, ManifestError)
     problems = validate_manifest(data)
     if problems:
         raise ManifestError(f"{path} is not a valid KFH manifest: {listed(problems)}")
