@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from attnpo_train.config import TrainConfig
+from kfh_probe.errors import InputError
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring")
@@ -140,7 +141,7 @@ def load_checkpoint(path: Path) -> tuple[dict, list[dict], dict]:
     return state, metrics, saved
 
 
-class ResumeError(ValueError):
+class ResumeError(InputError):
     """A resume whose settings differ from the checkpoint's in a way that would change the run."""
 
 

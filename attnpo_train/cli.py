@@ -4,8 +4,10 @@
                      [--steps N] [--resume] [--allow-finetuned] [--device ...] [--set key=value ...]
     attnpo-train eval --model DIR [--data F] [--base DIR] [--n N] [--json]
 
-Exit codes: 0 success, 2 bad input (one readable message on stderr, no traceback), 130 interrupted
-(a checkpoint of the last completed step is saved first; continue with the same command and --resume).
+Exit codes: 0 success, 2 bad input (a :class:`~kfh_probe.errors.KFHError`: one line
+``attnpo-train CMD: error: ...`` on stderr; any other exception is a bug and shows its traceback),
+130 interrupted (a checkpoint of the last completed step is saved first; continue with the same command
+and --resume).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from attnpo_train.config import METHODS
 from attnpo_train.evaluate import efficiency, evaluate
+from kfh_probe.errors import InputError, KFHError, report_error
 
 ORGANISM_EVAL_SEED = 7_000_001
 """Seed of the organism problems ``eval`` draws when no --data is given (apart from the build seeds)."""
@@ -28,22 +31,6 @@ _EFFICIENCY_HELP = (
     "the paper's two headline numbers with equal weight (1 point of accuracy = 1%% of length); "
     "0 for the base itself, > 0 better on balance"
 )
-
-
-class InputError(Exception):
-    """Bad input the user can fix; reported in one message with exit code 2."""
-
-
-def _organism_model_dir() -> Path:
-    from kfh_probe.organism import default_model_dir
-
-    path = default_model_dir()
-    if not (path / "config.json").is_file():
-        raise InputError(
-            f"the embedded organism model is not built (no {path / 'config.json'}): pass --model DIR, "
-            "or build it with `kfh-probe organism build`"
-        )
-    return path
 
 
 def _organism_manifest() -> Path:
@@ -83,14 +70,13 @@ def _run_config(args: argparse.Namespace):
 
     if args.config is not None and not Path(args.config).is_file():
         raise InputError(f"--config: no such file {args.config}")
-    try:
-        config = load_config(args.config, _overrides(args))
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    config = load_config(args.config, _overrides(args))
     updates: dict[str, object] = {}
     is_organism = config.model is None
     if is_organism:
-        updates["model"] = str(_organism_model_dir())
+        from kfh_probe.organism import built_model_dir
+
+        updates["model"] = str(built_model_dir())
     if config.method == "attnpo" and config.manifest is None:
         if not is_organism:
             raise InputError("method 'attnpo' needs the KFH manifest of --model: pass --manifest M (make one with `kfh-probe sweep`)")
@@ -104,23 +90,15 @@ def _run_config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kfh_probe.manifest import ManifestError, ManifestMismatchError
-
-    from attnpo_train.checkpoint import ResumeError, latest_checkpoint
-    from attnpo_train.data import DataError
+    from attnpo_train.checkpoint import latest_checkpoint
     from attnpo_train.loop import prepare_run, train
 
     config = _run_config(args)
     if args.resume and latest_checkpoint(config.out) is None:
         raise InputError(f"--resume: no checkpoint in {Path(config.out) / 'checkpoints'}")
-    try:
-        inputs = prepare_run(config)
-    except (DataError, ManifestError, ManifestMismatchError, FileNotFoundError, ValueError) as err:
-        raise InputError(str(err)) from None
+    inputs = prepare_run(config)
     try:
         metrics = train(inputs, config, resume=args.resume, progress=not args.no_progress)
-    except (ResumeError, FileNotFoundError) as err:
-        raise InputError(str(err)) from None
     except KeyboardInterrupt:
         saved = latest_checkpoint(config.out)
         where = f"checkpoint {saved}" if saved is not None else "no checkpoint (no step had completed)"
@@ -136,38 +114,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _eval_prompts(args: argparse.Namespace):
-    from attnpo_train.data import DataError, Prompt, load_prompts
+    from attnpo_train.data import Prompt, load_prompts
 
     if args.data is None:
         from kfh_probe.organism.task import generate_problems
 
         problems = generate_problems(args.n or 100, ORGANISM_EVAL_SEED)
         return [Prompt(f"organism-eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
-    try:
-        prompts = load_prompts(args.data)
-    except DataError as err:
-        raise InputError(str(err)) from None
+    prompts = load_prompts(args.data)
     return prompts[: args.n] if args.n else prompts
-
-
-def _load_for_eval(path: str, device: str):
-    from kfh_probe.loading import load_model, load_tokenizer
-
-    try:
-        return load_model(path, "float32", device), load_tokenizer(path)
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot load {path}: {err}") from None
 
 
 def _evaluations(path: str, prompts, args: argparse.Namespace) -> dict:
     """Greedy, and avg@K when --samples is given, of the model folder ``path``."""
     from kfh_probe.grading import resolve_grader
+    from kfh_probe.loading import load_model, load_tokenizer
 
-    model, tokenizer = _load_for_eval(path, args.device)
-    try:
-        grader = resolve_grader(args.grader, organism=args.data is None)
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    model, tokenizer = load_model(path, "float32", args.device), load_tokenizer(path)
+    grader = resolve_grader(args.grader, organism=args.data is None)
     common = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "marker": args.marker,
               "grader": grader}
     out = {"greedy": evaluate(model, tokenizer, prompts, **common)}
@@ -276,19 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``attnpo-train`` command; a :class:`~kfh_probe.errors.KFHError` ends it with one line and exit code 2."""
     from kfh_probe.loading import model_path
 
     args = build_parser().parse_args(argv)
     try:
         if args.gguf_file is not None:
-            try:
-                args.model = model_path(args.model, args.gguf_file)
-            except FileNotFoundError as err:
-                raise InputError(str(err)) from None
+            args.model = model_path(args.model, args.gguf_file)
         return args.func(args)
-    except InputError as err:
-        print(f"attnpo-train {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KFHError as err:
+        return report_error(f"attnpo-train {args.command}", err)
 
 
 if __name__ == "__main__":

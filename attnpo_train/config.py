@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from kfh_probe.errors import InputError
 from kfh_probe.grading import GRADERS
 
 METHODS = ("rloo", "tlmre", "attnpo", "preplan", "anchor", "coupled")
@@ -161,12 +162,12 @@ class TrainConfig:
 
 def _check(ok: bool, name: str, value: Any, requirement: str) -> None:
     if not ok:
-        raise ValueError(f"config '{name}' must be {requirement}; got {value!r}")
+        raise InputError(f"config '{name}' must be {requirement}; got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"config '{name}' must be one of {', '.join(choices)}; got {value!r}")
+        raise InputError(f"config '{name}' must be one of {', '.join(choices)}; got {value!r}")
 
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)
@@ -186,7 +187,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null"}):
         if optional:
             return None
-        raise ValueError(f"{source}: config '{name}' must not be null")
+        raise InputError(f"{source}: config '{name}' must not be null")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -206,7 +207,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise TypeError
         return value
     except (TypeError, ValueError):
-        raise ValueError(
+        raise InputError(
             f"{source}: config '{name}' must be of type {base.__name__}; got {value!r}"
         ) from None
 
@@ -221,12 +222,17 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
     values: dict[str, Any] = {}
     sources: list[tuple[str, dict[str, Any]]] = []
     if yaml_path is not None:
-        with open(yaml_path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with open(yaml_path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except OSError as err:
+            raise InputError(f"{yaml_path}: cannot read the config file ({err.strerror})") from None
+        except yaml.YAMLError as err:
+            raise InputError(f"{yaml_path}: not valid YAML ({' '.join(str(err).split())})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ValueError(
+            raise InputError(
                 f"{yaml_path}: a config file must be a YAML mapping of key: value; got {type(loaded).__name__}"
             )
         sources.append((str(yaml_path), loaded))
@@ -237,10 +243,10 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
             if key not in _FIELD_TYPES:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ValueError(f"{source}: unknown config key '{key}'{hint}")
+                raise InputError(f"{source}: unknown config key '{key}'{hint}")
             values[key] = _coerce(key, value, source)
     try:
         return TrainConfig(**values)
-    except ValueError as err:
+    except InputError as err:
         origin = " + ".join(source for source, mapping in sources if mapping) or "defaults"
-        raise ValueError(f"{origin}: {err}") from None
+        raise InputError(f"{origin}: {err}") from None

@@ -8,8 +8,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from kfh_probe.errors import InputError, listed
 
-class DataError(ValueError):
+
+class DataError(InputError):
     """A prompt file with rows that cannot be trained or evaluated on (each row named by line)."""
 
 
@@ -62,7 +64,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
             continue
         prompts.append(Prompt(str(row.get("id", f"line-{number}")), prompt, str(answer).strip()))
     if problems:
-        raise DataError(f"{path}: {len(problems)} row(s) cannot be used:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise DataError(f"{path}: {len(problems)} row(s) cannot be used: {listed(problems)}")
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return prompts

@@ -57,6 +57,7 @@ from attnpo_train.checkpoint import (
     load_checkpoint,
     restore_rng,
     save_checkpoint,
+    ResumeError,
     save_final,
 )
 from attnpo_train.config import RHYTHM_METHODS, TrainConfig
@@ -73,6 +74,7 @@ from attnpo_train.loss import ppo_clip_loss
 from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe import SegmenterConfig
+from kfh_probe.errors import InputError
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 from kfh_probe.sampling import Rollouts, generate_rollouts
 
@@ -233,7 +235,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         kfh_probe.manifest.ManifestError: an unreadable or invalid manifest.
         kfh_probe.manifest.ManifestMismatchError: a manifest made for another model (shape always;
             weight fingerprint unless ``config.allow_finetuned``), naming the mismatch.
-        ValueError: a missing path or an impossible setting (more heads asked for than ranked).
+        kfh_probe.errors.InputError: a missing path or an impossible setting (more heads asked for than ranked).
     """
     from kfh_probe import (
         check_model_matches, load_manifest, load_model, load_tokenizer, manifest_segmenter, pad_token_id, top_heads,
@@ -241,9 +243,9 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     from kfh_probe.loading import model_folder
 
     if config.model is None:
-        raise ValueError("no policy model: set 'model' (attnpo-train run --model DIR)")
+        raise InputError("no policy model: set 'model' (attnpo-train run --model DIR)")
     if config.method == "attnpo" and config.manifest is None:
-        raise ValueError("method 'attnpo' needs a KFH manifest: set 'manifest' (attnpo-train run --manifest M)")
+        raise InputError("method 'attnpo' needs a KFH manifest: set 'manifest' (attnpo-train run --manifest M)")
     prompts = None if config.data is None else load_prompts(config.data)
     if config.credit == "oracle" and prompts is not None:
         from kfh_probe.organism.labeler import TraceFormatError, parse_prompt
@@ -251,7 +253,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         try:
             parse_prompt(prompts[0].text)
         except TraceFormatError:
-            raise ValueError(
+            raise InputError(
                 f"credit 'oracle' needs ground-truth step labels, which only the organism's task has; "
                 f"{config.data} does not hold organism prompts"
             ) from None
@@ -359,8 +361,8 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
 
     Args:
         inputs: the checked model, tokenizer, prompts and heads (see ``RunInputs``).
-        resume: continue from the newest checkpoint in ``out/checkpoints`` (FileNotFoundError when there is
-            none, ResumeError when its settings differ beyond ``RESUMABLE_CHANGES``).
+        resume: continue from the newest checkpoint in ``out/checkpoints`` (ResumeError when there is
+            none or its settings differ beyond ``RESUMABLE_CHANGES``).
         progress: show a tqdm bar with live reward, accuracy and response tokens.
     Returns:
         every metrics line of the run (resumed lines included).
@@ -381,7 +383,7 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
     if resume:
         path = latest_checkpoint(out)
         if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_root(out)}")
+            raise ResumeError(f"--resume: no checkpoint in {checkpoint_root(out)}")
         state, metrics, saved = load_checkpoint(path)
         check_resumable(saved, config, path)
         model.load_state_dict(state["model"])

@@ -82,6 +82,7 @@ from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from kfh_probe.capture import attention_calls, attention_modules
 from kfh_probe import check_model_matches, load_manifest, manifest_segmenter, pad_token_id, top_heads
+from kfh_probe.errors import InputError
 from kfh_probe.manifest import ManifestMismatchError
 from kfh_probe.sampling import Rollouts, decode_responses
 
@@ -188,15 +189,15 @@ class AttnPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.attnpo_method not in ("attnpo", *RHYTHM_METHODS):
-            raise ValueError(f"config 'attnpo_method' must be one of attnpo, {', '.join(RHYTHM_METHODS)}; got "
+            raise InputError(f"config 'attnpo_method' must be one of attnpo, {', '.join(RHYTHM_METHODS)}; got "
                              f"{self.attnpo_method!r}")
         if self.attnpo_method == "attnpo" and self.attnpo_manifest is None:
-            raise ValueError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
+            raise InputError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
         if self.attnpo_method in RHYTHM_METHODS and self.attnpo_rhythm is None:
-            raise ValueError(f"attnpo_method {self.attnpo_method!r} needs 'attnpo_rhythm', a kfh-probe rhythm file of "
+            raise InputError(f"attnpo_method {self.attnpo_method!r} needs 'attnpo_rhythm', a kfh-probe rhythm file of "
                              "the policy's base model")
         if self.num_generations_eval is not None and self.num_generations_eval < 2:
-            raise ValueError(
+            raise InputError(
                 f"AttnPO's group baseline needs num_generations_eval >= 2 (or None); got {self.num_generations_eval}"
             )
         self.to_train_config(self.num_generations)  # the range checks of the lightweight trainer
@@ -208,11 +209,11 @@ class AttnPOConfig(GRPOConfig):
         }
         try:
             return TrainConfig(group_size=group_size, **values)
-        except ValueError as err:  # name the field as it is spelled here
+        except InputError as err:  # name the field as it is spelled here
             message = str(err)
             for name in values:
                 message = message.replace(f"config '{name}'", f"config '{PREFIX}{name}'")
-            raise ValueError(message) from None
+            raise InputError(message) from None
 
 
 class AttnPOGRPOTrainer(GRPOTrainer):
@@ -227,7 +228,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         kfh_probe.manifest.ManifestError: an unreadable or invalid manifest.
         kfh_probe.manifest.ManifestMismatchError: a manifest made for another model.
         kfh_probe.capture.UnsupportedModelError: an architecture whose attention cannot be captured.
-        ValueError: a dataset without an ``answer`` column, more heads asked for than ranked.
+        kfh_probe.errors.InputError: a dataset without an ``answer`` column, more heads asked for than ranked.
         NotImplementedError: FSDP (use DeepSpeed ZeRO).
     """
 
@@ -247,7 +248,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             columns = getattr(dataset, "column_names", None)
             if isinstance(columns, list) and ANSWER_COLUMN not in columns:
-                raise ValueError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
+                raise InputError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
         # refuse a bad file before loading any weights
         manifest = load_manifest(args.attnpo_manifest) if args.attnpo_method == "attnpo" else None
         self._attnpo_heads = [] if manifest is None else top_heads(manifest, args.attnpo_top_n_heads)

@@ -24,6 +24,7 @@ from itertools import accumulate
 
 import torch
 
+from .errors import KFHError
 from .segmentation import SegmenterConfig, segment_spans, split_at_marker, split_response
 
 
@@ -51,7 +52,7 @@ class TokenizedTrace:
         return len(self.input_ids)
 
 
-class AlignmentError(ValueError):
+class AlignmentError(KFHError, ValueError):
     """A trace whose steps or answer cannot be placed on tokens."""
 
 

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from .errors import KFHError
+
 _LOCK = threading.Lock()
 _ACTIVE: dict[int, "AttentionObserver"] = {}  # id(attention module) -> observer of the capture it belongs to
 _WRAPPED: dict[str, object] = {}  # implementation name -> original entry (None where there was none)
@@ -41,7 +43,7 @@ _USERS: dict[str, int] = {}  # implementation name -> captures in progress that 
 _EDITORS: dict[int, Callable] = {}  # id(attention module) -> edit of its output (see edit_attention_outputs)
 
 
-class UnsupportedModelError(RuntimeError):
+class UnsupportedModelError(KFHError, RuntimeError):
     """The model's attention cannot be captured exactly."""
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
 from .capture import edit_attention_outputs, model_shape, one_position_logits
+from .errors import InputError
 from .grading import extract_final_answer, is_correct
 from .labelers.ablation import answer_logprobs
 from .segmentation import SegmenterConfig, segment_reasoning, split_at_marker
@@ -176,7 +177,7 @@ def random_heads(top: list[tuple[int, int]], num_heads: int, draws: int, seed: i
     """``draws`` sets of random heads, one in the layer of each top head, never a top head, no repeats.
 
     Raises:
-        ValueError: a layer holds more top heads than other heads to draw from.
+        InputError: a layer holds more top heads than other heads to draw from.
     """
     rng = np.random.default_rng(seed)
     per_layer: dict[int, int] = {}
@@ -185,7 +186,7 @@ def random_heads(top: list[tuple[int, int]], num_heads: int, draws: int, seed: i
     pools = {layer: [h for h in range(num_heads) if (layer, h) not in top] for layer in per_layer}
     for layer, need in per_layer.items():
         if len(pools[layer]) < need:
-            raise ValueError(f"layer {layer} has {need} top heads but only {len(pools[layer])} other heads to draw random ones from")
+            raise InputError(f"layer {layer} has {need} top heads but only {len(pools[layer])} other heads to draw random ones from")
     return [
         [(layer, int(h)) for layer in sorted(per_layer) for h in sorted(rng.choice(pools[layer], size=per_layer[layer], replace=False))]
         for _ in range(draws)

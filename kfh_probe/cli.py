@@ -1,7 +1,8 @@
 """``kfh-probe``: sweep traces for Key-Focus Heads and look at the result.
 
 Every command returns an exit code: 0 success, 1 a failed check (validate), 2 bad input, 130 interrupted.
-Errors are one readable message on stderr, never a traceback, for anything the user can fix.
+Anything the user can fix (a :class:`~kfh_probe.errors.KFHError`) is one line ``kfh-probe CMD: error: ...``
+on stderr; any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -13,19 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-
-
-def _layers(text: str) -> list[int]:
-    """``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]``."""
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            layers += range(int(lo), int(hi) + 1)
-        elif part:
-            layers.append(int(part))
-    return layers
+from .errors import InputError, KFHError, report_error
 
 
 def _default_inputs(args) -> None:
@@ -33,30 +22,31 @@ def _default_inputs(args) -> None:
     if args.model is not None and args.traces is not None:
         return
     if args.model is None and args.traces is not None:
-        raise SystemExit(f"kfh-probe {args.command}: --traces was given without --model; give both, or neither to use the embedded organism")
+        raise InputError("--traces was given without --model; give both, or neither to use the embedded organism")
     try:
-        from .organism import default_model_dir, default_traces_path
+        from .organism import built_model_dir, default_traces_path
     except ImportError:
-        raise SystemExit(f"kfh-probe {args.command}: the embedded organism is not available in this installation; pass --model DIR --traces F") from None
+        raise InputError("the embedded organism is not available in this installation; pass --model DIR --traces F") from None
     if args.model is None:
-        args.model = str(default_model_dir())
+        args.model = str(built_model_dir())
         args.model_name = "kfh-organism"
     if args.traces is None:
         if args.model_name != "kfh-organism":
-            raise SystemExit(f"kfh-probe {args.command}: --model was given without --traces; pass the labeled traces of that model with --traces F")
+            raise InputError("--model was given without --traces; pass the labeled traces of that model with --traces F")
         args.traces = str(default_traces_path())
 
 
 def cmd_sweep(args) -> int:
+    from .layers import parse_layers
     from .pipeline import run_sweep
     from .sweep import SweepConfig
 
     args.model_name = None
     _default_inputs(args)
     config = SweepConfig(
-        layers=_layers(args.layers) if args.layers else None, batch_size=args.batch_size, top_n=args.top_n,
-        seed=args.seed, bootstrap=args.bootstrap, permutations=args.permutations, marker=args.marker,
-        skip_invalid=args.skip_invalid, backend=args.backend,
+        layers=parse_layers(args.layers) if args.layers is not None else None, batch_size=args.batch_size,
+        top_n=args.top_n, seed=args.seed, bootstrap=args.bootstrap, permutations=args.permutations,
+        marker=args.marker, skip_invalid=args.skip_invalid, backend=args.backend,
     )
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     work_dir = args.work_dir or f"{args.out}.parts"
@@ -94,7 +84,7 @@ def cmd_causal(args) -> int:
     _default_inputs(args)
     if args.manifest is None:
         if not organism:
-            raise ValueError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
+            raise InputError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
         from .organism import default_manifest_path
 
         args.manifest = str(default_manifest_path())
@@ -108,8 +98,7 @@ def cmd_causal(args) -> int:
     skipped += left_out
     items = items[: args.max_traces] if args.max_traces is not None else items
     if not items:
-        print(f"kfh-probe causal: no usable trace in {args.traces} ({len(skipped)} left out)", file=sys.stderr)
-        return 2
+        raise InputError(f"no usable trace in {args.traces} ({len(skipped)} left out)")
     model = load_model(args.model, args.dtype, args.device)
     check_model_matches(manifest, model, allow_finetuned=args.allow_finetuned)
     print(f"{len(items)} traces ({len(skipped)} left out); heads {heads}", file=sys.stderr)
@@ -166,9 +155,6 @@ def cmd_generate(args) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: finished batches are in {args.out}; run the same command again to continue", file=sys.stderr)
         return 130
-    except FileExistsError as err:
-        print(f"kfh-probe generate: {err}", file=sys.stderr)
-        return 2
     graded = f"; {counts['correct']} of {counts['graded']} graded correct ({config.grader})" if counts["graded"] else ""
     print(f"wrote {args.out}: {counts['kept']} of {counts['responses']} responses kept{graded}; "
           f"{counts['truncated']} truncated (no EOS within {config.max_new_tokens} tokens: marked, refused by the "
@@ -193,7 +179,7 @@ def cmd_rhythm(args) -> int:
     args.model_name = None
     _default_inputs(args)
     if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
-        raise ValueError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
+        raise InputError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
                          f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
     traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
     tokenizer = load_tokenizer(args.model)
@@ -212,8 +198,7 @@ def cmd_rhythm(args) -> int:
     if args.max_traces is not None:
         kept, sequences, starts = kept[: args.max_traces], sequences[: args.max_traces], starts[: args.max_traces]
     if not kept:
-        print(f"kfh-probe rhythm: no usable trace in {args.traces}", file=sys.stderr)
-        return 2
+        raise InputError(f"no usable trace in {args.traces}")
     print(f"{len(kept)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
     model = load_model(args.model, args.dtype, args.device)
     model_block = model_record(model, args.model_name or args.model)
@@ -470,11 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backends import BackendNotInstalledError
-    from .capture import UnsupportedModelError
+    """Run one ``kfh-probe`` command; a :class:`~kfh_probe.errors.KFHError` ends it with one line and exit code 2."""
     from .loading import model_path
-    from .manifest import ManifestError, ManifestMismatchError
-    from .traces import TraceFileError
 
     args = build_parser().parse_args(argv)
     try:
@@ -484,12 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (
-        TraceFileError, ManifestError, ManifestMismatchError, UnsupportedModelError, BackendNotInstalledError,
-        FileNotFoundError, ValueError,
-    ) as err:
-        print(f"kfh-probe {args.command}: {err}", file=sys.stderr)
-        return 2
+    except KFHError as err:
+        return report_error(f"kfh-probe {args.command}", err)
 
 
 if __name__ == "__main__":

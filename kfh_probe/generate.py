@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .errors import InputError, KFHError, NotInstalledError, listed
 from .grading import is_correct
 from .segmentation import split_response
 
@@ -44,7 +45,11 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 """Appended to a ``problem`` in the chat-template path (DeepSeek-R1's recommended instruction)."""
 
 
-class ProblemFileError(ValueError):
+class OutputExistsError(KFHError, FileExistsError):
+    """``--out`` holds another run's output; the message says how to keep it or start afresh."""
+
+
+class ProblemFileError(InputError):
     """A problems file with rows that cannot be used; the message names each by line and id."""
 
 
@@ -106,23 +111,22 @@ class GenerateConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise InputError(message)
 
 
 def load_prompt_template(path: str | Path) -> string.Template:
     """A ``$problem`` template from ``path`` (``$$`` for a literal ``$``).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: the template lacks ``$problem`` or names another placeholder.
+        InputError: no such file, or the template lacks ``$problem`` or names another placeholder.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt template not found: {path}")
+        raise InputError(f"prompt template not found: {path}")
     template = string.Template(path.read_text(encoding="utf-8"))
     names = {m.group("named") or m.group("braced") for m in template.pattern.finditer(template.template)} - {None}
     if names != {"problem"}:
-        raise ValueError(f"{path}: a prompt template must use exactly the placeholder $problem; it has {sorted(names) or 'none'}")
+        raise InputError(f"{path}: a prompt template must use exactly the placeholder $problem; it has {sorted(names) or 'none'}")
     return template
 
 
@@ -131,7 +135,7 @@ def model_input(problem: str, tokenizer, template: string.Template | None, instr
     if template is not None:
         return template.substitute(problem=problem)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template: pass --prompt-template FILE (with $problem), "
+        raise InputError("the tokenizer has no chat template: pass --prompt-template FILE (with $problem), "
                          "or give each row an exact 'prompt'")
     content = f"{problem}\n\n{instruction}" if instruction else problem
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
@@ -142,12 +146,12 @@ def read_problems(path: str | Path, tokenizer, template: string.Template | None 
     """Read and check a problems file (module docstring); every bad row is reported at once.
 
     Raises:
-        FileNotFoundError: no such file.
+        InputError: no such file.
         ProblemFileError: naming the file and each bad row by line and id.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"problems file not found: {path}")
+        raise InputError(f"problems file not found: {path}")
     problems: list[Problem] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
@@ -169,8 +173,7 @@ def read_problems(path: str | Path, tokenizer, template: string.Template | None 
         except ValueError as err:
             errors.append(f"{path}:{line_no} (id {row_id!r}): {err}")
     if errors:
-        shown = "\n".join(f"  {e}" for e in errors[:20]) + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
-        raise ProblemFileError(f"{len(errors)} unusable row(s) in {path}:\n{shown}")
+        raise ProblemFileError(f"{len(errors)} unusable row(s) in {path}: {listed(errors)}")
     if not problems:
         raise ProblemFileError(f"{path}: no problems (the file is empty)")
     return problems
@@ -234,7 +237,7 @@ class VLLMSampler:
         try:
             from vllm import LLM
         except ImportError:
-            raise ValueError("--engine vllm needs vLLM: pip install vllm (on a machine with a GPU it supports)") from None
+            raise NotInstalledError("--engine vllm needs vLLM: pip install vllm (on a machine with a GPU it supports)") from None
         self.llm = LLM(model=str(folder), dtype=dtype)
         self.tokenizer = tokenizer
 
@@ -296,7 +299,7 @@ def resume_state(out: Path, key: dict, overwrite: bool) -> tuple[Progress, list[
     """Where a run with ``key`` starts: ``(progress, records kept so far)``.
 
     Raises:
-        FileExistsError: ``out`` exists and is no unfinished run of the same key, and not ``overwrite``.
+        OutputExistsError: ``out`` exists and is no unfinished run of the same key, and not ``overwrite``.
     """
     state_file = run_file(out)
     if state_file.is_file():
@@ -306,10 +309,10 @@ def resume_state(out: Path, key: dict, overwrite: bool) -> tuple[Progress, list[
             print(f"resuming {out}: {saved['batches']} batch(es), {saved['records']} record(s) done", file=sys.stderr)
             return Progress(key, saved["batches"], saved["records"], saved["counts"]), [json.loads(x) for x in lines]
         if not overwrite:
-            raise FileExistsError(f"{state_file} belongs to an unfinished run with other settings; rerun that command "
-                                  "to finish it, or pass --overwrite to start afresh")
+            raise OutputExistsError(f"{state_file} belongs to an unfinished run with other settings; rerun that command "
+                                    "to finish it, or pass --overwrite to start afresh")
     elif out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (a finished run); pass --overwrite to generate it again")
+        raise OutputExistsError(f"{out} exists (a finished run); pass --overwrite to generate it again")
     return Progress(key), []
 
 
@@ -341,7 +344,7 @@ def generate_traces(problems: list[Problem], sample: Sampler, config: GenerateCo
         ``truncated``, ``no_marker`` (finished responses without exactly one marker), ``graded``,
         ``correct``.
     Raises:
-        FileExistsError: see ``resume_state``.
+        OutputExistsError: see ``resume_state``.
         KeyboardInterrupt: the batches finished before it are saved.
     """
     out = Path(out)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import threading
 
+from .errors import InputError, NotInstalledError
 from .segmentation import split_response
 
 try:
@@ -95,9 +96,9 @@ def resolve_grader(grader: str, organism: bool) -> str:
     if grader == "auto":
         return "exact" if organism else "math-verify"
     if grader not in GRADERS:
-        raise ValueError(f"grader must be 'auto' or one of {GRADERS}, got {grader!r}")
+        raise InputError(f"grader must be 'auto' or one of {GRADERS}, got {grader!r}")
     if grader == "math-verify" and _mv_verify is None:
-        raise ValueError("grader 'math-verify' needs the math-verify package: pip install math-verify")
+        raise NotInstalledError("grader 'math-verify' needs the math-verify package: pip install math-verify")
     return grader
 
 

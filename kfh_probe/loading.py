@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError, NotInstalledError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -28,7 +30,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
     return torch.device(device)
 
 
@@ -40,7 +42,7 @@ def model_path(model: str | None, gguf_file: str | None = None) -> str | None:
     if gguf_file is None:
         return model
     if model is None or not Path(model).is_dir():
-        raise FileNotFoundError(f"--gguf-file {gguf_file} needs --model to be the folder that holds it; {model} is not a folder")
+        raise InputError(f"--gguf-file {gguf_file} needs --model to be the folder that holds it; {model} is not a folder")
     return str(Path(model) / gguf_file)
 
 
@@ -51,11 +53,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kfh-attnpo"
 
 
+class ModelFolderError(InputError):
+    """A ``--model`` that is no loadable causal LM; the message names the folder or file at fault."""
+
+
 def model_folder(path: str | Path) -> Path:
     """The Hugging Face folder of ``path``: the folder itself, or a GGUF file's converted copy.
 
+    The one model-folder check of every command: the folder must hold a ``config.json`` that is a JSON
+    object whose ``model_type`` this transformers version knows as a causal language model.
+
     Raises:
-        FileNotFoundError: ``path`` is neither a folder with ``config.json`` nor a ``.gguf`` file.
+        ModelFolderError: ``path`` is neither a ``.gguf`` file nor a folder with such a ``config.json``
+            (the message names the path, or the ``config.json`` and what is wrong with it).
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -63,8 +73,37 @@ def model_folder(path: str | Path) -> Path:
         return _converted(path.resolve(), stat.st_size, stat.st_mtime_ns)
     if not (path / "config.json").is_file():
         what = "no such file or folder" if not path.exists() else "no config.json, and not a .gguf file"
-        raise FileNotFoundError(f"{path} is not a Hugging Face model folder or a GGUF file ({what})")
+        raise ModelFolderError(f"{path} is not a Hugging Face model folder or a GGUF file ({what})")
+    _check_config(path / "config.json")
     return path
+
+
+def _check_config(config: Path) -> None:
+    """Refuse a ``config.json`` that transformers could not turn into a causal LM, naming the file."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .io import read_json
+
+    data = read_json(config, ModelFolderError)
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelFolderError(f"{config}: no 'model_type' (a JSON object with e.g. \"model_type\": \"qwen2\" is expected)")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelFolderError(f"{config}: unknown model_type {model_type!r}: this transformers version has no such architecture")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelFolderError(f"{config}: model_type {model_type!r} is not a causal language model")
+
+
+def _from_pretrained(auto_class, path: str | Path, **kwargs):
+    """``auto_class.from_pretrained`` on the checked folder of ``path``; what transformers refuses in it
+    (missing or unreadable weight or tokenizer files, settings it rejects) becomes a
+    :class:`ModelFolderError` naming the folder."""
+    folder = model_folder(path)
+    try:
+        return auto_class.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelFolderError(f"{folder}: transformers cannot load it ({' '.join(str(err).split())})") from err
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +135,7 @@ def convert_gguf(gguf: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except ImportError as err:
-            raise ValueError(f"loading {gguf} needs the gguf package: pip install gguf ({err})") from None
+            raise NotInstalledError(f"loading {gguf} needs the gguf package: pip install gguf ({err})") from None
         # The weights are dequantized already: save them as the plain float32 model they now are.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -119,22 +158,30 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
 
     The attention implementation is the model's default (sdpa where supported); capture never needs
     eager. Answer rows are computed in float32 whatever ``dtype`` the weights have.
+
+    Raises:
+        ModelFolderError: ``path`` fails :func:`model_folder`, or transformers cannot load the weights.
+        InputError: an unknown ``dtype``, or a CUDA ``device`` on a machine without CUDA.
     """
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(model_folder(path), dtype=DTYPES[dtype])
+        raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 
 
 def load_tokenizer(path: str | Path):
-    """``AutoTokenizer.from_pretrained`` on a local folder or a GGUF file; it must return offsets."""
+    """``AutoTokenizer.from_pretrained`` on a local folder or a GGUF file; it must return offsets.
+
+    Raises:
+        ModelFolderError: ``path`` fails :func:`model_folder`, has no loadable tokenizer, or only a slow one.
+    """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_folder(path))
+    tokenizer = _from_pretrained(AutoTokenizer, path)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"the tokenizer in {path} is not a fast tokenizer, so it cannot return character offsets")
+        raise ModelFolderError(f"the tokenizer in {path} is not a fast tokenizer, so it cannot return character offsets")
     return tokenizer
 
 

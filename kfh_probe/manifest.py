@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -29,6 +28,9 @@ from torch import nn
 
 from .capture import model_shape
 from .segmentation import SegmenterConfig
+
+from .errors import InputError, KFHError, listed
+from .io import read_json
 
 FORMAT = "kfh-manifest"
 VERSION = 2
@@ -42,11 +44,11 @@ GatherParams = Callable[[list[nn.Parameter]], AbstractContextManager]
 """A context-manager factory that makes sharded parameters readable in full (see ``model_fingerprint``)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that is unreadable or breaks the schema."""
 
 
-class ManifestMismatchError(ValueError):
+class ManifestMismatchError(KFHError, ValueError):
     """A manifest made for another model than the one given."""
 
 
@@ -221,15 +223,12 @@ def load_manifest(path: str | Path) -> dict:
         ManifestError: naming the file and every problem.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    data = read_json(path, ManifestError)
     problems = validate_manifest(data)
     if problems:
-        raise ManifestError(f"{path} is not a valid KFH manifest:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ManifestError(f"{path} is not a valid KFH manifest: {listed(problems)}")
     return data
 
 
@@ -237,7 +236,7 @@ def top_heads(manifest: dict, n: int | None = None) -> list[tuple[int, int]]:
     """The ``n`` best heads as ``(layer, head)`` (the manifest's ``top_n`` when None)."""
     n = manifest["top_n"] if n is None else n
     if n < 1 or n > len(manifest["heads"]):
-        raise ValueError(f"asked for {n} heads; the manifest ranks {len(manifest['heads'])}")
+        raise InputError(f"asked for {n} heads; the manifest ranks {len(manifest['heads'])}")
     return [(h["layer"], h["head"]) for h in manifest["heads"][:n]]
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .io import atomic_write_bytes, atomic_write_json
 
 
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Trace indices grouped into batches of similar length (ties kept in file order)."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import InputError
 from .sweep import SweepConfig
 
 
@@ -58,7 +59,7 @@ def run_sweep(
 
     Raises:
         kfh_probe.traces.TraceFileError: broken traces and ``config.skip_invalid`` is False.
-        ValueError: no usable trace, layers the model lacks, or no trace with an essential/redundant pair.
+        kfh_probe.errors.InputError: no usable trace, layers the model lacks, or no trace with an essential/redundant pair.
         KeyboardInterrupt: finished batches stay in the work folder.
     """
     from .backends import get_backend
@@ -81,7 +82,7 @@ def run_sweep(
     used = slice(None, max_traces)
     kept, tokenized, labels = prepared.traces[used], prepared.tokenized[used], prepared.labels[used]
     if not tokenized:
-        raise ValueError(f"no usable trace in {traces}")
+        raise InputError(f"no usable trace in {traces}")
     origin = provenance(kept, tokenized, str(traces))
     log(f"{len(tokenized)} traces ready ({len(skipped)} skipped); loading {model}")
     loaded = load_model(model, dtype, device)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import InputError
 from .capture import capture_layer_calls, interface_call_rows, model_shape
 
 WINDOW = 10
@@ -281,29 +282,32 @@ def read_rhythm_header(path, model_shape_block: dict | None = None) -> dict:
         model_shape_block: when given (``model_shape`` of a model), the header's model must have this
             shape and its heads must exist in it.
     Raises:
-        ValueError: naming the file and what is wrong.
+        InputError: naming the file and what is wrong.
     """
     import json
 
-    with open(path, encoding="utf-8") as handle:
-        first = handle.readline()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the rhythm file ({err.strerror})") from None
     try:
         header = json.loads(first)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:1: not a JSON header line ({err.msg})") from None
+        raise InputError(f"{path}:1: not a JSON header line ({err.msg})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ValueError(f"{path}:1: not a {FORMAT} version {VERSION} header")
+        raise InputError(f"{path}:1: not a {FORMAT} version {VERSION} header")
     for key in ("local_heads", "global_heads"):
         heads = header.get(key)
         if not isinstance(heads, list) or not heads or not all(
             isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
         ):
-            raise ValueError(f"{path}:1: '{key}' must be a non-empty list of [layer, head]")
+            raise InputError(f"{path}:1: '{key}' must be a non-empty list of [layer, head]")
     if model_shape_block is not None:
         model = header.get("model", {})
         wrong = [k for k in ("num_layers", "num_heads") if model.get(k) != model_shape_block[k]]
         if wrong:
-            raise ValueError(
+            raise InputError(
                 f"{path}: made for a model with " + ", ".join(f"{k} = {model.get(k)}" for k in wrong)
                 + "; this model has " + ", ".join(f"{k} = {model_shape_block[k]}" for k in wrong)
             )

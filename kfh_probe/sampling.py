@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kfh_probe.errors import InputError
+
 
 @dataclass
 class Rollouts:
@@ -68,7 +70,7 @@ def generate_rollouts(
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no EOS token; responses could never finish")
+        raise InputError("the tokenizer has no EOS token; responses could never finish")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

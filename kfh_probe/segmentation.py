@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from .errors import InputError
+
 CONFUSED = (
     "Wait", "But", "However", "Hold on", "Looking back", "I don't see any errors", "Hmm, wait", "Hmm, no",
     "Hmm, but", "Hmm, just", "Hmm, let me double-check", "Hmm, let me verify", "Hmm, let me make sure",
@@ -79,9 +81,9 @@ class SegmenterConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("phrases", "blank-line"):
-            raise ValueError(f"segmenter mode must be 'phrases' or 'blank-line', got {self.mode!r}")
+            raise InputError(f"segmenter mode must be 'phrases' or 'blank-line', got {self.mode!r}")
         if self.min_chars < 0:
-            raise ValueError(f"min_chars must be >= 0, got {self.min_chars}")
+            raise InputError(f"min_chars must be >= 0, got {self.min_chars}")
         pairs = [
             (phrase, family)
             for family in ("confused", "branching", "progression", "summary", "final")

@@ -26,7 +26,7 @@ class StepScorer:
         backend: ``hf`` (default), ``nnsight`` or ``lens`` (:mod:`kfh_probe.backends`).
 
     Raises:
-        ValueError: an unknown backend.
+        kfh_probe.errors.InputError: an unknown backend.
         kfh_probe.backends.BackendNotInstalledError: the backend's package is missing.
     """
 

@@ -15,6 +15,8 @@ from torch import nn
 from . import __version__
 from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
 from .capture import model_shape
+from .errors import InputError
+from .layers import check_layers
 from .manifest import FORMAT, VERSION
 from .partials import PartStore, plan_batches
 from .scoring import (
@@ -53,6 +55,12 @@ class SweepConfig:
     marker: str = "</think>"
     skip_invalid: bool = False
     backend: str = "hf"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "bootstrap", "permutations", "top_n"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass
@@ -109,7 +117,7 @@ def provenance(traces: list[Trace], tokenized: list[TokenizedTrace], source: str
         segmenter's settings, only when it cut some trace's steps; ``eos_appended``: how many traces got
         the EOS id appended to F because the response text did not end with it.
     Raises:
-        ValueError: the traces were cut with different segmenter settings (naming two of them).
+        kfh_probe.errors.InputError: the traces were cut with different segmenter settings (naming two of them).
     """
     block: dict = {
         "labeler": _one_or_counts([t.labeler or "given" for t in traces]),
@@ -119,7 +127,7 @@ def provenance(traces: list[Trace], tokenized: list[TokenizedTrace], source: str
     cut = [t for t in traces if t.segmenter is not None]
     other = next((t for t in cut if t.segmenter != cut[0].segmenter), None)
     if other is not None:
-        raise ValueError(
+        raise InputError(
             f"{source}: traces were cut with different segmenter settings (line {cut[0].line}, id {cut[0].id!r}, "
             f"and line {other.line}, id {other.id!r}); a manifest records one segmenter: label them with one setting"
         )
@@ -252,7 +260,7 @@ def build_manifest(
     flat = [s.reshape(len(layers) * num_heads, -1) for s in step_score_list]  # row = layer_pos * H + head
     auc, used, pairs = per_trace_auc(flat, labels)
     if auc.shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             "no trace has both an essential and a redundant step, so no head can be ranked; "
             "check the labels (kfh-probe label) or use more traces"
         )
@@ -286,6 +294,8 @@ def build_manifest(
         for r, value in greedy_ensemble(with_pairs, used_labels, max_size=ENSEMBLE_SIZES)
     ]
     if config.top_n is not None:
+        if config.top_n > len(sra):
+            raise InputError(f"--top-n {config.top_n}: the sweep ranks only {len(sra)} heads")
         top_n = config.top_n
     else:
         best = max(e["sra"] for e in ensemble)
@@ -325,11 +335,5 @@ def build_manifest(
 
 
 def probed_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
-    """The sorted layers a sweep covers, checked against the model."""
-    num_layers = model_shape(model)["num_layers"]
-    if layers is None:
-        return list(range(num_layers))
-    bad = [layer for layer in layers if not 0 <= layer < num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} do not exist: the model has layers 0..{num_layers - 1}")
-    return sorted(set(layers))
+    """The sorted layers a sweep covers (``--layers``), checked against the model (:func:`~kfh_probe.layers.check_layers`)."""
+    return check_layers(layers, model_shape(model)["num_layers"])

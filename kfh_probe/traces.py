@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError, listed
 from .segmentation import SegmenterConfig, split_at_marker, think_opener
 
 LABELS = ("essential", "redundant")
@@ -78,18 +79,16 @@ class SkippedTrace:
         return {"line": self.line, "id": self.id, "reason": self.reason}
 
 
-class TraceFileError(ValueError):
-    """A trace file with broken records; the message lists each with its line number and id."""
+class TraceFileError(InputError):
+    """A trace file with broken records; the one-line message lists each (the first 20) by file, line and id."""
 
     def __init__(self, path: str | Path, problems: list[SkippedTrace]):
         self.path = str(path)
         self.problems = problems
-        shown = "\n".join(f"  {self.path}:{p.line} (id {p.id!r}): {p.reason}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        shown = listed([f"{self.path}:{p.line} (id {p.id!r}): {p.reason}" for p in problems])
         super().__init__(
-            f"{len(problems)} invalid trace record(s) in {self.path}:\n{shown}{more}\n"
-            "Fix them, or pass --skip-invalid to leave them out (the manifest then records how many "
-            "and why)."
+            f"{len(problems)} invalid trace record(s) in {self.path}: {shown}. "
+            "Fix them, or pass --skip-invalid to leave them out (counted, with the reasons)."
         )
 
 
@@ -180,12 +179,12 @@ def read_traces(
         ``(traces, skipped)``. ``skipped`` is empty unless ``skip_invalid``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        InputError: the file does not exist.
         TraceFileError: some record is broken and ``skip_invalid`` is False.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"trace file not found: {path}")
+        raise InputError(f"trace file not found: {path}")
     traces: list[Trace] = []
     problems: list[SkippedTrace] = []
     seen: dict[str, int] = {}

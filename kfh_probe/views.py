@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .io import atomic_write_bytes
 
 
@@ -14,11 +15,11 @@ def sra_grid(manifest: dict, key: str = "sra") -> np.ndarray:
     """``[layers, heads]`` of a per-head value, ``sra`` by default (NaN where absent or not probed).
 
     Raises:
-        ValueError: no head of the manifest has ``key`` (a version-1 manifest has no controls).
+        InputError: no head of the manifest has ``key`` (a version-1 manifest has no controls).
     """
     model = manifest["model"]
     if not any(key in head for head in manifest["heads"]):
-        raise ValueError(f"the manifest (version {manifest['version']}) has no per-head {key!r}; sweep again to get it")
+        raise InputError(f"the manifest (version {manifest['version']}) has no per-head {key!r}; sweep again to get it")
     grid = np.full((model["num_layers"], model["num_heads"]), np.nan)
     for head in manifest["heads"]:
         if head.get(key) is not None:
@@ -100,7 +101,7 @@ def plot_heatmap(manifest: dict, out: str | Path, top_n: int | None = None, pane
     outlined; written atomically.
 
     Raises:
-        ValueError: a panel the manifest has no values for (version 1 has only ``sra``).
+        InputError: a panel the manifest has no values for (version 1 has only ``sra``).
     """
     import matplotlib
 
@@ -140,12 +141,12 @@ def compare_manifests(a: dict, b: dict, top_n: int | None = None) -> dict:
     shape_a = tuple(a["model"][k] for k in ("num_layers", "num_heads"))
     shape_b = tuple(b["model"][k] for k in ("num_layers", "num_heads"))
     if shape_a != shape_b:
-        raise ValueError(f"the manifests rank different shapes: {shape_a} vs {shape_b} (layers, heads)")
+        raise InputError(f"the manifests rank different shapes: {shape_a} vs {shape_b} (layers, heads)")
     sra_a = {(h["layer"], h["head"]): h["sra"] for h in a["heads"]}
     sra_b = {(h["layer"], h["head"]): h["sra"] for h in b["heads"]}
     common = sorted(sra_a.keys() & sra_b.keys())
     if len(common) < 3:
-        raise ValueError(f"the manifests share only {len(common)} heads; at least 3 are needed")
+        raise InputError(f"the manifests share only {len(common)} heads; at least 3 are needed")
     x = np.array([sra_a[k] for k in common])
     y = np.array([sra_b[k] for k in common])
     top_n = top_n or min(a["top_n"], b["top_n"])

@@ -12,7 +12,7 @@ import torch
 
 from attnpo_train import loop
 from attnpo_train.advantages import group_advantages
-from attnpo_train.checkpoint import latest_checkpoint
+from attnpo_train.checkpoint import ResumeError, latest_checkpoint
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
 from attnpo_train.data import DataError, Prompt, PromptSource, load_prompts
@@ -184,7 +184,7 @@ def test_resume_refuses_changed_settings_and_ignores_partial_checkpoints(tiny_mo
     changed = dataclasses.replace(config, steps=2, lr=1e-3)
     with pytest.raises(ValueError, match="lr: checkpoint 1e-05, now 0.001"):
         loop.train(loop.prepare_run(changed), changed, resume=True, progress=False)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ResumeError, match="no checkpoint"):
         empty = dataclasses.replace(config, out=str(tmp_path / "empty"))
         loop.train(loop.prepare_run(empty), empty, resume=True, progress=False)
 

@@ -14,7 +14,6 @@ from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards
 from attnpo_train.data import Prompt
-from kfh_probe.sampling import Rollouts, generate_rollouts
 from conftest import R1_TRACES, SHORT_55, tiny_model
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
 from kfh_probe.organism import default_manifest_path, default_model_dir

@@ -8,6 +8,7 @@ each place that now reads answers through it."""
 import pytest
 
 from kfh_probe import grading
+from kfh_probe.errors import InputError, NotInstalledError
 from kfh_probe.grading import answers_match, extract_final_answer, is_correct, last_boxed
 
 
@@ -145,14 +146,14 @@ def test_exact_grader_makes_no_symbolic_check():
 
 def test_math_verify_grader_without_the_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(grading, "_mv_verify", None)
-    with pytest.raises(ValueError, match="pip install math-verify"):
+    with pytest.raises(NotInstalledError, match="pip install math-verify"):
         answers_match("0.5", "\\frac{1}{2}")
 
 
 def test_auto_grader_is_exact_on_the_organism_and_math_verify_on_real_data():
     assert grading.resolve_grader("auto", organism=True) == "exact"
     assert grading.resolve_grader("auto", organism=False) == "math-verify"
-    with pytest.raises(ValueError, match="grader"):
+    with pytest.raises(InputError, match="grader"):
         grading.resolve_grader("fuzzy", organism=False)
 
 

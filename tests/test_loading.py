@@ -5,22 +5,23 @@ from __future__ import annotations
 import pytest
 
 from kfh_probe.cli import main
-from kfh_probe.loading import cache_root, model_folder, model_path
+from kfh_probe.errors import InputError
+from kfh_probe.loading import ModelFolderError, cache_root, model_folder, model_path
 
 
 def test_gguf_file_is_joined_to_its_folder(tmp_path):
     assert model_path(str(tmp_path), "m.gguf") == str(tmp_path / "m.gguf")
     assert model_path("any", None) == "any"
-    with pytest.raises(FileNotFoundError, match="needs --model to be the folder"):
+    with pytest.raises(InputError, match="needs --model to be the folder"):
         model_path(str(tmp_path / "nowhere"), "m.gguf")
 
 
 def test_a_path_that_is_no_model_is_refused_by_name(tmp_path, tiny_model_dir):
     assert model_folder(tiny_model_dir) == tiny_model_dir
-    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    with pytest.raises(ModelFolderError, match="no such file or folder"):
         model_folder(tmp_path / "missing")
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(FileNotFoundError, match="not a .gguf file"):
+    with pytest.raises(ModelFolderError, match="not a .gguf file"):
         model_folder(tmp_path / "weights.bin")
 
 

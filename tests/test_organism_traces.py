@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kfh_probe.organism import default_model_dir, default_traces_path
+from kfh_probe.cli import main
 from kfh_probe.organism.cli import register
 from kfh_probe.organism.report import sample_labeled_traces
 from kfh_probe.organism.traces import write_organism_traces
@@ -61,15 +62,13 @@ def test_cli_traces_command_writes_the_file(tmp_path, capsys):
 
 
 def test_cli_rejects_model_folder_for_teacher_traces(tmp_path, capsys):
-    args = _parse(["organism", "traces", "--n", "3", "--out", str(tmp_path / "o.jsonl"), "--model", "m"])
-    assert args.func(args) == 2
+    assert main(["organism", "traces", "--n", "3", "--out", str(tmp_path / "o.jsonl"), "--model", "m"]) == 2
     assert "--model only applies" in capsys.readouterr().err
 
 
 def test_cli_report_names_a_missing_model_folder(tmp_path, capsys):
-    args = _parse(["organism", "report", "--model", str(tmp_path / "none")])
-    assert args.func(args) == 2
-    assert "no model folder" in capsys.readouterr().err
+    assert main(["organism", "report", "--model", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'} is not a Hugging Face model folder" in capsys.readouterr().err
 
 
 def test_cli_build_defaults_match_the_shipped_build():

@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import R1_TRACES, labeled, write_jsonl
 
+from kfh_probe.errors import InputError
 from kfh_probe.traces import TraceFileError, read_traces
 
 
@@ -52,5 +53,5 @@ def test_duplicate_ids_are_refused(tmp_path):
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(InputError, match="nope.jsonl"):
         read_traces(tmp_path / "nope.jsonl")

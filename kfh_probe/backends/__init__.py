@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..capture import AnswerAttention, capture_answer_attention
+from ..errors import InputError, NotInstalledError
+from ..layers import check_layers
 
 # name -> (module in this package, class in it, top-level package it needs, pyproject extra)
 _OPTIONAL = {
@@ -29,7 +31,7 @@ _OPTIONAL = {
 BACKENDS = ("hf", *_OPTIONAL)
 
 
-class BackendNotInstalledError(RuntimeError):
+class BackendNotInstalledError(NotInstalledError):
     """The package an optional backend runs on is not installed."""
 
 
@@ -61,13 +63,13 @@ def get_backend(name: str) -> type:
     """The backend class registered under ``name`` (``hf``, ``nnsight`` or ``lens``).
 
     Raises:
-        ValueError: no backend has that name.
+        InputError: no backend has that name.
         BackendNotInstalledError: the backend's package is missing; the message says how to install it.
     """
     if name == "hf":
         return HFCapture
     if name not in _OPTIONAL:
-        raise ValueError(f"unknown capture backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise InputError(f"unknown capture backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module_name, class_name, package, _ = _OPTIONAL[name]
     try:
         module = importlib.import_module(f".{module_name}", __name__)
@@ -84,10 +86,6 @@ def requested_layers(backend: str, num_layers: int, layers: list[int] | None) ->
     """The sorted layers to capture (all when ``layers`` is None), checked against the model.
 
     Raises:
-        ValueError: naming the backend, when a layer does not exist.
+        InputError: naming the backend, when a layer does not exist.
     """
-    wanted = list(range(num_layers)) if layers is None else sorted(set(layers))
-    missing = [layer for layer in wanted if not 0 <= layer < num_layers]
-    if missing:
-        raise ValueError(f"backend {backend!r}: the model has no layer(s) {missing}; it has layers 0..{num_layers - 1}")
-    return wanted
+    return check_layers(layers, num_layers, f"backend {backend!r}, layers")

@@ -9,8 +9,8 @@ trace reads those arguments (``.inputs``) and computes the answer rows with the 
 ``T x T``. The model's own attention runs unchanged, and the trace stops after the last requested layer.
 
 Because everything happens in the trace body, the same code runs with nnsight's remote execution
-(``remote=True`` on an NDIF-hosted ``TransformersModel``); ``kfh_probe.capture`` is then registered to
-travel with the request by value.
+(``remote=True`` on an NDIF-hosted ``TransformersModel``); ``kfh_probe.capture`` and the error classes it
+derives from (``kfh_probe.errors``) are then registered to travel with the request by value.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from nnsight.intervention.source import SourceNotAvailable
 from nnsight.modeling.transformers import TransformersModel
 from torch import nn
 
-from .. import capture
+from .. import capture, errors
 from ..capture import (
     AnswerAttention,
     UnsupportedModelError,
@@ -100,7 +100,8 @@ class NNsightCapture:
             self.wrapped = TransformersModel(model, tokenizer=copy.deepcopy(tokenizer), task="text-generation")
         self.remote = remote
         if remote:
-            nnsight.register(capture)  # the server may not have kfh_probe: ship the mathematics by value
+            for module in (capture, errors):  # the server may not have kfh_probe: ship the mathematics by value
+                nnsight.register(module)
         self.calls = _interface_calls(self.wrapped)
         self.num_layers = model_shape(self.wrapped.pipeline.model)["num_layers"]
 

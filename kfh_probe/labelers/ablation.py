@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..alignment import AlignmentError, TokenizedTrace, collate, tokenize_trace
+from ..errors import InputError
 from ..segmentation import split_at_marker, think_opener
 from ..traces import Trace
 from .base import Labeling, Labels, LabelerError
@@ -101,11 +102,11 @@ class AblationLabeler:
     def __init__(self, model: nn.Module, tokenizer, pad_id: int, threshold: float | None = 1.0,
                  top_fraction: float | None = None, batch_size: int = 64, marker: str = "</think>"):
         if (threshold is None) == (top_fraction is None):
-            raise ValueError("give exactly one of threshold and top_fraction")
+            raise InputError("give exactly one of threshold and top_fraction")
         if top_fraction is not None and not 0 < top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+            raise InputError(f"top_fraction must be in (0, 1], got {top_fraction}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.pad_id = model, tokenizer, pad_id
         self.threshold, self.top_fraction, self.batch_size = threshold, top_fraction, batch_size
         self.marker = marker

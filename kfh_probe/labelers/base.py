@@ -14,13 +14,14 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from ..errors import KFHError
 from ..segmentation import SegmenterConfig, segment_reasoning, split_at_marker
 from ..traces import SkippedTrace, Step, Trace, TraceFileError
 
 Labels = list[str | None]
 
 
-class LabelerError(RuntimeError):
+class LabelerError(KFHError, RuntimeError):
     """A failure of the whole labelling run (not of one trace), with a message the user can act on."""
 
 

@@ -1,7 +1,7 @@
 """``kfh-probe label`` and ``kfh-probe label-report``.
 
-Exit codes as in :mod:`kfh_probe.cli`: 0 success, 2 bad input or a labeller that cannot run (the
-message names file, line and id of each broken trace), 130 interrupted. Nothing is written on failure.
+Exit codes as in :mod:`kfh_probe.cli`: 0 success, 2 bad input or a labeller that cannot run (one line
+that names file, line and id of each broken trace), 130 interrupted. Nothing is written on failure.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .base import LabelerError
+from ..errors import InputError
 
 LABELERS = ("given", "organism", "judge", "post-answer", "ablation")
 LABELER_HELP = (
@@ -111,7 +111,7 @@ def parse_judge_spec(spec: str) -> tuple[str, str]:
     """``"URL=MODEL"`` -> ``(URL, MODEL)`` (split at the last ``=``)."""
     url, sep, model = spec.rpartition("=")
     if not sep or not url.startswith(("http://", "https://")) or not model:
-        raise ValueError(f"--judge {spec!r}: expected URL=MODEL with an http(s) URL, e.g. http://localhost:8000/v1=my-model")
+        raise InputError(f"--judge {spec!r}: expected URL=MODEL with an http(s) URL, e.g. http://localhost:8000/v1=my-model")
     return url, model
 
 
@@ -121,7 +121,7 @@ def judge_labeler(args):
     from .judge_client import AnswerCache, ChatJudge, LocalJudge
 
     if not args.judge and not args.judge_local:
-        raise ValueError("--labeler judge needs at least one --judge URL=MODEL or --judge-local DIR")
+        raise InputError("--labeler judge needs at least one --judge URL=MODEL or --judge-local DIR")
     cache_dir = _cache_dir(args)
     cache = AnswerCache(cache_dir) if cache_dir else None
     api_key = os.environ.get(args.api_key_env) or None
@@ -136,13 +136,9 @@ def model_dir(args) -> str:
     """``--model``, or the embedded organism's folder when it is built."""
     if args.model:
         return args.model
-    from ..organism import default_model_dir
+    from ..organism import built_model_dir
 
-    path = default_model_dir()
-    if not (path / "config.json").is_file():
-        raise LabelerError(f"no --model given and the embedded organism is not built at {path} "
-                           "(run `kfh-probe organism build`, or pass --model DIR)")
-    return str(path)
+    return str(built_model_dir())
 
 
 def ablation_labeler(args, model=None, tokenizer=None):
@@ -172,7 +168,7 @@ def make_labeler(name: str, args):
         return ablation_labeler(args)
     if name == "judge":
         return judge_labeler(args)
-    raise ValueError(f"unknown labeller {name!r}; choose from {', '.join(LABELERS)}")
+    raise InputError(f"unknown labeller {name!r}; choose from {', '.join(LABELERS)}")
 
 
 def segmenter(args):
@@ -181,29 +177,15 @@ def segmenter(args):
     return SegmenterConfig(mode=args.segment_mode, min_chars=args.min_chars)
 
 
-def _report_problems(command: str, err) -> int:
-    shown = "\n".join(f"  {err.path}:{p.line} (id {p.id!r}): {p.reason}" for p in err.problems[:20])
-    more = f"\n  ... and {len(err.problems) - 20} more" if len(err.problems) > 20 else ""
-    print(f"kfh-probe {command}: {len(err.problems)} trace(s) cannot be labelled:\n{shown}{more}\n"
-          "Fix them, or pass --skip-invalid to leave them out (counted). Nothing was written.", file=sys.stderr)
-    return 2
-
-
 def cmd_label(args) -> int:
     from ..io import atomic_write_jsonl
-    from ..traces import TraceFileError, read_traces
+    from ..traces import read_traces
     from .base import run_labeler
 
-    try:
-        config = segmenter(args)
-        traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
-        labeler = make_labeler(args.labeler, args)
-        run = run_labeler(traces, labeler, config, args.marker, args.skip_invalid, source=args.traces)
-    except TraceFileError as err:
-        return _report_problems("label", err)
-    except LabelerError as err:
-        print(f"kfh-probe label: {err}. Nothing was written.", file=sys.stderr)
-        return 2
+    config = segmenter(args)
+    traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
+    labeler = make_labeler(args.labeler, args)
+    run = run_labeler(traces, labeler, config, args.marker, args.skip_invalid, source=args.traces)
     run.skipped = sorted(skipped + run.skipped, key=lambda p: p.line)
     if run.traces:
         atomic_write_jsonl(args.out, [t.to_record() for t in run.traces])
@@ -224,29 +206,21 @@ def report_labelers(args) -> dict:
         names.append("judge")
     unknown = [n for n in names if n not in LABELERS]
     if unknown:
-        raise ValueError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELERS)}")
+        raise InputError(f"--labelers: unknown {unknown}; choose from {', '.join(LABELERS)}")
     return {name: (lambda model, tokenizer: ablation_labeler(args, model, tokenizer)) if name == "ablation" else
             (lambda model, tokenizer, name=name: make_labeler(name, args)) for name in names}
 
 
 def cmd_label_report(args) -> int:
-    from ..traces import TraceFileError
     from .report import label_report
 
     rule = (f"top {args.top_fraction:.0%} of drops" if args.top_fraction is not None else
             f"drop >= {1.0 if args.threshold is None else args.threshold} nats")
-    labelers = report_labelers(args)
-    try:
-        table = label_report(
-            model_dir(args), labelers, args.traces, n=args.n, seed=args.seed, marker=args.marker,
-            segmenter=segmenter(args), dtype=args.dtype, device=args.device, progress=not args.quiet,
-            note=f"ablation rule: {rule}",
-        )
-    except TraceFileError as err:
-        return _report_problems("label-report", err)
-    except LabelerError as err:
-        print(f"kfh-probe label-report: {err}", file=sys.stderr)
-        return 2
+    table = label_report(
+        model_dir(args), report_labelers(args), args.traces, n=args.n, seed=args.seed, marker=args.marker,
+        segmenter=segmenter(args), dtype=args.dtype, device=args.device, progress=not args.quiet,
+        note=f"ablation rule: {rule}",
+    )
     print(table)
     if args.out_md:
         from ..io import atomic_write_text

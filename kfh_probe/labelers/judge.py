@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import InputError, KFHError
 from ..segmentation import split_at_marker
 from ..traces import LABELS, Trace
 from .base import Labeling, Labels
@@ -43,7 +44,7 @@ CONSENSUS = ("all", "majority")
 _PLACEHOLDERS = {"question", "steps", "num_steps", "answer"}
 
 
-class VerdictError(ValueError):
+class VerdictError(KFHError, ValueError):
     """A judge reply that is not a verdict for every step."""
 
 
@@ -51,24 +52,23 @@ def load_template(path: str | Path | None = None) -> string.Template:
     """The prompt template from ``path``, or the packaged default.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the template lacks ``$steps`` or uses an unknown ``$name``.
+        InputError: ``path`` does not exist, or the template lacks ``$steps`` or uses an unknown ``$name``.
     """
     if path is None:
         text = resources.files("kfh_probe").joinpath("data/judge_prompt.txt").read_text(encoding="utf-8")
         where = "the packaged judge prompt"
     else:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"prompt template not found: {path}")
+            raise InputError(f"prompt template not found: {path}")
         text, where = Path(path).read_text(encoding="utf-8"), str(path)
     template = string.Template(text)
     names = {m.group("named") or m.group("braced") for m in template.pattern.finditer(text)} - {None}
     unknown = names - _PLACEHOLDERS
     if unknown:
-        raise ValueError(f"{where}: unknown placeholder(s) {sorted('$' + n for n in unknown)}; "
+        raise InputError(f"{where}: unknown placeholder(s) {sorted('$' + n for n in unknown)}; "
                          f"available: {sorted('$' + n for n in _PLACEHOLDERS)} (write $$ for a literal $)")
     if "steps" not in names:
-        raise ValueError(f"{where}: the template must contain $steps (the numbered reasoning steps)")
+        raise InputError(f"{where}: the template must contain $steps (the numbered reasoning steps)")
     return template
 
 

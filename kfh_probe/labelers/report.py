@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import SegmenterConfig, Step, Trace
+from ..errors import InputError
 from .base import Labeler, Labels, run_labeler
 
 TOP_K = 3
@@ -121,7 +122,7 @@ def label_report(
         note: appended to the table's header (the ablation rule, say).
 
     Raises:
-        ValueError: no trace is an organism trace that maps onto tokens.
+        kfh_probe.errors.InputError: no trace is an organism trace that maps onto tokens.
         kfh_probe.labelers.base.LabelerError: a labeller failed as a whole.
     """
     from .. import (
@@ -136,7 +137,7 @@ def label_report(
     truth_run = run_labeler(traces_used, OrganismLabeler(), segmenter, marker, skip_invalid=True, source=source)
     prepared = prepare_traces(truth_run.traces, tokenizer, config, source)
     if not prepared.traces:
-        raise ValueError(f"no trace of {source} is an organism trace that maps onto tokens")
+        raise InputError(f"no trace of {source} is an organism trace that maps onto tokens")
     truth = prepared.labels
     scores = collect_step_scores(model, prepared.tokenized, config, pad_token_id(tokenizer), progress=progress)
     num_heads = scores[0].shape[1]

@@ -14,6 +14,22 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "organism_model"
 
 
+def built_model_dir() -> Path:
+    """:func:`default_model_dir`, checked like any ``--model`` folder (:func:`kfh_probe.loading.model_folder`).
+
+    Raises:
+        kfh_probe.loading.ModelFolderError: the organism is not built there (the message says how to
+            build it), or its ``config.json`` is broken.
+    """
+    from kfh_probe.loading import ModelFolderError, model_folder
+
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"the embedded organism model is not built (no {path / 'config.json'}): "
+                               "run `kfh-probe organism build`, or pass --model DIR")
+    return model_folder(path)
+
+
 def default_traces_path() -> Path:
     """The organism's shipped ground-truth-labeled, model-sampled traces (the sweep's default input).
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from kfh_probe.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,27 +47,26 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _traces(args: argparse.Namespace) -> int:
+    from kfh_probe.loading import model_folder
     from kfh_probe.organism.traces import write_organism_traces
 
     if args.n < 1:
-        print("error: --n must be at least 1", file=sys.stderr)
-        return 2
-    if args.model is not None and args.source != "model":
-        print("error: --model only applies with --source model", file=sys.stderr)
-        return 2
+        raise InputError("--n must be at least 1")
+    if args.model is not None:
+        if args.source != "model":
+            raise InputError("--model only applies with --source model")
+        model_folder(args.model)
     written = write_organism_traces(args.out, args.n, args.seed, args.source, args.model)
     print(f"wrote {written} of {args.n} traces to {args.out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from kfh_probe.organism import default_model_dir
+    from kfh_probe.loading import model_folder
+    from kfh_probe.organism import built_model_dir
     from kfh_probe.organism.report import organism_report
 
-    model = args.model or default_model_dir()
-    if not (Path(model) / "config.json").is_file():
-        print(f"error: no model folder at {model} (run `kfh-probe organism build --out {model}`)", file=sys.stderr)
-        return 2
+    model = built_model_dir() if args.model is None else model_folder(args.model)
     report = organism_report(model, n=args.n)
     text = json.dumps(report, indent=2)
     print(text)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kfh_probe.errors import KFHError
 from kfh_probe.grading import extract_final_answer
 from kfh_probe.organism.task import NUMBER_WORDS, RECHECK_OPENERS, THINK_CLOSE, Fact, Problem
 from kfh_probe.segmentation import split_at_marker
@@ -34,7 +35,7 @@ _RECHECK = re.compile(r"^(?:<think>\n)?(?:" + "|".join(map(re.escape, RECHECK_OP
 _RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(KFHError, ValueError):
     """A prompt or response that the organism's grammar cannot describe."""
 
 
