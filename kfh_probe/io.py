@@ -12,6 +12,16 @@ from typing import Any
 from .errors import InputError
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """``path`` as a report prints it: relative to the working directory when it lies under it, else just
+    its name, so that no report (or committed file made from one) holds a machine's absolute path."""
+    resolved = Path(path).resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return resolved.name
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,15 @@ def test_label_report_prints_one_row_per_labeller_with_truth_rows_perfect(tmp_pa
     for name in ("given", "organism"):
         assert rows[name][1] == "3/3" and rows[name][5:7] == ["1.000", "1.000"]
     assert rows["organism"][7] == rows["given"][7]  # same labels, same top heads
+
+
+def test_label_report_header_holds_no_absolute_path(tmp_path, organism_like_model_dir, capsys, monkeypatch):
+    traces = write_jsonl(tmp_path / "organism.jsonl", teacher_traces(2, seed=3))
+    monkeypatch.chdir(tmp_path)
+    code = main(["label-report", "--traces", str(traces), "--model", str(organism_like_model_dir), "--labelers", "given",
+                 "--quiet"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert code == 0
+    assert "(organism.jsonl" in header  # under the working directory: relative
+    assert f"model {Path(organism_like_model_dir).name}" in header  # elsewhere: its name only
+    assert str(tmp_path) not in header and str(organism_like_model_dir) not in header

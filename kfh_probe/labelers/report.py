@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import SegmenterConfig, Step, Trace
 from ..errors import InputError
+from ..io import shown_path
 from .base import Labeler, Labels, run_labeler
 
 TOP_K = 3
@@ -46,12 +47,12 @@ def load_report_traces(
 
     path = traces or shipped_traces_path()
     if path is not None:
-        return read_traces(path, marker)[0], str(path)
+        return read_traces(path, marker)[0], shown_path(path)
     from ..organism.report import sample_labeled_traces
 
     records = sample_labeled_traces(model_path, n, seed)
     parsed = [parse_record(r, i + 1, marker) for i, r in enumerate(records)]
-    return parsed, f"{len(parsed)} fresh samples of {model_path} (seed {seed})"
+    return parsed, f"{len(parsed)} fresh samples of {shown_path(model_path)} (seed {seed})"
 
 
 def agreement(predicted: list[Labels], truth: list[Labels]) -> dict:
@@ -160,5 +161,5 @@ def label_report(
             "sra_truth": ensemble_sra(flat, truth, heads) if heads else math.nan,
         })
     header = (f"Labellers against the organism's ground truth on {len(prepared.traces)} traces ({source}); "
-              f"model {model_path}{'; ' + note if note else ''}.")
+              f"model {shown_path(model_path)}{'; ' + note if note else ''}.")
     return markdown_table(rows, header)
