@@ -26,7 +26,8 @@ def test_teacher_traces_follow_the_design_format(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len({r["id"] for r in records}) == 25
     for r in records:
-        assert set(r) == {"id", "prompt", "response", "answer", "steps"}
+        assert set(r) == {"id", "prompt", "response", "answer", "steps", "labeler"}
+        assert r["labeler"] == "organism"  # the labels are the task's ground truth, and the file says so
         assert "".join(s["text"] for s in r["steps"]) == r["response"].split("</think>")[0]
         assert {s["label"] for s in r["steps"]} <= {"essential", "redundant"}
         assert int(r["answer"]) >= 1

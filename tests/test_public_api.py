@@ -169,7 +169,7 @@ def test_traces_whose_response_lacks_eos_are_counted(tiny_model_dir, tmp_path, b
 
 def test_manifest_provenance_is_checked_and_old_manifests_stay_valid():
     shipped = load_manifest(SHIPPED)
-    assert (shipped["probe"]["labeler"], shipped["probe"]["steps_from"]) == ("given", "file")
+    assert (shipped["probe"]["labeler"], shipped["probe"]["steps_from"]) == ("organism", "file")
     assert validate_manifest(json.loads(V1.read_text(encoding="utf-8"))) == []
     old_v2 = json.loads(json.dumps(shipped))
     for key in ("steps_from", "eos_appended"):

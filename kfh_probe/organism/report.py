@@ -16,6 +16,7 @@ import torch
 from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace
 from kfh_probe.organism.task import RECHECK_OPENERS, THINK_CLOSE, Problem, generate_problems
+from kfh_probe.organism.traces import LABELER
 from kfh_probe.sampling import generate_rollouts
 
 REPORT_SEED = 20_250_101  # far from the build seeds, so report problems are fresh
@@ -70,7 +71,7 @@ def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float
         wrong += labeled.wrong_claims
         accounts.append(labeled.accounting())
         records.append({"id": f"organism-model-{seed}-{i}", "prompt": s.prompt, "response": s.response,
-                        "answer": str(s.answer), "steps": labeled.steps})
+                        "answer": str(s.answer), "steps": labeled.steps, "labeler": LABELER})
     lengths = [s.n_tokens for s in samples]
 
     def mean_of(key: str) -> float:

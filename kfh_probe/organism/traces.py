@@ -8,6 +8,10 @@ from pathlib import Path
 from kfh_probe.io import atomic_write_jsonl
 from kfh_probe.organism.task import generate_problem, step_texts, teacher_response, teacher_steps
 
+LABELER = "organism"
+"""What a trace file's ``labeler`` field says of the organism's labels: its ground truth (the teacher's
+own step kinds, or the grammar parse of a model sample by ``kfh_probe.organism.labeler``)."""
+
 
 def teacher_traces(n: int, seed: int) -> list[dict]:
     """``n`` teacher traces with ground-truth step labels (a pure function of ``seed``)."""
@@ -23,6 +27,7 @@ def teacher_traces(n: int, seed: int) -> list[dict]:
             "response": teacher_response(problem, steps),
             "answer": str(problem.answer),
             "steps": [{"text": t, "label": lab} for t, lab in zip(step_texts(steps), labels)],
+            "labeler": LABELER,
         })
     return records
 
