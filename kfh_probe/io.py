@@ -23,10 +23,19 @@ def shown_path(path: str | os.PathLike) -> str:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`.
+
+    Raises:
+        kfh_probe.errors.InputError: ``path`` is a folder, or its folder cannot be made or written to.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise InputError(f"{path}: cannot write the output there, it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except (PermissionError, FileExistsError, NotADirectoryError) as err:
+        raise InputError(f"{path}: cannot write the output there ({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

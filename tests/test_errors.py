@@ -12,6 +12,7 @@ import pytest
 from attnpo_train.cli import main as attnpo_main
 from kfh_probe.cli import main as kfh_main
 from kfh_probe.errors import KFHError
+from kfh_probe.io import atomic_write_json
 from kfh_probe.layers import check_layers, parse_layers
 from kfh_probe.organism import default_manifest_path
 
@@ -192,3 +193,16 @@ def test_a_bug_in_the_trainer_cli_shows_its_traceback(error, tiny_model_dir, lab
     monkeypatch.setattr("attnpo_train.cli.evaluate", broken)
     with pytest.raises(type(error), match="a bug"):
         attnpo_main(["eval", "--model", str(tiny_model_dir), "--data", str(labeled_trace_file)])
+
+
+def test_an_output_path_that_cannot_be_written_is_named(tiny_model_dir, labeled_trace_file, tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    code = kfh_main(["sweep", "--model", str(tiny_model_dir), "--traces", str(labeled_trace_file), "--out", str(folder),
+                     "--quiet"])
+    assert code == 2 and list(folder.iterdir()) == []
+    assert f"{folder}: cannot write the output there, it is a folder" in _error_line(capsys, "kfh-probe sweep")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(KFHError, match="cannot write the output there"):
+        atomic_write_json(blocker / "out.json", {})
