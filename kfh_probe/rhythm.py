@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture_layer_calls, interface_call_rows, model_shape
+from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
 
 WINDOW = 10
 FAI_RANGE = (10, 50)
@@ -185,6 +185,107 @@ def mean_distances(
     return (total / max(len(sequences), 1)).float()
 
 
+class SignalRecorder:
+    """An ``AttentionObserver`` that reduces the rhythm heads' attention calls to WAAD and FAI of chosen rows.
+
+    Watch a forward with it (``kfh_probe.capture.attention_calls``, or ``capture_layer_calls``): every call
+    of a layer of ``heads`` is reduced, under ``torch.no_grad`` and in float32, to the local heads' summed
+    windowed distances and the global heads' summed FAI band of the response rows of the batch rows that
+    have a ``start``, in chunks of ``chunk`` query rows from the call's own q, k, mask, scaling and soft-cap
+    (``interface_call_rows``; at most ``kept x heads x chunk x T`` probabilities at a time, never T x T).
+    The rows without a ``start`` cost nothing. A batch run as consecutive row chunks of one padded tensor
+    (as TRL computes log-probs) is recorded whole. ``rhythm_signals`` (a no-grad forward of its own) and
+    the trainer's fused update forward (``attnpo_train.rhythm.FusedRhythmCredit``) use this same code.
+
+    Args:
+        heads: the local and global heads.
+        starts: per batch row, the column of its first response token, or None to skip the row.
+        ends: per batch row, the column after its last token.
+        offsets: per batch row, the column of its first token (its left padding; None: all 0).
+    """
+
+    def __init__(
+        self,
+        heads: RhythmHeads,
+        starts: list[int | None],
+        ends: list[int],
+        window: int = WINDOW,
+        fai_range: tuple[int, int] = FAI_RANGE,
+        chunk: int = CHUNK,
+        offsets: list[int] | None = None,
+    ) -> None:
+        lo, hi = fai_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1; got {window}")
+        self.heads, self.starts, self.ends = heads, starts, ends
+        self.offsets = offsets if offsets is not None else [0] * len(starts)
+        self.window, self.fai_range, self.chunk = window, fai_range, chunk
+        self._local = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
+        self._global = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
+        self._done: dict[int, int] = {}  # layer -> batch rows recorded
+        self._sums: dict[int, torch.Tensor] = {}  # batch row -> [n, 1 + D] summed over the layers so far
+
+    def __call__(self, module, query, key, attention_mask, kwargs) -> None:
+        layer = module.layer_idx
+        if layer not in self._local:
+            return
+        first = self._done.get(layer, 0)
+        self._done[layer] = first + query.shape[0]
+        kept = [b for b in range(first, first + query.shape[0]) if self.starts[b] is not None]
+        if not kept:
+            return
+        with torch.no_grad():
+            index = torch.tensor([b - first for b in kept], device=query.device)
+            query, key = query.index_select(0, index), key.index_select(0, index)
+            if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[0] > 1:
+                attention_mask = attention_mask.index_select(0, index)
+            bias = kwargs.get("position_bias")
+            if bias is not None and bias.shape[0] > 1:
+                kwargs = {**kwargs, "position_bias": bias.index_select(0, index)}
+            rows, valid = _response_rows([self.starts[b] for b in kept], [self.ends[b] for b in kept], query.device)
+            local, glob = self._local[layer], self._global[layer]
+
+            def reduce(probs, r, v):
+                _, waad, band = row_reductions(probs, r, self.window, self.fai_range)
+                return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
+
+            summed = _chunked(module, query, key, attention_mask, kwargs, rows, valid, self.chunk, reduce)[:, 0]
+            for j, b in enumerate(kept):  # [R, 1 + D] of row b, its n response rows first
+                value = summed[j, : self.ends[b] - self.starts[b]].float().cpu()
+                self._sums[b] = value if b not in self._sums else self._sums[b] + value
+
+    def check_reported(self, model: nn.Module) -> None:
+        """Raise ``UnsupportedModelError`` when a layer of the heads never called the attention interface."""
+        silent = [layer for layer in self.heads.layers if layer not in self._done]
+        if silent:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not compute layer(s) {silent} through the transformers attention "
+                "interface, so their attention cannot be captured"
+            )
+
+    def signals(self) -> list[RhythmSignals | None]:
+        """Per batch row, its WAAD and FAI (None for a row without a start); call after the forward."""
+        lo, hi = self.fai_range
+        out: list[RhythmSignals | None] = []
+        for b, start in enumerate(self.starts):
+            if start is None:
+                out.append(None)
+                continue
+            summed = self._sums[b]
+            waad = summed[:, 0] / len(self.heads.local)
+            band = summed[:, 1:] / len(self.heads.global_)  # band[r, j] = A_glob[t_r, t_r - (lo + j)]
+            n = self.ends[b] - start
+            sums, counts = torch.zeros(n), torch.zeros(n)
+            for j, d in enumerate(range(lo, min(hi, n - 1) + 1)):  # rows t = s + d <= T - 1
+                sums[: n - d] += band[d:n, j]
+                counts[: n - d] += 1
+            fai = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full((n,), float("nan")))
+            out.append(RhythmSignals(start - self.offsets[b], waad.clone(), fai))
+        return out
+
+
 @torch.no_grad()
 def rhythm_signals(
     model: nn.Module,
@@ -200,7 +301,7 @@ def rhythm_signals(
     """WAAD (local heads) and FAI (global heads) of every response position of every trace.
 
     One forward per batch of ``batch_size`` right-padded traces, stopped after the deepest layer of
-    the heads; each layer's call is reduced in chunks of ``chunk`` response rows (module docstring).
+    the heads; each layer's call is reduced in chunks of ``chunk`` response rows (``SignalRecorder``).
 
     Args:
         sequences: token ids (prompt + response) of each trace.
@@ -208,42 +309,14 @@ def rhythm_signals(
     Returns:
         one ``RhythmSignals`` per trace, in order.
     """
-    lo, hi = fai_range
-    if not 0 < lo <= hi:
-        raise ValueError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1; got {window}")
     device = next(model.parameters()).device
-    local_by_layer = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
-    global_by_layer = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
     out: list[RhythmSignals] = []
     for first in range(0, len(sequences), batch_size):
         seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
-        lengths = [len(s) for s in seqs]
         ids, mask = _pad(seqs, pad_id)
-        rows, valid = _response_rows(starts, lengths, device)
-
-        def compute(module, query, key, attn_mask, kwargs):
-            local, glob = local_by_layer[module.layer_idx], global_by_layer[module.layer_idx]
-
-            def reduce(probs, r, v):
-                _, waad, band = row_reductions(probs, r, window, fai_range)
-                return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
-
-            return _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk, reduce)[:, 0]  # [batch, R, 1 + D]
-
-        results = capture_layer_calls(model, ids.to(device), mask.to(device), compute, heads.layers)
-        summed = sum(results.values())
-        waad = (summed[..., 0] / len(heads.local)).cpu()
-        band = (summed[..., 1:] / len(heads.global_)).cpu()  # band[b, r, j] = A_glob[t_r, t_r - (lo + j)]
-        for b, (start, length) in enumerate(zip(starts, lengths)):
-            n = length - start
-            sums, counts = torch.zeros(n), torch.zeros(n)
-            for j, d in enumerate(range(lo, min(hi, n - 1) + 1)):  # rows t = s + d <= T - 1
-                sums[: n - d] += band[b, d:n, j]
-                counts[: n - d] += 1
-            fai = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full((n,), float("nan")))
-            out.append(RhythmSignals(start, waad[b, :n].clone(), fai))
+        recorder = SignalRecorder(heads, list(starts), [len(s) for s in seqs], window, fai_range, chunk)
+        capture_layer_calls(model, ids.to(device), mask.to(device), recorder, heads.layers)
+        out.extend(recorder.signals())
     return out
 
 
