@@ -278,14 +278,10 @@ class FusedRhythmCredit:
 
     @contextlib.contextmanager
     def observe(self, model: nn.Module, indices: list[int], input_ids: torch.Tensor) -> Iterator[None]:
-        """Record the signals of the rollouts among ``indices`` that need them during the block's forward.
-
-        Args:
-            input_ids: [B, T] the micro-batch, prompt + response of ``indices[b]`` from position 0.
-        Raises:
-            ValueError: the model is in training mode with attention dropout (the signals would be noisy).
-            kfh_probe.capture.UnsupportedModelError: a head's layer did not go through the attention interface.
-        """
+        """During the block's forward (``input_ids`` [B, T]: prompt + response of ``indices[b]`` from column 0),
+        record the signals of the rollouts among ``indices`` that need them. Raises ValueError under attention
+        dropout in training mode (noisy signals) and ``UnsupportedModelError`` when a heads' layer did not call
+        the attention interface."""
         if not any(i in self._needed for i in indices):
             yield
             return
