@@ -104,15 +104,27 @@ def row_reductions(
         waad ``[batch, heads, R]`` = sum_s a[t, s] min(t - s, window);
         band ``[batch, heads, R, D]`` = a[t, t - d] for d = lo..hi (D = hi - lo + 1; 0 where t - d < 0).
     """
+    distance = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows))
+    return (distance, *window_and_band(probs, rows, window, fai_range))
+
+
+def _gaps(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[batch, R, T]`` t - s, 0 for keys after the row (masked keys have a = 0 anyway)."""
     keys = torch.arange(probs.shape[-1], device=probs.device)
-    gap = (rows[:, :, None] - keys).clamp(min=0).float()  # [batch, R, T]; masked keys have a = 0
-    distance = torch.einsum("bhrt,brt->bhr", probs, gap)
-    waad = torch.einsum("bhrt,brt->bhr", probs, gap.clamp(max=window))
+    return (rows[:, :, None] - keys).clamp(min=0).float()
+
+
+def window_and_band(
+    probs: torch.Tensor, rows: torch.Tensor, window: int = WINDOW, fai_range: tuple[int, int] = FAI_RANGE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windowed distance ``[batch, heads, R]`` and the FAI band ``[batch, heads, R, D]`` of ``row_reductions``
+    (what the signals need; the head ranking also needs the distance)."""
+    waad = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows).clamp(max=window))
     offsets = torch.arange(fai_range[0], fai_range[1] + 1, device=probs.device)
     index = rows[:, :, None] - offsets  # [batch, R, D]
     inside = index >= 0
     picked = probs.gather(3, index.clamp(min=0)[:, None].expand(-1, probs.shape[1], -1, -1))
-    return distance, waad, picked * inside[:, None]
+    return waad, picked * inside[:, None]
 
 
 def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,12 +147,13 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce):
-    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2."""
+def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads=None):
+    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2
+    (``heads``: only these query heads, in this order; None: all)."""
     parts = []
     for start in range(0, rows.shape[1], chunk):
         r, v = rows[:, start : start + chunk], valid[:, start : start + chunk]
-        probs = interface_call_rows(module, query, key, mask, kwargs, r, v)
+        probs = interface_call_rows(module, query, key, mask, kwargs, r, v, heads)
         parts.append(reduce(probs, r, v))
     return torch.cat(parts, dim=2)
 
@@ -245,13 +258,15 @@ class SignalRecorder:
             if bias is not None and bias.shape[0] > 1:
                 kwargs = {**kwargs, "position_bias": bias.index_select(0, index)}
             rows, valid = _response_rows([self.starts[b] for b in kept], [self.ends[b] for b in kept], query.device)
-            local, glob = self._local[layer], self._global[layer]
+            wanted = sorted(set(self._local[layer]) | set(self._global[layer]))  # the other heads cost nothing
+            local = [wanted.index(h) for h in self._local[layer]]
+            glob = [wanted.index(h) for h in self._global[layer]]
 
             def reduce(probs, r, v):
-                _, waad, band = row_reductions(probs, r, self.window, self.fai_range)
+                waad, band = window_and_band(probs, r, self.window, self.fai_range)
                 return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
 
-            summed = _chunked(module, query, key, attention_mask, kwargs, rows, valid, self.chunk, reduce)[:, 0]
+            summed = _chunked(module, query, key, attention_mask, kwargs, rows, valid, self.chunk, reduce, wanted)[:, 0]
             for j, b in enumerate(kept):  # [R, 1 + D] of row b, its n response rows first
                 value = summed[j, : self.ends[b] - self.starts[b]].float().cpu()
                 self._sums[b] = value if b not in self._sums else self._sums[b] + value
