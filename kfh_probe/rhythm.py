@@ -14,7 +14,9 @@ Everything is a reduction over keys of the exact attention rows the model comput
 ``interface_call_rows``: the model's own q, k, mask, scaling and soft-cap, float32), taken in chunks of
 ``chunk`` query rows: at most ``batch x heads x chunk x T`` probabilities exist at a time, never a
 T x T map. WAAD and FAI are linear in the map, so the mean over heads is taken after the reduction.
-FAI needs only the band a[t, t - d] for d in [10, 50] of each row.
+FAI needs only the band a[t, t - d] for d in [10, 50] of each row. The reduction is an observer of the
+attention calls (``SignalRecorder``), so it runs in a forward of its own (``rhythm_signals``) or in one
+the caller runs anyway (the trainer's update forward, ``attnpo_train.rhythm.FusedRhythmCredit``).
 """
 
 from __future__ import annotations
