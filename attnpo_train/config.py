@@ -19,6 +19,7 @@ from kfh_probe.grading import GRADERS
 
 METHODS = ("rloo", "tlmre", "attnpo", "preplan", "anchor", "coupled")
 RHYTHM_METHODS = ("preplan", "anchor", "coupled")
+RHYTHM_RULES = ("project", "paper")
 CREDITS = ("attention", "shuffled", "oracle")
 ESTIMATORS = ("rloo", "grpo")
 
@@ -33,7 +34,8 @@ class TrainConfig:
     default); "tlmre": length-penalised reward; "attnpo": tlmre + stepwise advantage rescaling
     (section 6); "preplan", "anchor", "coupled": tlmre + the Preplan-and-Anchor credit strategies
     (docs/method.md): the advantage of the top ``rhythm_top`` share of tokens by WAAD rise, FAI, or their
-    coupling is multiplied by ``rhythm_gain`` where it is non-negative."""
+    coupling is multiplied by ``rhythm_gain`` where it is non-negative (``rhythm_rule`` "project"; "paper"
+    follows the paper's rule instead)."""
     estimator: str = "rloo"
     """Group baseline: "rloo" (leave-one-out, the reference) or "grpo" (mean/std normalisation)."""
     group_size: int = 8
@@ -69,6 +71,15 @@ class TrainConfig:
     """Share of a response's tokens the rhythm methods credit (top by the signal), in (0, 1]."""
     rhythm_gain: float = 1.5
     """Factor on the non-negative advantage of the credited tokens, >= 1."""
+    rhythm_rule: str = "project"
+    """Which token rule the rhythm methods follow: "project" (the default above, docs/method.md section 8)
+    or "paper" (the paper's: preplan by |WAAD_t - WAAD_{t+1}|, coupled credit back-allocated from locally
+    dominated anchors to their introductory token, negative advantages scaled too;
+    ``attnpo_train.rhythm.PaperRule``)."""
+    rhythm_alpha: float = 0.5
+    """"paper" rule, "coupled": share of a locally dominated anchor's bonus handed to its introductory token, in [0, 1]."""
+    rhythm_k: int = 3
+    """"paper" rule, "coupled": how many tokens before an anchor are searched for its introductory token, >= 1."""
     marker: str = "</think>"
     """End-of-thinking marker that separates reasoning from the final answer."""
     grader: str = "auto"
@@ -76,10 +87,10 @@ class TrainConfig:
     the organism) or "auto" (exact on the organism's task, math-verify on a data file); see
     ``attnpo_train.rewards``."""
     fused_scoring: bool = True
-    """AttnPO only: rate the steps inside the policy-gradient forward of each update micro-batch (the
-    update is on-policy, so that forward's attention is the current policy's), with no forward of its own.
-    False runs the separate no-grad scoring forward before the update instead (kept for checking: the two
-    give the same per-token advantages up to float rounding)."""
+    """AttnPO and the rhythm methods: rate the steps (read WAAD and FAI) inside the policy-gradient forward
+    of each update micro-batch (the update is on-policy, so that forward's attention is the current
+    policy's), with no forward of its own. False runs the separate no-grad scoring forward before the
+    update instead (kept for checking: the two give the same per-token advantages up to float rounding)."""
 
     # --- policy loss ---------------------------------------------------------------------------
     clip_eps: float = 0.2
@@ -143,6 +154,9 @@ class TrainConfig:
         _check(self.top_n_heads is None or self.top_n_heads >= 1, "top_n_heads", self.top_n_heads, ">= 1 or null")
         _check(0.0 < self.rhythm_top <= 1.0, "rhythm_top", self.rhythm_top, "in (0, 1]")
         _check(self.rhythm_gain >= 1.0, "rhythm_gain", self.rhythm_gain, ">= 1")
+        _check_choice("rhythm_rule", self.rhythm_rule, RHYTHM_RULES)
+        _check(0.0 <= self.rhythm_alpha <= 1.0, "rhythm_alpha", self.rhythm_alpha, "in [0, 1]")
+        _check(self.rhythm_k >= 1, "rhythm_k", self.rhythm_k, ">= 1")
         _check(len(self.marker) > 0, "marker", self.marker, "a non-empty string")
         _check_choice("grader", self.grader, ("auto", *GRADERS))
         _check(0.0 < self.clip_eps < 1.0, "clip_eps", self.clip_eps, "in (0, 1)")

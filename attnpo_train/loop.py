@@ -11,7 +11,9 @@ Read it top to bottom. One training step (``train``):
 3. for "attnpo", rate the steps of every correct response with the top-N Key-Focus Heads of the current
    policy and rescale its advantage step by step; by default inside the update's own forward, one
    micro-batch at a time (``attnpo_train.credit.FusedStepCredit``), with ``fused_scoring: false`` in a
-   separate no-grad forward before it (``attnpo_train.credit.attnpo_token_advantages``);
+   separate no-grad forward before it (``attnpo_train.credit.attnpo_token_advantages``); for "preplan",
+   "anchor" and "coupled", likewise read WAAD and FAI and amplify the critical tokens' advantages
+   (``attnpo_train.rhythm.FusedRhythmCredit``, or ``rhythm_token_advantages`` unfused);
    other methods spread the advantage uniformly over the response (``uniform_token_advantages``);
 4. one AdamW step on the token-mean PPO-clip loss, with gradient clipping and an optional KL term
    against the frozen initial policy (``accumulate_policy_gradient``, then ``optimizer.step``);
@@ -71,7 +73,7 @@ from attnpo_train.credit import (
 )
 from attnpo_train.data import PromptSource, load_prompts
 from attnpo_train.loss import ppo_clip_loss
-from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
+from attnpo_train.rhythm import FusedRhythmCredit, RhythmProbe, paper_rule, rhythm_token_advantages
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe import SegmenterConfig
 from kfh_probe.errors import InputError
@@ -307,7 +309,7 @@ def train_step(
     credit_stats: dict[str, float | None] = {}
     rhythm_stats: dict[str, float] = {}
     known_truth = prompt_texts if truth_steps is not None else None
-    fused = None
+    fused: FusedStepCredit | FusedRhythmCredit | None = None
     if config.method == "attnpo" and config.fused_scoring:
         fused = FusedStepCredit(tokenizer, rollouts, correct, advantages, inputs.heads, step, config, known_truth,
                                 inputs.segmenter)
@@ -318,17 +320,24 @@ def train_step(
             inputs.segmenter,
         )
     elif config.method in RHYTHM_METHODS:
-        token_advantages, stats = rhythm_token_advantages(
-            model, rollouts, advantages, inputs.rhythm, config.method, config.rhythm_top, config.rhythm_gain,
-            inputs.pad_id, config.micro_batch_size,
-        )
-        rhythm_stats = {"amplified_frac": stats["amplified_frac"]}
+        rule = (config.method, config.rhythm_top, config.rhythm_gain)
+        if config.fused_scoring:
+            fused = FusedRhythmCredit(rollouts, advantages, inputs.rhythm, *rule, paper_rule(config))
+            token_advantages = fused
+        else:
+            token_advantages, stats = rhythm_token_advantages(
+                model, rollouts, advantages, inputs.rhythm, *rule, inputs.pad_id, config.micro_batch_size,
+                paper_rule(config),
+            )
+            rhythm_stats = {"amplified_frac": stats["amplified_frac"]}
     else:
         token_advantages = uniform_token_advantages(advantages, rollouts)
     t2 = time.perf_counter()
     update = accumulate_policy_gradient(model, ref_model, rollouts, token_advantages, config, inputs.pad_id)
     t3 = time.perf_counter()
     in_update = 0.0 if fused is None else fused.seconds  # the fused scoring's share of the update pass
+    if config.method in RHYTHM_METHODS and fused is not None:
+        rhythm_stats = fused.stats()
     if config.method == "attnpo":
         stats = stats if fused is None else fused.stats()
         rescale_stats = {k: stats[k] for k in rescale_stats}

@@ -1,5 +1,7 @@
-"""Preplan-and-Anchor credit (arXiv 2510.13554; docs/method.md): the outcome advantage of a response, spread
-over its tokens, is amplified on the tokens the attention rhythm marks as critical.
+"""Preplan-and-Anchor credit (arXiv 2510.13554; docs/method.md section 8): the outcome advantage of a
+response, spread over its tokens, is amplified on the tokens the attention rhythm marks as critical.
+
+The project's rule (the default):
 
 - "preplan": tokens with the sharpest WAAD rises (the model reaches far back to open a new chunk);
 - "anchor": tokens with the largest FAI (tokens the later reasoning keeps attending to);
@@ -8,25 +10,36 @@ over its tokens, is amplified on the tokens the attention rhythm marks as critic
 In each response the top ``top`` share of tokens by the signal (ceil(top m) of the m tokens where it is
 defined) is selected; where the response's advantage is non-negative their advantage is multiplied by
 ``gain`` (1.5 by default); every other token keeps the outcome advantage, and a negative advantage is
-left as it is.
+left as it is. The paper's own rule (``PaperRule``: preplan by |WAAD_t - WAAD_{t+1}|, coupled credit
+back-allocated from locally dominated anchors, both signs scaled) is the option.
 
-``token_mask`` and ``amplify`` are pure (hand-checked in the tests). ``rhythm_token_advantages`` adds
-the forward: the signals of the rollouts that need them (positive advantage), computed with the current
-policy by ``kfh_probe.rhythm.rhythm_signals`` in a separate no-grad forward. The single-machine loop
-and the TRL adapter call the same functions. The signals are reductions of each layer's attention call
-(``kfh_probe.capture.capture_layer_calls``), so a fused update forward can produce the same
-``RhythmSignals`` from its own attention calls and hand them to ``token_mask`` unchanged.
+``token_mask``, ``token_gamma`` and ``rhythm_advantages`` are pure (hand-checked in the tests). The
+signals come from the current policy, either read off the update's own forward one micro-batch at a time
+(``FusedRhythmCredit``, the default) or in a separate no-grad forward before the update
+(``rhythm_token_advantages``); both reduce the attention calls with ``kfh_probe.rhythm.SignalRecorder``.
+The single-machine loop and the TRL adapter call the same functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kfh_probe.rhythm import RhythmHeads, RhythmSignals, heads_from_header, read_rhythm_header, rhythm_signals
+from kfh_probe.capture import attention_calls
+from kfh_probe.rhythm import (
+    RhythmHeads,
+    RhythmSignals,
+    SignalRecorder,
+    heads_from_header,
+    read_rhythm_header,
+    rhythm_signals,
+)
 from kfh_probe.sampling import Rollouts
 
 STRATEGIES = ("preplan", "anchor", "coupled")
@@ -56,6 +69,13 @@ def waad_rise(waad: torch.Tensor) -> torch.Tensor:
     return rise
 
 
+def waad_change(waad: torch.Tensor) -> torch.Tensor:
+    """``[n]`` the paper's preplan score |WAAD_t - WAAD_{t+1}|; NaN at the last response token (no next one)."""
+    change = torch.full_like(waad, float("nan"))
+    change[:-1] = (waad[:-1] - waad[1:]).abs()
+    return change
+
+
 def top_share(scores: torch.Tensor, top: float) -> torch.Tensor:
     """``[n]`` bool: the ceil(top m) largest of the m defined (non-NaN) scores; ties by position ascending."""
     defined = (~scores.isnan()).nonzero().flatten().tolist()
@@ -82,12 +102,83 @@ def token_mask(strategy: str, waad: torch.Tensor, fai: torch.Tensor, top: float 
     raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
 
 
+@dataclass(frozen=True)
+class PaperRule:
+    """The paper's own token rule (arXiv 2510.13554 v2, section 5.2; docs/method.md section 8), instead of the
+    project's default.
+
+    - preplan: the top ``top`` share by |WAAD_t - WAAD_{t+1}|;
+    - anchor: the top ``top`` share by FAI (as the default);
+    - coupled: every anchor t gets ``gain``, except a *locally dominated* one (WAAD_t at most the response's
+      median WAAD, and a change |WAAD_u - WAAD_{u+1}| at least the smallest preplan token's for some u in
+      t-k..t-1), which keeps (1 - alpha) of the bonus gain - 1 and hands alpha of it to its introductory
+      token, the u in t-k..t-1 with the largest change (the nearest on ties); bonuses add up;
+    - the multipliers scale negative advantages too.
+
+    The thresholds, alpha, the choice of the introductory token and k within the paper's {1, 2, 3} are
+    the project's choices (the paper leaves them open).
+    """
+
+    alpha: float = 0.5
+    k: int = 3
+
+
+def paper_rule(config) -> PaperRule | None:
+    """The ``PaperRule`` of a ``TrainConfig`` whose ``rhythm_rule`` is "paper", else None (the project's rule)."""
+    return PaperRule(config.rhythm_alpha, config.rhythm_k) if config.rhythm_rule == "paper" else None
+
+
+def paper_gamma(strategy: str, waad: torch.Tensor, fai: torch.Tensor, top: float, gain: float,
+                rule: PaperRule) -> torch.Tensor:
+    """``[n]`` float32 multipliers gamma_t of one response under the paper's rule (``PaperRule``)."""
+    bonus = gain - 1.0
+    change = waad_change(waad)
+    if strategy == "preplan":
+        return 1.0 + bonus * top_share(change, top).float()
+    anchors = top_share(fai, top)
+    if strategy == "anchor":
+        return 1.0 + bonus * anchors.float()
+    if strategy != "coupled":
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    preplan = top_share(change, top)
+    low_waad = float(waad.median()) if len(waad) else 0.0  # torch's median: the lower of the two middle values
+    big_change = float(change[preplan].min()) if bool(preplan.any()) else math.inf
+    gamma = torch.ones(len(waad), dtype=torch.float32)
+    intros: set[int] = set()
+    for t in anchors.nonzero().flatten().tolist():
+        window = list(range(max(0, t - rule.k), t))
+        peak = max(window, key=lambda u: (float(change[u]), u)) if window else None
+        if peak is not None and float(waad[t]) <= low_waad and float(change[peak]) >= big_change:
+            gamma[t] += (1.0 - rule.alpha) * bonus
+            intros.add(peak)
+        else:
+            gamma[t] += bonus
+    for u in intros:
+        gamma[u] += rule.alpha * bonus
+    return gamma
+
+
+def token_gamma(strategy: str, waad: torch.Tensor, fai: torch.Tensor, top: float = 0.4, gain: float = 1.5,
+                paper: PaperRule | None = None) -> torch.Tensor:
+    """``[n]`` float32 multipliers of one response's advantage: ``gain`` on ``token_mask`` and 1 elsewhere
+    (the project's rule), or ``paper_gamma`` when ``paper`` is given."""
+    if paper is not None:
+        return paper_gamma(strategy, waad, fai, top, gain, paper)
+    return torch.where(token_mask(strategy, waad, fai, top), torch.tensor(gain, dtype=torch.float32), 1.0)
+
+
 def amplify(advantage: float, mask: torch.Tensor, gain: float = 1.5) -> torch.Tensor:
     """``[n]`` float32 token advantages: ``advantage`` everywhere, times ``gain`` on ``mask`` when it is >= 0."""
     out = torch.full((len(mask),), float(advantage), dtype=torch.float32)
     if advantage >= 0:
         out[mask] *= gain
     return out
+
+
+def needs_signals(advantage: float, paper: PaperRule | None) -> bool:
+    """Whether a response's advantage changes with its signals: positive (the project's rule leaves negative
+    advantages uniform, and 1.5 x 0 = 0) or, under the paper's rule, non-zero."""
+    return advantage != 0 if paper is not None else advantage > 0
 
 
 def rollout_signals(
@@ -101,44 +192,134 @@ def rollout_signals(
 
 
 def rhythm_advantages(
-    advantages: torch.Tensor, rollouts: Rollouts, signals: dict[int, RhythmSignals], strategy: str, top: float, gain: float
+    advantages: torch.Tensor, rollouts: Rollouts, signals: dict[int, RhythmSignals], strategy: str, top: float,
+    gain: float, paper: PaperRule | None = None, indices: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """Per-token advantages of one step's rollouts from their signals; pure.
 
+    A response's advantages depend on its own outcome advantage and signals only, so any subset of the
+    rollouts can be computed on its own (``indices``; the fused path does one update micro-batch at a time).
+
     Args:
         advantages: [P, G] outcome advantages.
-        signals: the signals of (at least) every rollout with a positive advantage, by rollout index.
+        signals: the signals of (at least) every rollout of ``indices`` that ``needs_signals``, by rollout index.
+        paper: the paper's rule (``PaperRule``) instead of the project's.
+        indices: rollout indices (None: all P*G).
     Returns:
-        (P*G float32 tensors [response_len_i], stats: "amplified_frac" (share of the response tokens of
-         positive-advantage rollouts that were amplified; 0 without any), "masks" (per rollout the [n]
-         bool mask, None where no signals were used)).
+        (one float32 tensor [response_len_i] per index, stats: "amplified_frac" (share of the response
+         tokens of the rollouts that needed signals whose multiplier is not 1; 0 without any),
+         "amplified", "credited_tokens" (its numerator and denominator), "masks" (per index the [n] bool
+         mask of multipliers other than 1, None where no signals were used)).
     """
     flat = advantages.reshape(-1).tolist()
+    indices = list(range(len(flat))) if indices is None else indices
     outputs: list[torch.Tensor] = []
     masks: list[torch.Tensor | None] = []
     amplified = total = 0
-    for i, advantage in enumerate(flat):
-        n = len(rollouts.response_ids[i])
-        if advantage > 0:
-            if i not in signals:
-                raise ValueError(f"rollout {i} has a positive advantage but no rhythm signals")
-            mask = token_mask(strategy, signals[i].waad, signals[i].fai, top)
-            amplified += int(mask.sum())
-            total += n
-            masks.append(mask)
-            outputs.append(amplify(advantage, mask, gain))
-        else:
+    for i in indices:
+        advantage = flat[i]
+        uniform = torch.full((len(rollouts.response_ids[i]),), float(advantage), dtype=torch.float32)
+        if not needs_signals(advantage, paper):
             masks.append(None)
-            outputs.append(torch.full((n,), float(advantage), dtype=torch.float32))
-    return outputs, {"amplified_frac": amplified / total if total else 0.0, "masks": masks}
+            outputs.append(uniform)
+            continue
+        if i not in signals:
+            raise ValueError(f"rollout {i} has a {'positive' if advantage > 0 else 'non-zero'} advantage but no "
+                             "rhythm signals")
+        gamma = token_gamma(strategy, signals[i].waad, signals[i].fai, top, gain, paper)
+        mask = gamma != 1.0
+        amplified += int(mask.sum())
+        total += len(gamma)
+        masks.append(mask)
+        outputs.append(uniform * gamma)
+    return outputs, {"amplified_frac": amplified / total if total else 0.0, "amplified": amplified,
+                     "credited_tokens": total, "masks": masks}
 
 
 def rhythm_token_advantages(
     model: nn.Module, rollouts: Rollouts, advantages: torch.Tensor, probe: RhythmProbe, strategy: str, top: float,
-    gain: float, pad_id: int, batch_size: int,
+    gain: float, pad_id: int, batch_size: int, paper: PaperRule | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
-    """``rollout_signals`` of the positive-advantage rollouts (one no-grad forward per batch), then
-    ``rhythm_advantages``."""
-    positive = [i for i, a in enumerate(advantages.reshape(-1).tolist()) if a > 0]
-    signals = rollout_signals(model, rollouts, positive, probe, pad_id, batch_size) if positive else {}
-    return rhythm_advantages(advantages, rollouts, signals, strategy, top, gain)
+    """``rollout_signals`` of the rollouts that ``needs_signals`` (one no-grad forward per batch), then
+    ``rhythm_advantages`` (the unfused path, ``TrainConfig.fused_scoring`` false)."""
+    needed = [i for i, a in enumerate(advantages.reshape(-1).tolist()) if needs_signals(a, paper)]
+    signals = rollout_signals(model, rollouts, needed, probe, pad_id, batch_size) if needed else {}
+    return rhythm_advantages(advantages, rollouts, signals, strategy, top, gain, paper)
+
+
+class FusedRhythmCredit:
+    """The rhythm strategies' per-token advantages computed inside the update's forward (an ``UpdateCredit``,
+    ``attnpo_train.credit``; ``TrainConfig.fused_scoring``).
+
+    The update is on-policy, so the forward of each update micro-batch runs the policy that sampled the
+    rollouts: its attention calls are those ``rhythm_token_advantages``' separate forward would see. During
+    that forward ``observe`` reduces them (``kfh_probe.rhythm.SignalRecorder``: detached float32, chunks of
+    query rows, never T x T) to the WAAD and FAI of the micro-batch's rollouts that ``needs_signals``; the
+    amplification needs them before that micro-batch's loss, which ``token_advantages`` (called between
+    the forward and the loss) provides with ``rhythm_advantages`` on the micro-batch. The result equals
+    ``rhythm_token_advantages`` up to float rounding of the two forwards (tests).
+
+    Attributes:
+        seconds: time spent recording and in ``token_advantages`` so far (what the strategy adds to a
+            TLMRE update; on a GPU host time, kernels run asynchronously).
+        handed_out: per rollout, the per-token advantages ``token_advantages`` returned (None before).
+    """
+
+    def __init__(self, rollouts: Rollouts, advantages: torch.Tensor, probe: RhythmProbe, strategy: str, top: float,
+                 gain: float, paper: PaperRule | None = None) -> None:
+        flat = advantages.reshape(-1).tolist()
+        self._needed = {i for i, a in enumerate(flat) if needs_signals(a, paper)}
+        self._rollouts, self._advantages, self._probe = rollouts, advantages, probe
+        self._rule = (strategy, top, gain, paper)
+        self._signals: dict[int, RhythmSignals] = {}
+        self._counts = [0, 0]  # amplified, credited tokens
+        self.handed_out: list[torch.Tensor | None] = [None] * len(flat)
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def observe(self, model: nn.Module, indices: list[int], input_ids: torch.Tensor) -> Iterator[None]:
+        """During the block's forward (``input_ids`` [B, T]: prompt + response of ``indices[b]`` from column 0),
+        record the signals of the rollouts among ``indices`` that need them. Raises ValueError under attention
+        dropout in training mode (noisy signals) and ``UnsupportedModelError`` when a heads' layer did not call
+        the attention interface."""
+        if not any(i in self._needed for i in indices):
+            yield
+            return
+        if model.training and getattr(model.config, "attention_dropout", 0.0):
+            raise ValueError("attention dropout is active (model.train()); rhythm signals need the eval-mode attention")
+        prompts, responses = self._rollouts.prompt_ids, self._rollouts.response_ids
+        recorder = SignalRecorder(
+            self._probe.heads, [len(prompts[i]) if i in self._needed else None for i in indices],
+            [len(prompts[i]) + len(responses[i]) for i in indices], self._probe.window, self._probe.fai_range,
+        )
+
+        def timed(*args) -> None:
+            begin = time.perf_counter()
+            recorder(*args)
+            self.seconds += time.perf_counter() - begin
+
+        with attention_calls(model, self._probe.heads.layers, timed):
+            yield
+        start = time.perf_counter()
+        recorder.check_reported(model)
+        for i, signals in zip(indices, recorder.signals()):
+            if signals is not None:
+                self._signals[i] = signals
+        self.seconds += time.perf_counter() - start
+
+    def token_advantages(self, indices: list[int]) -> list[torch.Tensor]:
+        """Per-token advantages of ``indices`` (after their ``observe`` block), B float32 tensors [response_len_i]."""
+        start = time.perf_counter()
+        values, stats = rhythm_advantages(self._advantages, self._rollouts, self._signals, *self._rule, indices=indices)
+        self._counts[0] += stats["amplified"]
+        self._counts[1] += stats["credited_tokens"]
+        for i, row in zip(indices, values):
+            self.handed_out[i] = row
+            self._signals.pop(i, None)
+        self.seconds += time.perf_counter() - start
+        return values
+
+    def stats(self) -> dict:
+        """After every micro-batch: "amplified_frac" of the whole step, as ``rhythm_advantages`` gives it."""
+        amplified, total = self._counts
+        return {"amplified_frac": amplified / total if total else 0.0}

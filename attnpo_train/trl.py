@@ -32,8 +32,11 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
   TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
   and every TRL loss type multiplies them elementwise with the per-token ratio.
 - With ``attnpo_method`` "preplan", "anchor" or "coupled" the step rating and rescaling are replaced by the
-  Preplan-and-Anchor credit of ``attnpo_train.rhythm`` (``rollout_signals`` in the same no-grad scoring
-  forward, then ``rhythm_advantages``), again the lightweight trainer's functions.
+  Preplan-and-Anchor credit of ``attnpo_train.rhythm`` (WAAD and FAI, then ``rhythm_advantages``), again the
+  lightweight trainer's functions. The signals come from the same place as the step scores: recorded
+  during TRL's old-logps forward when it runs one (``kfh_probe.rhythm.SignalRecorder``, for every
+  completion of the rank, since which ones need them is known only after the rewards), else from the
+  separate no-grad forward (``rollout_signals``, only the completions whose advantage needs them).
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
   produced them: ``model.generate``, transformers continuous batching, vLLM colocate or server), so
   nothing here assumes a local HF generate.
@@ -77,13 +80,14 @@ from attnpo_train.credit import (
     rollout_rewards,
     scored_rating,
 )
-from attnpo_train.rhythm import RhythmProbe, rhythm_advantages, rollout_signals
+from attnpo_train.rhythm import RhythmProbe, needs_signals, paper_rule, rhythm_advantages, rollout_signals
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from kfh_probe.capture import attention_calls, attention_modules
 from kfh_probe import check_model_matches, load_manifest, manifest_segmenter, pad_token_id, top_heads
 from kfh_probe.errors import InputError
 from kfh_probe.manifest import ManifestMismatchError
+from kfh_probe.rhythm import RhythmSignals, SignalRecorder
 from kfh_probe.sampling import Rollouts, decode_responses
 
 ANSWER_COLUMN = "answer"
@@ -117,6 +121,13 @@ class AttnPOConfig(GRPOConfig):
             Share of a completion's tokens the rhythm methods credit.
         attnpo_rhythm_gain (`float`, *optional*, defaults to `1.5`):
             Factor on the non-negative advantage of the credited tokens.
+        attnpo_rhythm_rule (`str`, *optional*, defaults to `"project"`):
+            Token rule of the rhythm methods: `"project"` or `"paper"` (the paper's own: preplan by |WAAD_t - WAAD_{t+1}|,
+            coupled credit back-allocated from locally dominated anchors, negative advantages scaled too).
+        attnpo_rhythm_alpha (`float`, *optional*, defaults to `0.5`):
+            `"paper"` rule, `"coupled"`: share of a locally dominated anchor's bonus handed to its introductory token.
+        attnpo_rhythm_k (`int`, *optional*, defaults to `3`):
+            `"paper"` rule, `"coupled"`: how many tokens before an anchor are searched for its introductory token.
         attnpo_top_n_heads (`int` or `None`, *optional*, defaults to `None`):
             Number of top Key-Focus Heads whose mean score rates steps; `None` uses the manifest's `top_n`.
         attnpo_estimator (`str`, *optional*, defaults to `"rloo"`):
@@ -159,6 +170,15 @@ class AttnPOConfig(GRPOConfig):
     )
     attnpo_rhythm_top: float = field(default=0.4, metadata={"help": "Share of tokens the rhythm methods credit."})
     attnpo_rhythm_gain: float = field(default=1.5, metadata={"help": "Factor on the credited non-negative advantages."})
+    attnpo_rhythm_rule: str = field(
+        default="project", metadata={"help": "Rhythm token rule: 'project' (default) or 'paper' (the paper's own)."}
+    )
+    attnpo_rhythm_alpha: float = field(
+        default=0.5, metadata={"help": "'paper' coupled: share of a dominated anchor's bonus handed to its intro token."}
+    )
+    attnpo_rhythm_k: int = field(
+        default=3, metadata={"help": "'paper' coupled: tokens before an anchor searched for its intro token."}
+    )
     attnpo_top_n_heads: int | None = field(
         default=None, metadata={"help": "Number of top Key-Focus Heads to use; None uses the manifest's top_n."}
     )
@@ -280,7 +300,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         self._attnpo_pad_id = pad_token_id(self._tokenizer)
         self._attnpo_generated: tuple[list[list[int]], list[list[int]]] | None = None
         self._attnpo_answers: list[Any] | None = None  # this rank's answers while a batch is generated and scored
-        self._attnpo_captured: list[StepRating | None] | None = None  # ratings read off TRL's old-logps forward
+        # ratings (attnpo) or rhythm signals read off TRL's old-logps forward
+        self._attnpo_captured: list[StepRating | None] | list[RhythmSignals] | None = None
 
     def attnpo_correct(self, completion_ids: list[list[int]], answer: list[Any], **_: Any) -> list[float]:
         """TRL reward function: 1.0 when a completion ended with EOS and its boxed answer after the marker
@@ -319,12 +340,25 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         for the rhythm methods (no Key-Focus Heads; their signals take their own forward)."""
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         dropout = self.model.training and getattr(policy.config, "attention_dropout", 0.0)
-        if (not self._attnpo_heads or self._attnpo_answers is None or self._attnpo_generated is None
-                or self._attnpo_captured is not None or torch.is_grad_enabled() or model is not self.model or not self.old_logps_forward() or dropout):
+        if ((not self._attnpo_heads and self._attnpo_rhythm is None) or self._attnpo_answers is None
+                or self._attnpo_generated is None or self._attnpo_captured is not None or torch.is_grad_enabled()
+                or model is not self.model or not self.old_logps_forward() or dropout):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
         prompt_ids, completion_ids = self._attnpo_generated
         trimmed, _, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
+        width = input_ids.shape[1] - logits_to_keep  # prompts are left-padded to this width
+        offsets = [width - len(ids) for ids in prompt_ids]
+        if self._attnpo_rhythm is not None:  # the signals of every completion: which ones need them is not known yet
+            probe = self._attnpo_rhythm
+            recorder = SignalRecorder(probe.heads, [width] * len(trimmed), [width + len(r) for r in trimmed],
+                                      probe.window, probe.fai_range, offsets=offsets)
+            with attention_calls(policy, probe.heads.layers, recorder):
+                result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                    *args, **kwargs)
+            recorder.check_reported(policy)
+            self._attnpo_captured = recorder.signals()
+            return result
         correct = torch.tensor(self.attnpo_correct(completion_ids, self._attnpo_answers))
         local = Rollouts(1, prompt_ids, trimmed, [""] * len(trimmed), finished)
         config = self.args.to_train_config(self.num_generations)
@@ -333,8 +367,6 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         heads: dict[int, list[int]] = {}
         for layer, head in self._attnpo_heads:
             heads.setdefault(layer, []).append(head)
-        width = input_ids.shape[1] - logits_to_keep  # prompts are left-padded to this width
-        offsets = [width - len(ids) for ids in prompt_ids]
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, trimmed)]
         recorder = answer_row_recorder(ratings, lengths, offsets, input_ids.shape, heads, input_ids.device)
         with attention_calls(policy, sorted(heads), recorder):
@@ -393,7 +425,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         answers: list[Any],
         group_size: int,
         step: int,
-        captured: list[StepRating | None] | None = None,
+        captured: list[StepRating | None] | list[RhythmSignals] | None = None,
     ) -> tuple[list[torch.Tensor], list[float], dict[str, float]]:
         """AttnPO (or rhythm-strategy) per-token advantages of this rank's completions; every rank must call it
         (collective). For the rhythm methods each rank computes the WAAD/FAI of its own positive-advantage
@@ -404,7 +436,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
                 batch is the ranks' rows in rank order, each prompt's G completions consecutive).
             group_size: G.
             step: completed optimizer steps (the attenuation schedule's step).
-            captured: this rank's B ratings read off TRL's old-logps forward; None runs the scoring forward.
+            captured: this rank's B ratings (rhythm methods: signals) read off TRL's old-logps forward; None runs
+                the scoring forward.
         Returns:
             (B float32 tensors [len(completion_ids[b])], the outcome advantages A_i of the whole batch
              (for TRL's completions table), metrics of the whole batch: "reward", "accuracy",
@@ -432,14 +465,20 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             "advantage_abs_mean": float(advantages.abs().mean()),
         }
         if config.method in RHYTHM_METHODS:
-            # this rank's positive-advantage rows, then every rank's signals by global rollout index
-            positive = [i for i, a in enumerate(advantages.reshape(-1)[local].tolist()) if a > 0]
-            with self._scoring_model() as model:
-                mine = rollout_signals(model, local_rollouts, positive, self._attnpo_rhythm, self._attnpo_pad_id,
-                                       config.micro_batch_size) if positive else {}
+            # this rank's rows that need signals, then every rank's signals by global rollout index
+            paper = paper_rule(config)
+            needed = [i for i, a in enumerate(advantages.reshape(-1)[local].tolist()) if needs_signals(a, paper)]
+            if captured is not None:
+                mine = {i: captured[i] for i in needed}
+            elif needed:
+                with self._scoring_model() as model:
+                    mine = rollout_signals(model, local_rollouts, needed, self._attnpo_rhythm, self._attnpo_pad_id,
+                                           config.micro_batch_size)
+            else:
+                mine = {}
             signals = dict(gather_object([(start + i, s) for i, s in mine.items()]))
             token_advantages, stats = rhythm_advantages(
-                advantages, rollouts, signals, config.method, config.rhythm_top, config.rhythm_gain
+                advantages, rollouts, signals, config.method, config.rhythm_top, config.rhythm_gain, paper
             )
             return token_advantages[local], advantages.reshape(-1).tolist(), {**metrics, "amplified_frac": stats["amplified_frac"]}
         ratings = captured

@@ -13,6 +13,8 @@ Arms (all from the shipped organism, same settings, same prompts and random stre
     preplan   TLMRE with the advantage of the top 40% tokens by WAAD rise times 1.5 where it is >= 0
     anchor    the same on the top 40% tokens by FAI (Preplan-and-Anchor, arXiv 2510.13554)
     coupled   the same on anchors next to a preplan token and those preplan tokens
+    preplan_paper, anchor_paper, coupled_paper   the same strategies under the paper's own token rule
+              (``rhythm_rule: paper``, docs/method.md section 8); run only when named in --arms
 
 Every final policy is evaluated on held-out problems greedily, avg@K at temperature 0.6 / top-p 0.95,
 and avg@K at temperature 1.0, with ground-truth step accounting. Each finished run is written to
@@ -50,7 +52,11 @@ ARMS = {
     "preplan": {"method": "preplan"},
     "anchor": {"method": "anchor"},
     "coupled": {"method": "coupled"},
+    "preplan_paper": {"method": "preplan", "rhythm_rule": "paper"},
+    "anchor_paper": {"method": "anchor", "rhythm_rule": "paper"},
+    "coupled_paper": {"method": "coupled", "rhythm_rule": "paper"},
 }
+OPTIONAL_ARMS = ("preplan_paper", "anchor_paper", "coupled_paper")  # run only when named in --arms
 SINGLE_SEED_ARMS = ("pos_only", "neg_only")
 EVALS = {"greedy": (1, None, 1.0), "t0.6": (None, 0.6, 0.95), "t1.0": (None, 1.0, 1.0)}  # samples, T, top-p
 REPORTED = ("accuracy", "tokens", "redundant_steps", "essential_steps", "missing_essential", "other", "recheck",
@@ -225,7 +231,8 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
 
     colours = {"rloo": "tab:gray", "tlmre": "tab:blue", "attnpo": "tab:red", "shuffled": "tab:orange",
                "oracle": "tab:green", "pos_only": "tab:purple", "neg_only": "tab:brown", "preplan": "tab:pink",
-               "anchor": "tab:olive", "coupled": "tab:cyan"}
+               "anchor": "tab:olive", "coupled": "tab:cyan",
+               "preplan_paper": "lightpink", "anchor_paper": "yellowgreen", "coupled_paper": "paleturquoise"}
     titles = {"response_tokens_mean": "rollout tokens", "redundant_steps_per_response": "redundant steps / response",
               "essential_steps_per_response": "essential steps / response", "accuracy": "rollout accuracy",
               "pos_precision": "Pos-Adv precision (attenuated that are redundant)",
@@ -258,7 +265,7 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if a not in OPTIONAL_ARMS], choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4)

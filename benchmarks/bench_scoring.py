@@ -1,4 +1,5 @@
-"""What AttnPO's step scoring costs: an AttnPO update against a TLMRE update on the same rollouts.
+"""What AttnPO's step scoring (or a rhythm strategy's WAAD/FAI) costs: its update against a TLMRE update on the
+same rollouts.
 
 Three updates of the same rollouts, from the group advantages to the gradient left in ``.grad``
 (``attnpo_train.loop.accumulate_policy_gradient``), timed in turns, each round in a rotated order, so
@@ -8,6 +9,11 @@ that load on the machine hits all three alike:
   unfused:  AttnPO with the separate no-grad scoring forward (``attnpo_token_advantages``, as with
             ``fused_scoring: false``), then the update;
   fused:    AttnPO with the scores read off the update's own forward (``FusedStepCredit``, the default).
+
+With ``--credit preplan|anchor|coupled`` the unfused and fused updates are the rhythm strategy's instead:
+``rhythm_token_advantages`` (separate no-grad forward over the rollouts with a positive advantage) and
+``FusedRhythmCredit`` (WAAD and FAI read off the update's own forward). The organism uses its shipped
+rhythm file; the r1shape model 15 local and 15 global heads (30% of its 48) from a fixed random ranking.
 
 Two models:
 
@@ -24,8 +30,8 @@ Two models:
 Printed per model: median seconds of each update, the ratios to TLMRE, the scoring time the trainer
 logs (``time_scoring_s``: alignment, ground truth, capture and gammas; for unfused also its forward),
 and the largest |fused - unfused| per-token advantage. Ratios come from the same run.
-Run:  python benchmarks/bench_scoring.py [--models organism r1shape] [--repeats 5] [--tokens 2048] [--vocab V]
-          [--group-size G] [--threads N] [--device cuda] [--json F]
+Run:  python benchmarks/bench_scoring.py [--models organism r1shape] [--credit attnpo] [--repeats 5] [--tokens 2048]
+          [--vocab V] [--group-size G] [--threads N] [--device cuda] [--json F]
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards, uniform_token_advantages
 from attnpo_train.data import Prompt
 from attnpo_train.loop import accumulate_policy_gradient
+from attnpo_train.rhythm import FusedRhythmCredit, RhythmProbe, rhythm_token_advantages
 from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.manifest import load_manifest, top_heads
-from kfh_probe.organism import default_manifest_path, default_model_dir, default_traces_path
+from kfh_probe.organism import default_manifest_path, default_model_dir, default_rhythm_path, default_traces_path
+from kfh_probe.rhythm import select_heads
 from kfh_probe.sampling import Rollouts, generate_rollouts
 
 R1_HEADS = [(1, 2), (2, 9), (3, 2)]
@@ -56,15 +64,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def organism_case(device: str, seed: int, repeats: int) -> dict:
-    """The organism, its top-N heads, 8 x 8 rollouts sampled from its task, and the median seconds sampling
-    them took (the same seeded rollouts ``repeats`` times)."""
+def organism_case(device: str, seed: int, repeats: int, credit: str) -> dict:
+    """The organism, its top-N heads and rhythm probe, 8 x 8 rollouts sampled from its task, and the median
+    seconds sampling them took (the same seeded rollouts ``repeats`` times)."""
     from kfh_probe.organism.task import generate_problems
 
     path = default_model_dir()
     model, tokenizer = load_model(path, "float32", device), load_tokenizer(path)
     prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(8, seed))]
-    config = TrainConfig(method="attnpo", group_size=8, horizon=0, micro_batch_size=8)
+    config = TrainConfig(method=credit, group_size=8, horizon=0, micro_batch_size=8)
     seconds = []
     for _ in range(repeats):
         torch.manual_seed(seed)
@@ -76,7 +84,8 @@ def organism_case(device: str, seed: int, repeats: int) -> dict:
     heads = top_heads(load_manifest(default_manifest_path()), None)
     texts = [prompts[i // config.group_size].text for i in range(len(rollouts.texts))]
     return dict(model=model, tokenizer=tokenizer, prompts=prompts, rollouts=rollouts, heads=heads, config=config,
-                prompt_texts=texts, rollout_s=statistics.median(seconds))
+                prompt_texts=texts, rollout_s=statistics.median(seconds),
+                rhythm=RhythmProbe.from_file(default_rhythm_path(), model))
 
 
 def _r1_model(device: str, vocab: int):
@@ -94,7 +103,7 @@ def _r1_model(device: str, vocab: int):
     return model.eval()
 
 
-def r1shape_case(device: str, tokens: int, group_size: int, vocab: int) -> dict:
+def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: str) -> dict:
     """G responses of about ``tokens`` tokens to one organism prompt, for the R1-shaped random model."""
     tokenizer = load_tokenizer(default_model_dir())
     with open(default_traces_path(), encoding="utf-8") as handle:
@@ -116,10 +125,12 @@ def r1shape_case(device: str, tokens: int, group_size: int, vocab: int) -> dict:
         responses.append(ids)
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     rollouts = Rollouts(group_size, [list(prompt_ids)] * group_size, responses, texts, [True] * group_size)
-    config = TrainConfig(method="attnpo", group_size=group_size, horizon=0, micro_batch_size=1)
+    config = TrainConfig(method=credit, group_size=group_size, horizon=0, micro_batch_size=1)
+    ranking = torch.randperm(4 * 12, generator=torch.Generator().manual_seed(0)).float().view(4, 12)
+    rhythm = RhythmProbe(select_heads(ranking), 10, (10, 50))
     return dict(model=_r1_model(device, vocab), tokenizer=tokenizer, prompts=[Prompt("p", records[0]["prompt"],
                 records[0]["answer"])], rollouts=rollouts, heads=R1_HEADS, config=config, prompt_texts=None,
-                rollout_s=None)
+                rollout_s=None, rhythm=rhythm)
 
 
 def updates(case: dict, device: str, first: int = 0) -> dict:
@@ -138,9 +149,15 @@ def updates(case: dict, device: str, first: int = 0) -> dict:
         start = time.perf_counter()
         if kind == "tlmre":
             values = uniform_token_advantages(advantages, rollouts)
+        elif kind == "unfused" and config.method != "attnpo":
+            values, _ = rhythm_token_advantages(model, rollouts, advantages, case["rhythm"], config.method,
+                                                config.rhythm_top, config.rhythm_gain, pad_id, config.micro_batch_size)
         elif kind == "unfused":
             values, _ = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages, case["heads"], 0,
                                                 config, pad_id, case["prompt_texts"])
+        elif config.method != "attnpo":
+            values = FusedRhythmCredit(rollouts, advantages, case["rhythm"], config.method, config.rhythm_top,
+                                       config.rhythm_gain)
         else:
             values = FusedStepCredit(tokenizer, rollouts, correct, advantages, case["heads"], 0, config,
                                      case["prompt_texts"])
@@ -161,6 +178,8 @@ def updates(case: dict, device: str, first: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("organism", "r1shape"), default=["organism", "r1shape"])
+    parser.add_argument("--credit", choices=("attnpo", "preplan", "anchor", "coupled"), default="attnpo",
+                        help="whose scoring to time: AttnPO's step scores or a rhythm strategy's WAAD/FAI")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each times all three updates once)")
     parser.add_argument("--tokens", type=int, default=2048, help="response length of the r1shape model")
     parser.add_argument("--group-size", type=int, default=4, help="responses of the r1shape model")
@@ -176,8 +195,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     results = {}
     for name in args.models:
-        case = organism_case(args.device, args.seed, args.repeats) if name == "organism" else \
-            r1shape_case(args.device, args.tokens, args.group_size, args.vocab)
+        case = organism_case(args.device, args.seed, args.repeats, args.credit) if name == "organism" else \
+            r1shape_case(args.device, args.tokens, args.group_size, args.vocab, args.credit)
         updates(case, args.device)  # warm-up
         rounds = [updates(case, args.device, r % 3) for r in range(args.repeats)]
         time_s = {k: statistics.median(r[k][0] for r in rounds) for k in ("tlmre", "unfused", "fused")}
@@ -186,7 +205,7 @@ def main() -> None:
         last = rounds[-1]
         diff = max(float((a - b).abs().max()) for a, b in zip(last["fused"][2], last["unfused"][2]))
         lengths = case["rollouts"].response_lengths.float()
-        row = {"responses": len(lengths), "response_tokens_mean": float(lengths.mean()), "seconds": time_s,
+        row = {"credit": args.credit, "responses": len(lengths), "response_tokens_mean": float(lengths.mean()), "seconds": time_s,
                "scoring_seconds": scoring_s, "fused_over_tlmre": time_s["fused"] / time_s["tlmre"],
                "unfused_over_tlmre": time_s["unfused"] / time_s["tlmre"], "max_abs_advantage_diff": diff,
                "fused_scoring_over_tlmre": scoring_s["fused"] / time_s["tlmre"],
@@ -200,12 +219,13 @@ def main() -> None:
         results[name] = row
         print(f"{name}: {row['responses']} responses, {row['response_tokens_mean']:.0f} tokens on average; "
               f"median of {args.repeats} on {args.device}")
-        print(f"  update s: tlmre {time_s['tlmre']:.3f} | attnpo unfused {time_s['unfused']:.3f} | "
-              f"attnpo fused {time_s['fused']:.3f}")
-        print(f"  attnpo / tlmre: unfused {row['unfused_over_tlmre']:.3f} | fused {row['fused_over_tlmre']:.3f}")
+        print(f"  update s: tlmre {time_s['tlmre']:.3f} | {args.credit} unfused {time_s['unfused']:.3f} | "
+              f"{args.credit} fused {time_s['fused']:.3f}")
+        print(f"  {args.credit} / tlmre: unfused {row['unfused_over_tlmre']:.3f} | fused {row['fused_over_tlmre']:.3f}")
         print(f"  time_scoring_s: unfused {scoring_s['unfused']:.4f} | fused {scoring_s['fused']:.4f} "
               f"({scoring_s['fused'] / time_s['tlmre']:.2%} of the TLMRE update; {fused_before:.4f} of it before "
-              f"the update: alignment{' and ground truth' if case['prompt_texts'] else ''})")
+              f"the update: {'which rollouts need signals' if args.credit != 'attnpo' else 'alignment'}"
+              f"{' and ground truth' if case['prompt_texts'] and args.credit == 'attnpo' else ''})")
         if "scoring_share_of_step" in row:
             share = row["scoring_share_of_step"]
             print(f"  rollout s {case['rollout_s']:.3f}; scoring share of a step: unfused {share['unfused']:.2%} | "

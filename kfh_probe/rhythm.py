@@ -14,7 +14,9 @@ Everything is a reduction over keys of the exact attention rows the model comput
 ``interface_call_rows``: the model's own q, k, mask, scaling and soft-cap, float32), taken in chunks of
 ``chunk`` query rows: at most ``batch x heads x chunk x T`` probabilities exist at a time, never a
 T x T map. WAAD and FAI are linear in the map, so the mean over heads is taken after the reduction.
-FAI needs only the band a[t, t - d] for d in [10, 50] of each row.
+FAI needs only the band a[t, t - d] for d in [10, 50] of each row. The reduction is an observer of the
+attention calls (``SignalRecorder``), so it runs in a forward of its own (``rhythm_signals``) or in one
+the caller runs anyway (the trainer's update forward, ``attnpo_train.rhythm.FusedRhythmCredit``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
 from .errors import InputError
-from .capture import capture_layer_calls, interface_call_rows, model_shape
 
 WINDOW = 10
 FAI_RANGE = (10, 50)
@@ -82,7 +84,7 @@ def select_heads(mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION) -
         each sorted by distance (closest / farthest first), ties by (layer, head) ascending.
     """
     if not 0.0 < fraction <= 0.5:
-        raise ValueError(f"head fraction must be in (0, 0.5] so the two sets do not overlap; got {fraction}")
+        raise InputError(f"head fraction must be in (0, 0.5] so the two sets do not overlap; got {fraction}")
     num_layers, num_heads = mean_distance.shape
     count = math.ceil(fraction * num_layers * num_heads)
     heads = [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
@@ -105,15 +107,27 @@ def row_reductions(
         waad ``[batch, heads, R]`` = sum_s a[t, s] min(t - s, window);
         band ``[batch, heads, R, D]`` = a[t, t - d] for d = lo..hi (D = hi - lo + 1; 0 where t - d < 0).
     """
+    distance = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows))
+    return (distance, *window_and_band(probs, rows, window, fai_range))
+
+
+def _gaps(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``[batch, R, T]`` t - s, 0 for keys after the row (masked keys have a = 0 anyway)."""
     keys = torch.arange(probs.shape[-1], device=probs.device)
-    gap = (rows[:, :, None] - keys).clamp(min=0).float()  # [batch, R, T]; masked keys have a = 0
-    distance = torch.einsum("bhrt,brt->bhr", probs, gap)
-    waad = torch.einsum("bhrt,brt->bhr", probs, gap.clamp(max=window))
+    return (rows[:, :, None] - keys).clamp(min=0).float()
+
+
+def window_and_band(
+    probs: torch.Tensor, rows: torch.Tensor, window: int = WINDOW, fai_range: tuple[int, int] = FAI_RANGE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windowed distance ``[batch, heads, R]`` and the FAI band ``[batch, heads, R, D]`` of ``row_reductions``
+    (what the signals need; the head ranking also needs the distance)."""
+    waad = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows).clamp(max=window))
     offsets = torch.arange(fai_range[0], fai_range[1] + 1, device=probs.device)
     index = rows[:, :, None] - offsets  # [batch, R, D]
     inside = index >= 0
     picked = probs.gather(3, index.clamp(min=0)[:, None].expand(-1, probs.shape[1], -1, -1))
-    return distance, waad, picked * inside[:, None]
+    return waad, picked * inside[:, None]
 
 
 def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +150,13 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce):
-    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2."""
+def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads=None):
+    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2
+    (``heads``: only these query heads, in this order; None: all)."""
     parts = []
     for start in range(0, rows.shape[1], chunk):
         r, v = rows[:, start : start + chunk], valid[:, start : start + chunk]
-        probs = interface_call_rows(module, query, key, mask, kwargs, r, v)
+        probs = interface_call_rows(module, query, key, mask, kwargs, r, v, heads)
         parts.append(reduce(probs, r, v))
     return torch.cat(parts, dim=2)
 
@@ -186,6 +201,109 @@ def mean_distances(
     return (total / max(len(sequences), 1)).float()
 
 
+class SignalRecorder:
+    """An ``AttentionObserver`` that reduces the rhythm heads' attention calls to WAAD and FAI of chosen rows.
+
+    Watch a forward with it (``kfh_probe.capture.attention_calls``, or ``capture_layer_calls``): every call
+    of a layer of ``heads`` is reduced, under ``torch.no_grad`` and in float32, to the local heads' summed
+    windowed distances and the global heads' summed FAI band of the response rows of the batch rows that
+    have a ``start``, in chunks of ``chunk`` query rows from the call's own q, k, mask, scaling and soft-cap
+    (``interface_call_rows``; at most ``kept x heads x chunk x T`` probabilities at a time, never T x T).
+    The rows without a ``start`` cost nothing. A batch run as consecutive row chunks of one padded tensor
+    (as TRL computes log-probs) is recorded whole. ``rhythm_signals`` (a no-grad forward of its own) and
+    the trainer's fused update forward (``attnpo_train.rhythm.FusedRhythmCredit``) use this same code.
+
+    Args:
+        heads: the local and global heads.
+        starts: per batch row, the column of its first response token, or None to skip the row.
+        ends: per batch row, the column after its last token.
+        offsets: per batch row, the column of its first token (its left padding; None: all 0).
+    """
+
+    def __init__(
+        self,
+        heads: RhythmHeads,
+        starts: list[int | None],
+        ends: list[int],
+        window: int = WINDOW,
+        fai_range: tuple[int, int] = FAI_RANGE,
+        chunk: int = CHUNK,
+        offsets: list[int] | None = None,
+    ) -> None:
+        lo, hi = fai_range
+        if not 0 < lo <= hi:
+            raise InputError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
+        if window < 1:
+            raise InputError(f"window must be >= 1; got {window}")
+        self.heads, self.starts, self.ends = heads, starts, ends
+        self.offsets = offsets if offsets is not None else [0] * len(starts)
+        self.window, self.fai_range, self.chunk = window, fai_range, chunk
+        self._local = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
+        self._global = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
+        self._done: dict[int, int] = {}  # layer -> batch rows recorded
+        self._sums: dict[int, torch.Tensor] = {}  # batch row -> [n, 1 + D] summed over the layers so far
+
+    def __call__(self, module, query, key, attention_mask, kwargs) -> None:
+        layer = module.layer_idx
+        if layer not in self._local:
+            return
+        first = self._done.get(layer, 0)
+        self._done[layer] = first + query.shape[0]
+        kept = [b for b in range(first, first + query.shape[0]) if self.starts[b] is not None]
+        if not kept:
+            return
+        with torch.no_grad():
+            index = torch.tensor([b - first for b in kept], device=query.device)
+            query, key = query.index_select(0, index), key.index_select(0, index)
+            if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[0] > 1:
+                attention_mask = attention_mask.index_select(0, index)
+            bias = kwargs.get("position_bias")
+            if bias is not None and bias.shape[0] > 1:
+                kwargs = {**kwargs, "position_bias": bias.index_select(0, index)}
+            rows, valid = _response_rows([self.starts[b] for b in kept], [self.ends[b] for b in kept], query.device)
+            wanted = sorted(set(self._local[layer]) | set(self._global[layer]))  # the other heads cost nothing
+            local = [wanted.index(h) for h in self._local[layer]]
+            glob = [wanted.index(h) for h in self._global[layer]]
+
+            def reduce(probs, r, v):
+                waad, band = window_and_band(probs, r, self.window, self.fai_range)
+                return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
+
+            summed = _chunked(module, query, key, attention_mask, kwargs, rows, valid, self.chunk, reduce, wanted)[:, 0]
+            for j, b in enumerate(kept):  # [R, 1 + D] of row b, its n response rows first
+                value = summed[j, : self.ends[b] - self.starts[b]].float().cpu()
+                self._sums[b] = value if b not in self._sums else self._sums[b] + value
+
+    def check_reported(self, model: nn.Module) -> None:
+        """Raise ``UnsupportedModelError`` when a layer of the heads never called the attention interface."""
+        silent = [layer for layer in self.heads.layers if layer not in self._done]
+        if silent:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} did not compute layer(s) {silent} through the transformers attention "
+                "interface, so their attention cannot be captured"
+            )
+
+    def signals(self) -> list[RhythmSignals | None]:
+        """Per batch row, its WAAD and FAI (None for a row without a start); call after the forward."""
+        lo, hi = self.fai_range
+        out: list[RhythmSignals | None] = []
+        for b, start in enumerate(self.starts):
+            if start is None:
+                out.append(None)
+                continue
+            summed = self._sums[b]
+            waad = summed[:, 0] / len(self.heads.local)
+            band = summed[:, 1:] / len(self.heads.global_)  # band[r, j] = A_glob[t_r, t_r - (lo + j)]
+            n = self.ends[b] - start
+            sums, counts = torch.zeros(n), torch.zeros(n)
+            for j, d in enumerate(range(lo, min(hi, n - 1) + 1)):  # rows t = s + d <= T - 1
+                sums[: n - d] += band[d:n, j]
+                counts[: n - d] += 1
+            fai = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full((n,), float("nan")))
+            out.append(RhythmSignals(start - self.offsets[b], waad.clone(), fai))
+        return out
+
+
 @torch.no_grad()
 def rhythm_signals(
     model: nn.Module,
@@ -201,7 +319,7 @@ def rhythm_signals(
     """WAAD (local heads) and FAI (global heads) of every response position of every trace.
 
     One forward per batch of ``batch_size`` right-padded traces, stopped after the deepest layer of
-    the heads; each layer's call is reduced in chunks of ``chunk`` response rows (module docstring).
+    the heads; each layer's call is reduced in chunks of ``chunk`` response rows (``SignalRecorder``).
 
     Args:
         sequences: token ids (prompt + response) of each trace.
@@ -209,42 +327,14 @@ def rhythm_signals(
     Returns:
         one ``RhythmSignals`` per trace, in order.
     """
-    lo, hi = fai_range
-    if not 0 < lo <= hi:
-        raise ValueError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1; got {window}")
     device = next(model.parameters()).device
-    local_by_layer = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
-    global_by_layer = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
     out: list[RhythmSignals] = []
     for first in range(0, len(sequences), batch_size):
         seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
-        lengths = [len(s) for s in seqs]
         ids, mask = _pad(seqs, pad_id)
-        rows, valid = _response_rows(starts, lengths, device)
-
-        def compute(module, query, key, attn_mask, kwargs):
-            local, glob = local_by_layer[module.layer_idx], global_by_layer[module.layer_idx]
-
-            def reduce(probs, r, v):
-                _, waad, band = row_reductions(probs, r, window, fai_range)
-                return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
-
-            return _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk, reduce)[:, 0]  # [batch, R, 1 + D]
-
-        results = capture_layer_calls(model, ids.to(device), mask.to(device), compute, heads.layers)
-        summed = sum(results.values())
-        waad = (summed[..., 0] / len(heads.local)).cpu()
-        band = (summed[..., 1:] / len(heads.global_)).cpu()  # band[b, r, j] = A_glob[t_r, t_r - (lo + j)]
-        for b, (start, length) in enumerate(zip(starts, lengths)):
-            n = length - start
-            sums, counts = torch.zeros(n), torch.zeros(n)
-            for j, d in enumerate(range(lo, min(hi, n - 1) + 1)):  # rows t = s + d <= T - 1
-                sums[: n - d] += band[b, d:n, j]
-                counts[: n - d] += 1
-            fai = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full((n,), float("nan")))
-            out.append(RhythmSignals(start, waad[b, :n].clone(), fai))
+        recorder = SignalRecorder(heads, list(starts), [len(s) for s in seqs], window, fai_range, chunk)
+        capture_layer_calls(model, ids.to(device), mask.to(device), recorder, heads.layers)
+        out.extend(recorder.signals())
     return out
 
 

@@ -319,3 +319,27 @@ def smollm2(smollm2_dir):
     from kfh_probe.loading import load_model, load_tokenizer
 
     return load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest absolute elementwise difference between two lists of same-shaped tensors."""
+    assert [x.shape for x in a] == [y.shape for y in b]
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def organism_rollouts():
+    """``(model, tokenizer, prompts, rollouts, heads)``: 3 organism prompts x 4 sampled responses (seeded) and the
+    shipped manifest's top heads; one model per test module, since the fused-credit tests accumulate gradients."""
+    from attnpo_train.data import Prompt
+    from kfh_probe.loading import load_model, load_tokenizer
+    from kfh_probe.manifest import load_manifest, top_heads
+    from kfh_probe.organism import default_manifest_path, default_model_dir
+    from kfh_probe.organism.task import generate_problems
+    from kfh_probe.sampling import generate_rollouts
+
+    model, tokenizer = load_model(default_model_dir()), load_tokenizer(default_model_dir())
+    prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(3, 777))]
+    torch.manual_seed(0)
+    rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], 4, 320, 1.0)
+    return model, tokenizer, prompts, rollouts, top_heads(load_manifest(default_manifest_path()), None)

@@ -14,11 +14,10 @@ from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards
 from attnpo_train.data import Prompt
-from conftest import R1_TRACES, SHORT_55, tiny_model
+from conftest import R1_TRACES, SHORT_55, max_difference, tiny_model
 from kfh_probe.capture import AnswerRowRecorder, answer_rows, attention_calls, capture_answer_attention
 from kfh_probe.organism import default_manifest_path, default_model_dir
-from kfh_probe.organism.task import generate_problems
-from kfh_probe.sampling import Rollouts, generate_rollouts
+from kfh_probe.sampling import Rollouts
 
 ORGANISM = default_model_dir()
 TOLERANCE = 1e-6  # the bound on |fused - unfused| per-token advantage
@@ -44,11 +43,6 @@ def both_paths(model, tokenizer, rollouts, prompts, heads, config, prompt_texts=
     return results
 
 
-def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
-
-
 def assert_same_credit(unfused, fused, grad_tolerance: float) -> None:
     (u_values, u_stats, u_grads), (f_values, f_stats, f_grads) = unfused, fused
     assert max_difference(u_values, f_values) <= TOLERANCE
@@ -58,18 +52,6 @@ def assert_same_credit(unfused, fused, grad_tolerance: float) -> None:
     assert [g is None for g in u_stats["gammas"]] == [g is None for g in f_stats["gammas"]]
     assert u_stats["truth"] == f_stats["truth"]
     assert max_difference(u_grads, f_grads) <= grad_tolerance
-
-
-@pytest.fixture(scope="module")
-def organism_rollouts():
-    from kfh_probe.loading import load_model, load_tokenizer
-    from kfh_probe.manifest import load_manifest, top_heads
-
-    model, tokenizer = load_model(ORGANISM), load_tokenizer(ORGANISM)
-    prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(3, 777))]
-    torch.manual_seed(0)
-    rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], 4, 320, 1.0)
-    return model, tokenizer, prompts, rollouts, top_heads(load_manifest(default_manifest_path()), None)
 
 
 @pytest.mark.parametrize("credit", ["attention", "shuffled", "oracle"])

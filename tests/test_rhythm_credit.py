@@ -14,12 +14,15 @@ from attnpo_train import loop
 from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt, PromptSource
 from attnpo_train.rhythm import (
+    PaperRule,
     RhythmProbe,
     amplify,
+    paper_gamma,
     rhythm_advantages,
     rhythm_token_advantages,
     token_mask,
     top_share,
+    waad_change,
     waad_rise,
 )
 from kfh_probe.rhythm import RhythmSignals
@@ -142,3 +145,63 @@ def test_config_checks_the_rhythm_settings():
         TrainConfig(method="anchor", rhythm_top=0.0)
     with pytest.raises(ValueError, match="rhythm_gain"):
         TrainConfig(method="anchor", rhythm_gain=0.5)
+
+
+# --- the paper's rule (rhythm_rule: paper; arXiv 2510.13554 v2, section 5.2) ------------------------------------
+
+P_WAAD = torch.tensor([1.0, 9.0, 1.0, 1.5, 8.0, 1.0, 1.0])
+# |WAAD_t - WAAD_t+1|: 8, 8, 0.5, 6.5, 7, 0, - -> top 3 of 6: t = 0, 1, 4 (smallest of them 7); median WAAD 1.0
+P_FAI = torch.tensor([0.0, 0.1, 0.9, 0.2, 0.0, 0.8, NAN])  # top 3 of 6: s = 2, 5, 3
+
+
+def test_waad_change_is_the_absolute_difference_to_the_next_token():
+    assert torch.equal(waad_change(torch.tensor([1.0, 4.0, 2.0, 2.5])).nan_to_num(-9), torch.tensor([3.0, 2.0, 0.5, -9.0]))
+
+
+def test_paper_preplan_takes_the_largest_waad_changes_where_the_project_takes_rises():
+    assert paper_gamma("preplan", P_WAAD, P_FAI, 0.4, 1.5, PaperRule()).tolist() == [1.5, 1.5, 1, 1, 1.5, 1, 1]
+    assert token_mask("preplan", P_WAAD, P_FAI).nonzero().flatten().tolist() == [1, 3, 4]  # rises 8, 0.5, 6.5
+
+
+def test_paper_anchor_amplifies_the_largest_fai():
+    assert paper_gamma("anchor", P_WAAD, P_FAI, 0.4, 1.5, PaperRule()).tolist() == [1, 1, 1.5, 1.5, 1, 1.5, 1]
+
+
+def test_paper_coupled_hands_part_of_a_locally_dominated_anchors_bonus_to_its_introductory_token():
+    # anchor 2: WAAD 1.0 <= median 1.0 and changes 8, 8 at u = 0, 1 >= 7: dominated, intro = 1 (the nearest tie);
+    # anchor 5: WAAD 1.0, changes 0.5, 6.5, 7 at u = 2, 3, 4: dominated, intro = 4; anchor 3: WAAD 1.5 > 1.0: full gain.
+    gamma = paper_gamma("coupled", P_WAAD, P_FAI, 0.4, 1.5, PaperRule(alpha=0.5, k=3))
+    assert gamma.tolist() == [1, 1.25, 1.25, 1.5, 1.25, 1.25, 1]
+    assert paper_gamma("coupled", P_WAAD, P_FAI, 0.4, 1.5, PaperRule(alpha=1.0, k=3)).tolist() == [1, 1.5, 1, 1.5, 1.5, 1, 1]
+    # k = 1 looks at u = t - 1 only: changes 8 (before anchor 2) and 7 (before anchor 5), the same result
+    assert paper_gamma("coupled", P_WAAD, P_FAI, 0.4, 1.5, PaperRule(alpha=0.5, k=1)).tolist() == gamma.tolist()
+    # an introductory token that is an undominated anchor itself gets both bonuses
+    fai = torch.tensor([0.0, 0.1, 0.9, 0.0, 0.7, 0.8, NAN])  # anchors 2, 5, 4
+    assert paper_gamma("coupled", P_WAAD, fai, 0.4, 1.5, PaperRule()).tolist() == [1, 1.25, 1.25, 1, 1.75, 1.25, 1]
+
+
+def test_paper_rule_scales_negative_advantages_and_needs_signals_for_them():
+    from kfh_probe.sampling import Rollouts
+
+    rollouts = Rollouts(3, [[1]] * 3, [[5] * 7, [6] * 7, [7] * 2], [""] * 3, [True] * 3)
+    advantages = torch.tensor([[0.4, -0.4, 0.0]])
+    signals = {0: RhythmSignals(1, P_WAAD, P_FAI), 1: RhythmSignals(1, P_WAAD, P_FAI)}
+    out, stats = rhythm_advantages(advantages, rollouts, signals, "anchor", 0.4, 1.5, PaperRule())
+    assert torch.allclose(out[0], 0.4 * torch.tensor([1, 1, 1.5, 1.5, 1, 1.5, 1]))
+    assert torch.allclose(out[1], -0.4 * torch.tensor([1, 1, 1.5, 1.5, 1, 1.5, 1]))
+    assert torch.equal(out[2], torch.zeros(2)) and stats["masks"][2] is None
+    assert stats["amplified_frac"] == pytest.approx(6 / 14)
+    with pytest.raises(ValueError, match="rollout 1 has a non-zero advantage"):
+        rhythm_advantages(advantages, rollouts, {0: signals[0]}, "anchor", 0.4, 1.5, PaperRule())
+    # the project's rule leaves the negative one uniform and needs no signals for it
+    out, _ = rhythm_advantages(advantages, rollouts, {0: signals[0]}, "anchor", 0.4, 1.5)
+    assert torch.equal(out[1], torch.full((7,), -0.4))
+
+
+def test_config_checks_the_paper_rule_settings():
+    with pytest.raises(ValueError, match="rhythm_rule"):
+        TrainConfig(method="anchor", rhythm_rule="arxiv")
+    with pytest.raises(ValueError, match="rhythm_alpha"):
+        TrainConfig(method="coupled", rhythm_alpha=1.5)
+    with pytest.raises(ValueError, match="rhythm_k"):
+        TrainConfig(method="coupled", rhythm_k=0)

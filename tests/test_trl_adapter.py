@@ -57,7 +57,7 @@ def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
     train = args.to_train_config(args.num_generations)
     defaults = TrainConfig(group_size=args.num_generations)
     prefixed = [f.name for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
-    assert len(prefixed) == 19
+    assert len(prefixed) == 22
     for name in prefixed:
         if name not in ("attnpo_manifest", "attnpo_grader"):
             assert getattr(args, name) == getattr(defaults, name[len("attnpo_"):]), name
@@ -164,18 +164,23 @@ def policy_logprobs(model, prompt_ids: list[int], completions: list[list[int]]) 
     return logprobs, logprobs.detach()
 
 
-@pytest.mark.parametrize("method", ["preplan", "coupled"])
-def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, tiny_model_dir, byte_tokenizer,
-                                                              rhythm_file, monkeypatch):
+@pytest.mark.parametrize("method,num_iterations,rule", [("preplan", 1, "project"), ("coupled", 1, "project"),
+                                                         ("coupled", 2, "project"), ("anchor", 2, "paper")])
+def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, num_iterations, rule, tmp_path, tiny_model_dir,
+                                                              byte_tokenizer, rhythm_file, monkeypatch):
+    """With TRL's defaults from a forward of their own, with num_iterations 2 read off TRL's old-logps forward."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from attnpo_train.rhythm import RhythmProbe, rhythm_token_advantages
+    from attnpo_train.rhythm import RhythmProbe, paper_rule, rhythm_token_advantages
 
-    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm_file))
+    args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm_file), num_iterations=num_iterations,
+                    bf16=False, attnpo_rhythm_rule=rule)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     dataset = Dataset.from_list([{"prompt": PROMPT, "answer": "55"}])
     trainer = AttnPOGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=byte_tokenizer)
+    if num_iterations == 2:
+        monkeypatch.setattr(trainer, "_scoring_model", lambda: pytest.fail("a scoring forward of its own ran"))
     eos = byte_tokenizer.eos_token_id
     completions = [byte_tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in RESPONSES]
     completions[TRUNCATED] = completions[TRUNCATED][:-1]
@@ -185,19 +190,21 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, tmp_path, 
 
     prompt_ids = byte_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     rollouts = Rollouts(4, [list(prompt_ids)] * 8, *decode_responses(byte_tokenizer, completions, {eos}))
-    config = TrainConfig(method=method, group_size=4)
+    config = TrainConfig(method=method, group_size=4, rhythm_rule=rule)
     correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
     advantages = group_advantages(rewards, "rloo")
     torch.testing.assert_close(advantages, torch.tensor(RLOO), atol=1e-6, rtol=0)  # the same TLMRE reward
     probe = RhythmProbe.from_file(rhythm_file, trainer.model)
-    expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8)
+    expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8,
+                                              paper_rule(config))
     assert 0 < stats["amplified_frac"] < 1
-    for b, values in enumerate(expected):
-        assert torch.equal(output["advantages"][b, : len(values)], values), b
+    for b, values in enumerate(expected):  # TRL's left-padded old-logps batch against right-padded ones: rounding
+        tolerance = 1e-6 if num_iterations == 2 else 0.0
+        torch.testing.assert_close(output["advantages"][b, : len(values)], values, atol=tolerance, rtol=0)
         a = advantages.reshape(-1)[b]
-        if a < 0:  # only non-negative advantages are amplified
+        if a < 0 and rule == "project":  # the project's rule leaves negative advantages uniform
             assert torch.equal(values, a.expand(len(values))), b
-        else:  # each token keeps A or gets 1.5 A
+        else:  # each token keeps A or gets 1.5 A (the paper's anchor rule scales both signs)
             assert (torch.isclose(values, a) | torch.isclose(values, 1.5 * a)).all(), b
     assert any(len(set(v.tolist())) > 1 for v in expected), "no token was amplified: the check would be vacuous"
     assert trainer._metrics["train"]["attnpo/amplified_frac"] == [stats["amplified_frac"]]
