@@ -55,6 +55,7 @@ def test_fused_and_unfused_rhythm_credit_agree_on_the_organism(strategy, paper, 
     assert any(len(set(v.tolist())) > 1 for v in fused[0]), "no token was amplified: the check would be vacuous"
 
 
+@pytest.mark.slow  # two seeded 2-step organism runs
 def test_fused_and_unfused_seeded_rhythm_runs_log_the_same_metrics(tmp_path):
     config = TrainConfig(method="coupled", steps=2, prompts_per_step=2, group_size=4, max_new_tokens=320, lr=2e-3,
                          seed=3, micro_batch_size=3, model=str(default_model_dir()), out=str(tmp_path / "fused"),
