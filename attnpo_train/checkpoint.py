@@ -148,14 +148,19 @@ class ResumeError(InputError):
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     """Refuse to resume with settings that would change the run (only ``RESUMABLE_CHANGES`` may differ).
 
+    A setting the checkpoint does not record (one added to ``TrainConfig`` after it was written) counts as
+    its default: new settings default to the behaviour runs had before they existed.
+
     Raises:
         ResumeError: naming every differing setting with both values.
     """
     current = dataclasses.asdict(config)
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    recorded = {k: saved[k] if k in saved else defaults.get(k) for k in current}
     changed = [
-        f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
+        f"{k}: checkpoint {recorded[k]!r}, now {current[k]!r}"
         for k in current
-        if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
+        if k not in RESUMABLE_CHANGES and recorded[k] != current[k]
     ]
     if changed:
         raise ResumeError(f"cannot resume from {path}: the config differs in " + "; ".join(changed))

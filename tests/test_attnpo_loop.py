@@ -277,3 +277,14 @@ def test_generate_rollouts_trims_at_eos_and_keeps_prompt_ids(tiny_model_dir, byt
         assert (ids[-1] == eos and eos not in ids[:-1]) if done else (len(ids) == 12 and eos not in ids)
     greedy = generate_rollouts(model, byte_tokenizer, [prompts[0].text], 2, 12, None)
     assert greedy.response_ids[0] == greedy.response_ids[1]
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    from attnpo_train.checkpoint import check_resumable
+
+    config = TrainConfig(method="coupled")
+    saved = dataclasses.asdict(config)
+    del saved["rhythm_rule"], saved["fused_scoring"]  # a checkpoint written before these settings were added
+    check_resumable(saved, config, tmp_path)  # their defaults are what that run did: accepted
+    with pytest.raises(ResumeError, match="rhythm_rule: checkpoint 'project', now 'paper'"):
+        check_resumable(saved, dataclasses.replace(config, rhythm_rule="paper"), tmp_path)
