@@ -3,12 +3,12 @@ a fixed list, or the embedded organism's task generator)."""
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from kfh_probe.errors import InputError, listed
+from kfh_probe.io import jsonl_records
 
 
 class DataError(InputError):
@@ -33,23 +33,11 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     Raises:
         DataError: naming the file and each bad row by line number (and id when it has one).
     """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
     prompts: list[Prompt] = []
     problems: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"line {number}: not valid JSON ({err.msg})")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"line {number}: not a JSON object")
+    for number, row, problem in jsonl_records(path, "data file", DataError):
+        if problem is not None:
+            problems.append(f"line {number}: {problem}")
             continue
         where = f"line {number}" + (f" (id {row['id']!r})" if "id" in row else "")
         prompt, answer = row.get("prompt"), row.get("answer")

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, KFHError, NotInstalledError, listed
 from .grading import is_correct
+from .io import jsonl_records
 from .segmentation import split_response
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -149,29 +150,23 @@ def read_problems(path: str | Path, tokenizer, template: string.Template | None 
         InputError: no such file.
         ProblemFileError: naming the file and each bad row by line and id.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"problems file not found: {path}")
     problems: list[Problem] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for line_no, row, problem in jsonl_records(path, "problems file"):
+        if problem is not None:
+            errors.append(f"{path}:{line_no}: {problem}")
             continue
-        row_id = None
+        row_id = row.get("id", f"line-{line_no}")
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("expected a JSON object")
-            row_id = row.get("id", f"line-{line_no}")
+            parsed = _problem(row, row_id, line_no, tokenizer, template, instruction, think_prefix, need_answers)
             if row_id in seen:
                 raise ValueError(f"duplicate id (first seen on line {seen[row_id]})")
-            problems.append(_problem(row, row_id, line_no, tokenizer, template, instruction, think_prefix, need_answers))
-            seen[row_id] = line_no
-        except json.JSONDecodeError as err:
-            errors.append(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})")
         except ValueError as err:
             errors.append(f"{path}:{line_no} (id {row_id!r}): {err}")
+            continue
+        seen[row_id] = line_no
+        problems.append(parsed)
     if errors:
         raise ProblemFileError(f"{len(errors)} unusable row(s) in {path}: {listed(errors)}")
     if not problems:

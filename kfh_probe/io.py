@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import InputError
@@ -80,3 +81,32 @@ def read_json(path: str | os.PathLike, error: type[InputError] = InputError) -> 
         raise error(f"{path}: cannot read it ({err})") from None
     except json.JSONDecodeError as err:
         raise error(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def jsonl_records(
+    path: str | os.PathLike, what: str, error: type[InputError] = InputError
+) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Each non-blank line of the JSONL file ``path`` as ``(line number, record, problem)``: the decoded
+    JSON object and None, or None and why the line is not one (not valid JSON, or JSON but no object).
+    The one reader of the project's JSONL inputs (traces, problems, prompts); each caller checks the
+    fields of its own format and reports every bad line at once.
+
+    Raises:
+        error: ``"<what> not found: <path>"`` when there is no such file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield line_no, None, f"not valid JSON ({err.msg} at column {err.colno})"
+                continue
+            if isinstance(record, dict):
+                yield line_no, record, None
+            else:
+                yield line_no, None, f"expected a JSON object, got {type(record).__name__}"

@@ -8,12 +8,12 @@ broken records are returned separately as :class:`SkippedTrace` so the caller ca
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, listed
+from .io import jsonl_records
 from .segmentation import SegmenterConfig, split_at_marker, think_opener
 
 LABELS = ("essential", "redundant")
@@ -182,30 +182,23 @@ def read_traces(
         InputError: the file does not exist.
         TraceFileError: some record is broken and ``skip_invalid`` is False.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"trace file not found: {path}")
     traces: list[Trace] = []
     problems: list[SkippedTrace] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            trace_id = None
+    for line_no, record, problem in jsonl_records(path, "trace file"):
+        trace_id = record["id"] if record is not None and isinstance(record.get("id"), str) else None
+        if problem is None:
             try:
-                record = json.loads(line)
-                if isinstance(record, dict) and isinstance(record.get("id"), str):
-                    trace_id = record["id"]
                 trace = parse_record(record, line_no, marker)
                 if trace.id in seen:
                     raise ValueError(f"duplicate id (first seen on line {seen[trace.id]})")
-                seen[trace.id] = line_no
-                traces.append(trace)
-            except json.JSONDecodeError as err:
-                problems.append(SkippedTrace(line_no, trace_id, f"not valid JSON ({err.msg} at column {err.colno})"))
             except ValueError as err:
-                problems.append(SkippedTrace(line_no, trace_id, str(err)))
+                problem = str(err)
+        if problem is not None:
+            problems.append(SkippedTrace(line_no, trace_id, problem))
+            continue
+        seen[trace.id] = line_no
+        traces.append(trace)
     if problems and not skip_invalid:
         raise TraceFileError(path, problems)
     return traces, problems

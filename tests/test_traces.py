@@ -55,3 +55,25 @@ def test_duplicate_ids_are_refused(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(InputError, match="nope.jsonl"):
         read_traces(tmp_path / "nope.jsonl")
+
+
+def test_every_jsonl_reader_names_a_broken_line_the_same_way(tmp_path):
+    from attnpo_train.data import DataError, load_prompts
+    from kfh_probe.generate import ProblemFileError, read_problems
+
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"id": "a", "prompt": "p", "answer": "1"}\n\n{oops\n[1, 2]\n', encoding="utf-8")
+    reasons = {3: "not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+               4: "expected a JSON object, got list"}
+    with pytest.raises(TraceFileError) as traces_error:
+        read_traces(path)
+    with pytest.raises(ProblemFileError) as problems_error:
+        read_problems(path, tokenizer=None)
+    with pytest.raises(DataError) as prompts_error:
+        load_prompts(path)
+    assert all(f":{line} (id None): {reason}" in str(traces_error.value) for line, reason in reasons.items())
+    assert all(f":{line}: {reason}" in str(problems_error.value) for line, reason in reasons.items())
+    assert all(f"line {line}: {reason}" in str(prompts_error.value) for line, reason in reasons.items())
+    for reader, error in ((read_traces, InputError), (read_problems, InputError), (load_prompts, DataError)):
+        with pytest.raises(error, match="file not found: "):
+            reader(tmp_path / "missing.jsonl", None) if reader is read_problems else reader(tmp_path / "missing.jsonl")
