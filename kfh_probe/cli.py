@@ -167,12 +167,13 @@ def cmd_rhythm(args) -> int:
 
     from .alignment import AlignmentError, tokenize_response
     from .io import atomic_write_json, atomic_write_jsonl, file_sha256
+    from .layers import check_layers, parse_layers
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
     from .partials import PartStore, plan_batches
     from .rhythm import (
-        RhythmSignals, heads_from_header, mean_distances, read_rhythm_header, rhythm_header, rhythm_record,
-        rhythm_signals, select_heads,
+        RhythmSignals, heads_from_header, mean_distances, middle_third_layers, read_rhythm_header, rhythm_header,
+        rhythm_record, rhythm_signals, select_heads,
     )
     from .traces import SkippedTrace, TraceFileError, read_traces
 
@@ -181,6 +182,9 @@ def cmd_rhythm(args) -> int:
     if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
         raise InputError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
                          f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
+    if args.head_layers is not None and args.heads_from is not None:
+        raise InputError("--head-layers chooses where heads are ranked; --heads-from takes them ranked: give one")
+    spec = None if args.head_layers in (None, "middle") else parse_layers(args.head_layers, "--head-layers")
     traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
     tokenizer = load_tokenizer(args.model)
     kept, sequences, starts = [], [], []
@@ -204,10 +208,13 @@ def cmd_rhythm(args) -> int:
     model_block = model_record(model, args.model_name or args.model)
     pad_id = pad_token_id(tokenizer)
     fai_range = (args.fai_range[0], args.fai_range[1])
+    head_layers = (middle_third_layers(model_block["num_layers"]) if args.head_layers == "middle" else
+                   None if spec is None else check_layers(spec, model_block["num_layers"], "--head-layers"))
     run_key = {
         "trace_file_sha256": file_sha256(args.traces), "fingerprint": model_block["fingerprint"],
         "batch_size": args.batch_size, "dtype": args.dtype, "max_traces": args.max_traces, "window": args.window,
-        "fai_range": list(fai_range), "head_fraction": args.head_fraction, "skip_invalid": args.skip_invalid,
+        "fai_range": list(fai_range), "head_fraction": args.head_fraction, "head_layers": head_layers,
+        "skip_invalid": args.skip_invalid,
         "heads_from": None if args.heads_from is None else file_sha256(args.heads_from),
     }
     store = PartStore(args.work_dir or f"{args.out}.parts", run_key)
@@ -221,7 +228,7 @@ def cmd_rhythm(args) -> int:
             print(f"resuming: head selection read from {heads_file}", file=sys.stderr)
         else:
             distance = mean_distances(model, sequences, starts, pad_id, args.batch_size, progress=not args.quiet)
-            heads = select_heads(distance, args.head_fraction)
+            heads = select_heads(distance, args.head_fraction, head_layers)
             atomic_write_json(heads_file, {"local_heads": heads.local, "global_heads": heads.global_})
         batches = plan_batches([len(s) for s in sequences], args.batch_size)
         done = store.done()
@@ -406,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     rhythm.add_argument("--fai-range", type=int, nargs=2, default=[10, 50], metavar=("LO", "HI"),
                         help="FAI averages rows t in [s + LO, s + HI] (default 10 50)")
     rhythm.add_argument("--head-fraction", type=float, default=0.3, help="share of heads in each set (default 0.3)")
+    rhythm.add_argument("--head-layers", help="rank only these layers' heads: a spec like 8-12 or 'middle' (the "
+                        "paper's five evenly spaced layers of the middle third); default all layers")
     rhythm.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
     rhythm.add_argument("--batch-size", type=int, default=8, help="traces per forward (default 8)")
     rhythm.add_argument("--dtype", default="float32", help="weights dtype (attention rows are float32)")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
 from .errors import InputError
+from .layers import check_layers
 
 WINDOW = 10
 FAI_RANGE = (10, 50)
@@ -73,21 +74,36 @@ class RhythmSignals:
         return cls(response_start, stacked[0], stacked[1])
 
 
-def select_heads(mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION) -> RhythmHeads:
+def middle_third_layers(num_layers: int, count: int = 5) -> list[int]:
+    """The paper's layers for its RL runs (arXiv 2510.13554 v2, appendix B.2): ``count`` evenly spaced
+    layers from floor(L/3) to floor(2L/3), rounded to the nearest layer (fewer when the third is shorter).
+    """
+    lo, hi = num_layers // 3, (2 * num_layers) // 3
+    if count == 1 or lo == hi:
+        return [lo]
+    return sorted({round(lo + k * (hi - lo) / (count - 1)) for k in range(count)})
+
+
+def select_heads(
+    mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION, layers: list[int] | None = None
+) -> RhythmHeads:
     """Local and global heads from each head's mean backward distance.
 
     Args:
         mean_distance: ``[L, H]``.
-        fraction: share of the L x H heads in each set (ceil(fraction L H)).
+        fraction: share of the candidate heads in each set (ceil(fraction n) of n candidates).
+        layers: rank only these layers' heads (default: all L layers; the paper's RL runs use
+            :func:`middle_third_layers`).
     Returns:
-        the ceil(fraction L H) heads with the smallest distance (local) and with the largest (global),
-        each sorted by distance (closest / farthest first), ties by (layer, head) ascending.
+        the ceil(fraction n) candidate heads with the smallest distance (local) and with the largest
+        (global), each sorted by distance (closest / farthest first), ties by (layer, head) ascending.
     """
     if not 0.0 < fraction <= 0.5:
         raise InputError(f"head fraction must be in (0, 0.5] so the two sets do not overlap; got {fraction}")
     num_layers, num_heads = mean_distance.shape
-    count = math.ceil(fraction * num_layers * num_heads)
-    heads = [(layer, head) for layer in range(num_layers) for head in range(num_heads)]
+    layers = check_layers(layers, num_layers, "--head-layers")
+    heads = [(layer, head) for layer in layers for head in range(num_heads)]
+    count = math.ceil(fraction * len(heads))
     values = {h: float(mean_distance[h]) for h in heads}
     local = sorted(heads, key=lambda h: (values[h], h))[:count]
     global_ = sorted(heads, key=lambda h: (-values[h], h))[:count]

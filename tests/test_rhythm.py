@@ -10,7 +10,10 @@ import pytest
 import torch
 from conftest import FAMILIES, eager_maps, kfh_probe_cli, rhythm_reference, tiny_model
 
-from kfh_probe.rhythm import RhythmHeads, mean_distances, rhythm_signals, row_reductions, select_heads
+from kfh_probe.errors import InputError
+from kfh_probe.rhythm import (
+    RhythmHeads, mean_distances, middle_third_layers, rhythm_signals, row_reductions, select_heads,
+)
 
 TOLERANCE = 1e-5
 
@@ -83,6 +86,32 @@ def test_select_heads_takes_the_closest_and_farthest_30_percent_with_ties_by_pos
     heads = select_heads(distance)
     assert heads.local == [(1, 1), (0, 0)]
     assert heads.global_ == [(1, 2), (0, 1)]  # (0, 1) and (1, 0) tie at 5.0: (0, 1) first
+
+
+def test_select_heads_ranks_only_the_layers_given():
+    distance = torch.tensor([[1.0, 5.0, 2.0], [5.0, 0.5, 9.0], [0.1, 9.5, 3.0]])
+    heads = select_heads(distance, layers=[0, 2])  # 6 candidate heads: ceil(1.8) = 2 per set
+    assert heads.local == [(2, 0), (0, 0)] and heads.global_ == [(2, 1), (0, 1)]
+    with pytest.raises(InputError, match="--head-layers: the model has no layer"):
+        select_heads(distance, layers=[3])
+
+
+@pytest.mark.parametrize("num_layers, expected", [(28, [9, 11, 14, 16, 18]), (36, [12, 15, 18, 21, 24]),
+                                                  (4, [1, 2]), (2, [0, 1]), (1, [0])])
+def test_middle_third_layers_are_five_evenly_spaced_from_l_over_3_to_2l_over_3(num_layers, expected):
+    assert middle_third_layers(num_layers) == expected
+
+
+def test_rhythm_command_ranks_heads_of_the_middle_layers_only(tiny_model_dir, raw_trace_file, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "r.jsonl"
+    assert _rhythm(tiny_model_dir, raw_trace_file, out, "--head-layers", "middle") == 0  # 3 layers: 1..2
+    header = json.loads(out.read_text().splitlines()[0])
+    assert {l for l, _ in header["local_heads"] + header["global_heads"]} <= {1, 2}
+    assert len(header["local_heads"]) == math.ceil(0.3 * 2 * 4)
+    assert _rhythm(tiny_model_dir, raw_trace_file, tmp_path / "x.jsonl", "--head-layers", "0-3-5") == 2
+    assert "--head-layers '0-3-5'" in capsys.readouterr().err
 
 
 def test_row_reductions_by_hand():
