@@ -16,7 +16,9 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
 - what the notebooks draw with: :func:`per_trace_auc`, :func:`ensemble_sra` (SRA of heads and
   ensembles), :func:`format_table`, :func:`plot_heatmap`, :func:`sra_grid` (views of a manifest), and the
   causal check (:class:`CausalConfig`, :func:`prepare_causal_traces`, :func:`run_causal`,
-  :func:`format_causal_table`).
+  :func:`format_causal_table`);
+- errors: :class:`KFHError`, the base of every expected failure (bad input, unsupported model, files that
+  do not belong together), and :class:`InputError`, a bad argument or input file.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _PUBLIC = {
     "prepare_causal_traces": "causal",
     "run_causal": "causal",
     "format_causal_table": "causal",
+    "KFHError": "errors",
+    "InputError": "errors",
 }
 __all__ = ["__version__", *_PUBLIC]
 
