@@ -318,6 +318,13 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--gguf-file", help=GGUF_FILE_HELP)
 
 
+def _resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--work-dir`` and ``--keep-parts`` of a command whose finished batches survive an interruption."""
+    parser.add_argument("--work-dir", help="where finished batches are kept so an interrupted run resumes "
+                        "(default: OUT.parts; removed after the output is written)")
+    parser.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .generate import DEFAULT_INSTRUCTION
 
@@ -342,9 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
     sweep.add_argument("--backend", default="hf", choices=["hf", "nnsight", "lens"], help="attention capture backend")
     sweep.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the manifest)")
-    sweep.add_argument("--work-dir", help="where finished batches are kept so an interrupted sweep resumes "
-                       "(default: OUT.parts; removed after the manifest is written)")
-    sweep.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
+    _resume_arguments(sweep)
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
     sweep.set_defaults(func=cmd_sweep)
 
@@ -421,9 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     rhythm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     rhythm.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
     rhythm.add_argument("--skip-invalid", action="store_true", help="leave out broken traces")
-    rhythm.add_argument("--work-dir", help="where finished batches are kept so an interrupted run resumes "
-                        "(default: OUT.parts; removed after the output is written)")
-    rhythm.add_argument("--keep-parts", action="store_true", help="keep the work folder after success")
+    _resume_arguments(rhythm)
     rhythm.add_argument("--quiet", action="store_true", help="no progress bar")
     rhythm.set_defaults(func=cmd_rhythm)
 
