@@ -23,6 +23,16 @@ def shown_path(path: str | os.PathLike) -> str:
         return resolved.name
 
 
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse an output path that is a folder (callers with long work check it before the work).
+
+    Raises:
+        kfh_probe.errors.InputError: naming the path.
+    """
+    if Path(path).is_dir():
+        raise InputError(f"{path}: cannot write the output there, it is a folder")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and `os.replace`.
 
@@ -30,8 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         kfh_probe.errors.InputError: ``path`` is a folder, or its folder cannot be made or written to.
     """
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: cannot write the output there, it is a folder")
+    check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

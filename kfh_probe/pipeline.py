@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError
+from .io import check_output_path
 from .sweep import SweepConfig
 
 
@@ -73,8 +74,8 @@ def run_sweep(
     from .traces import read_traces
 
     config = SweepConfig() if config is None else config
-    if out is not None and Path(out).is_dir():  # fail before the work, not after it
-        raise InputError(f"{out}: cannot write the output there, it is a folder")
+    if out is not None:
+        check_output_path(out)  # fail before the work, not after it
     log = log or (lambda message: None)
     get_backend(config.backend)  # a missing backend package fails here, before any work
     raw, skipped = read_traces(traces, config.marker, config.skip_invalid)
