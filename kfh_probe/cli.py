@@ -166,7 +166,7 @@ def cmd_rhythm(args) -> int:
     from tqdm.auto import tqdm
 
     from .alignment import AlignmentError, tokenize_response
-    from .io import atomic_write_json, atomic_write_jsonl, file_sha256
+    from .io import atomic_write_json, atomic_write_jsonl, check_output_path, file_sha256
     from .layers import check_layers, parse_layers
     from .loading import load_model, load_tokenizer, pad_token_id
     from .manifest import model_record
@@ -182,6 +182,7 @@ def cmd_rhythm(args) -> int:
     if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
         raise InputError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
                          f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
+    check_output_path(args.out)  # fail before the work, not after it
     if args.head_layers is not None and args.heads_from is not None:
         raise InputError("--head-layers chooses where heads are ranked; --heads-from takes them ranked: give one")
     spec = None if args.head_layers in (None, "middle") else parse_layers(args.head_layers, "--head-layers")

@@ -206,3 +206,13 @@ def test_an_output_path_that_cannot_be_written_is_named(tiny_model_dir, labeled_
     blocker.write_text("x")
     with pytest.raises(KFHError, match="cannot write the output there"):
         atomic_write_json(blocker / "out.json", {})
+
+
+def test_rhythm_refuses_a_folder_as_output_before_any_work(tiny_model_dir, raw_trace_file, tmp_path, capsys, monkeypatch):
+    import kfh_probe.rhythm
+
+    monkeypatch.setattr(kfh_probe.rhythm, "mean_distances", lambda *a, **k: pytest.fail("the work started"))
+    code = kfh_main(["rhythm", "--model", str(tiny_model_dir), "--traces", str(raw_trace_file), "--out", str(tmp_path),
+                     "--quiet"])
+    assert code == 2
+    assert f"{tmp_path}: cannot write the output there, it is a folder" in _error_line(capsys, "kfh-probe rhythm")
