@@ -76,6 +76,7 @@ from attnpo_train.loss import ppo_clip_loss
 from attnpo_train.rhythm import FusedRhythmCredit, RhythmProbe, paper_rule, rhythm_token_advantages
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe import SegmenterConfig
+from kfh_probe import right_pad
 from kfh_probe.errors import InputError
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
 from kfh_probe.sampling import Rollouts, generate_rollouts
@@ -93,13 +94,9 @@ def _sequence_batch(rollouts: Rollouts, indices: list[int], pad_id: int) -> tupl
     """Right-padded prompt+response ids [B, T], their attention mask [B, T] and the [B, T-1] response
     mask, aligned with the next-token log-probs (position t predicts token t+1)."""
     sequences = [rollouts.prompt_ids[i] + rollouts.response_ids[i] for i in indices]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-    mask = torch.zeros((len(indices), width - 1), dtype=torch.float32)
-    for b, (i, seq) in enumerate(zip(indices, sequences)):
-        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[b, : len(seq)] = 1
+    input_ids, attention_mask = right_pad(sequences, pad_id)
+    mask = torch.zeros((len(indices), input_ids.shape[1] - 1), dtype=torch.float32)
+    for b, i in enumerate(indices):
         first = len(rollouts.prompt_ids[i]) - 1
         mask[b, first : first + len(rollouts.response_ids[i])] = 1.0
     return input_ids, attention_mask, mask

@@ -11,7 +11,7 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
 - manifests: :func:`load_manifest`, :func:`top_heads` (the top-N heads), :func:`manifest_segmenter`
   (the segmenter that cut the manifest's steps), :func:`check_model_matches`;
 - traces and models: :func:`read_traces`, :class:`Trace`, :class:`Step`, :class:`SegmenterConfig`,
-  :func:`tokenize_trace`, :func:`align_generated`, :func:`load_model`, :func:`load_tokenizer`,
+  :func:`tokenize_trace`, :func:`align_generated`, :func:`right_pad`, :func:`load_model`, :func:`load_tokenizer`,
   :func:`pad_token_id`;
 - what the notebooks draw with: :func:`per_trace_auc`, :func:`ensemble_sra` (SRA of heads and
   ensembles), :func:`format_table`, :func:`plot_heatmap`, :func:`sra_grid` (views of a manifest), and the
@@ -43,6 +43,7 @@ _PUBLIC = {
     "SegmenterConfig": "segmentation",
     "tokenize_trace": "alignment",
     "align_generated": "alignment",
+    "right_pad": "alignment",
     "load_model": "loading",
     "load_tokenizer": "loading",
     "pad_token_id": "loading",

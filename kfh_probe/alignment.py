@@ -257,14 +257,23 @@ class Batch:
     answer_mask: torch.Tensor
 
 
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [batch, position]`` and ``attention_mask [batch, position]`` of ``sequences`` padded on
+    the right with ``pad_id`` to the longest, so every sequence keeps its positions (padding never
+    shifts rotary phases). The one padding rule of both packages."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[b, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
 def collate(traces: list[TokenizedTrace], pad_id: int) -> Batch:
-    """Pad on the right, so every trace keeps its positions (padding never shifts rotary phases)."""
-    width = max(t.length for t in traces)
-    input_ids = torch.full((len(traces), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(traces), width), dtype=torch.long)
-    answer_mask = torch.zeros((len(traces), width), dtype=torch.bool)
+    """Pad on the right (:func:`right_pad`), with the answer span F marked."""
+    input_ids, attention_mask = right_pad([t.input_ids for t in traces], pad_id)
+    answer_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     for b, t in enumerate(traces):
-        input_ids[b, : t.length] = torch.tensor(t.input_ids, dtype=torch.long)
-        attention_mask[b, : t.length] = 1
         answer_mask[b, t.answer_span[0] : t.answer_span[1]] = True
     return Batch(input_ids, attention_mask, answer_mask)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .alignment import right_pad
 from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
 from .errors import InputError
 from .layers import check_layers
@@ -156,16 +157,6 @@ def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch
     return rows.to(device), valid.to(device)
 
 
-def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for b, seq in enumerate(sequences):
-        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[b, : len(seq)] = 1
-    return ids, mask
-
-
 def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads=None):
     """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2
     (``heads``: only these query heads, in this order; None: all)."""
@@ -201,7 +192,7 @@ def mean_distances(
     bar = tqdm(total=len(sequences), unit="trace", desc="head distances", disable=not progress, file=sys.stderr)
     for first in range(0, len(sequences), batch_size):
         seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
-        ids, mask = _pad(seqs, pad_id)
+        ids, mask = right_pad(seqs, pad_id)
         rows, valid = _response_rows(starts, [len(s) for s in seqs], device)
         counts = valid.sum(dim=1).clamp(min=1).float()
 
@@ -347,7 +338,7 @@ def rhythm_signals(
     out: list[RhythmSignals] = []
     for first in range(0, len(sequences), batch_size):
         seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
-        ids, mask = _pad(seqs, pad_id)
+        ids, mask = right_pad(seqs, pad_id)
         recorder = SignalRecorder(heads, list(starts), [len(s) for s in seqs], window, fai_range, chunk)
         capture_layer_calls(model, ids.to(device), mask.to(device), recorder, heads.layers)
         out.extend(recorder.signals())

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kfh_probe.loading import load_model, load_tokenizer
+from kfh_probe.alignment import right_pad
 from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace
 from kfh_probe.organism.task import RECHECK_OPENERS, THINK_CLOSE, Problem, generate_problems
 from kfh_probe.organism.traces import LABELER
@@ -117,12 +118,7 @@ def recheck_open_probability(model, tok, samples: list[Sample], batch_size: int 
         chunk = samples[start:start + batch_size]
         rows = [tok(s.prompt, add_special_tokens=False)["input_ids"] for s in chunk]
         responses = [tok(s.response, add_special_tokens=False)["input_ids"] for s in chunk]
-        width = max(len(p) + len(r) for p, r in zip(rows, responses))
-        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, (p, r) in enumerate(zip(rows, responses)):
-            ids[b, :len(p) + len(r)] = torch.tensor(p + r)
-            mask[b, :len(p) + len(r)] = 1
+        ids, mask = right_pad([p + r for p, r in zip(rows, responses)], tok.pad_token_id)
         probs = model(input_ids=ids, attention_mask=mask).logits.float().softmax(-1)[..., first_ids].sum(-1)
         for b, (p, r) in enumerate(zip(rows, responses)):
             reasoning = r[:r.index(close_id)] if close_id in r else r

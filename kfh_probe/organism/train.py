@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+from kfh_probe.alignment import right_pad
 from kfh_probe.organism.task import generate_problem, teacher_response, teacher_steps
 from kfh_probe.organism.tokenizer import EXTRA_TOKENS, save_tokenizer, train_bpe
 
@@ -86,15 +87,10 @@ def make_batch(tok: Tokenizer, pairs: list[tuple[str, str]], pad_id: int) -> dic
     """Right-padded ``input_ids``/``attention_mask``/``labels``, each ``(B, T)``; labels only on responses."""
     prompts = tok.encode_batch([p for p, _ in pairs])
     responses = tok.encode_batch([r for _, r in pairs])
-    width = max(len(p.ids) + len(r.ids) for p, r in zip(prompts, responses))
-    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    ids, mask = right_pad([p.ids + r.ids for p, r in zip(prompts, responses)], pad_id)
     labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        n_p, n = len(p.ids), len(p.ids) + len(r.ids)
-        ids[i, :n] = torch.tensor(p.ids + r.ids)
-        labels[i, n_p:n] = torch.tensor(r.ids)
-        mask[i, :n] = 1
+        labels[i, len(p.ids):len(p.ids) + len(r.ids)] = torch.tensor(r.ids)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
