@@ -327,3 +327,14 @@ def rescale_group(
         "gammas": all_gammas,
     }
     return outputs, stats
+
+
+def tlmre_rloo_advantages(correct: Sequence[bool], lengths: Sequence[int]) -> list[float]:
+    """RLOO advantages of one group's TLMRE rewards at the default settings (``TrainConfig``'s
+    ``alpha_len``), from correctness and token lengths: what the trainer's ``tlmre`` method gives each
+    response. The ``kfh_probe.group_credit`` entry point, through which ``kfh-probe organism report``
+    measures where redundant and essential steps sit under group RL."""
+    from attnpo_train.rewards import length_penalised_rewards
+
+    rewards = length_penalised_rewards(torch.tensor(correct), torch.tensor(lengths), TrainConfig.alpha_len)
+    return group_advantages(rewards, "rloo").tolist()

@@ -166,13 +166,18 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
         raise ResumeError(f"cannot resume from {path}: the config differs in " + "; ".join(changed))
 
 
-def save_final(model: nn.Module, tokenizer, out: str | Path) -> Path:
-    """Save the policy and tokenizer as a Hugging Face folder ``out/final`` (atomically replaced)."""
+def save_final(model: nn.Module, tokenizer, out: str | Path, organism_task: str | None = None) -> Path:
+    """Save the policy and tokenizer as a Hugging Face folder ``out/final`` (atomically replaced); a
+    policy trained on an organism task (``organism_task``) records it, as a built organism does."""
     final = Path(out) / "final"
     tmp = Path(out) / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if organism_task is not None:
+        from kfh_probe.organism import write_task_file
+
+        write_task_file(tmp, organism_task)
     with deferred_interrupt():
         if final.exists():
             old = Path(out) / f".old-final-{os.getpid()}"

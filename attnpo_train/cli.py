@@ -21,6 +21,7 @@ from pathlib import Path
 from attnpo_train.config import METHODS
 from attnpo_train.evaluate import efficiency, evaluate
 from kfh_probe.errors import InputError, KFHError, report_error
+from kfh_probe.organism import DEFAULT_ORGANISM, ORGANISMS
 
 ORGANISM_EVAL_SEED = 7_000_001
 """Seed of the organism problems ``eval`` draws when no --data is given (apart from the build seeds)."""
@@ -33,12 +34,10 @@ _EFFICIENCY_HELP = (
 )
 
 
-def _organism_manifest() -> Path:
-    import kfh_probe
-    from kfh_probe import organism
+def _organism_manifest(organism: str) -> Path:
+    from kfh_probe.organism import default_manifest_path
 
-    helper = getattr(organism, "default_manifest_path", None)
-    path = Path(helper()) if helper is not None else Path(kfh_probe.__file__).parent / "data" / "organism_manifest.json"
+    path = default_manifest_path(organism)
     if not path.is_file():
         raise InputError(
             f"the organism's KFH manifest is missing ({path}): pass --manifest M "
@@ -73,14 +72,17 @@ def _run_config(args: argparse.Namespace):
     config = load_config(args.config, _overrides(args))
     updates: dict[str, object] = {}
     is_organism = config.model is None
+    if args.organism is not None and not is_organism:
+        raise InputError("--organism names an embedded model; give it or --model, not both")
+    organism = args.organism or DEFAULT_ORGANISM
     if is_organism:
         from kfh_probe.organism import built_model_dir
 
-        updates["model"] = str(built_model_dir())
+        updates["model"] = str(built_model_dir(organism))
     if config.method == "attnpo" and config.manifest is None:
         if not is_organism:
             raise InputError("method 'attnpo' needs the KFH manifest of --model: pass --manifest M (make one with `kfh-probe sweep`)")
-        updates["manifest"] = str(_organism_manifest())
+        updates["manifest"] = str(_organism_manifest(organism))
     if config.method in RHYTHM_METHODS and config.rhythm is None and not is_organism:
         raise InputError(f"method {config.method!r} needs the rhythm heads of --model: pass --set rhythm=R.jsonl "
                          "(make one with `kfh-probe rhythm --model DIR --traces F --out R.jsonl`)")
@@ -117,9 +119,10 @@ def _eval_prompts(args: argparse.Namespace):
     from attnpo_train.data import Prompt, load_prompts
 
     if args.data is None:
-        from kfh_probe.organism.task import generate_problems
+        from kfh_probe.organism import task_of
+        from kfh_probe.organism.task import TASKS, generate_problems
 
-        problems = generate_problems(args.n or 100, ORGANISM_EVAL_SEED)
+        problems = generate_problems(args.n or 100, ORGANISM_EVAL_SEED, TASKS[task_of(args.model)])
         return [Prompt(f"organism-eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
     prompts = load_prompts(args.data)
     return prompts[: args.n] if args.n else prompts
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", help="YAML file of TrainConfig settings")
     run.add_argument("--model", help="policy model folder or .gguf file (default: the embedded model organism)")
+    run.add_argument("--organism", choices=ORGANISMS, help="which embedded organism, with its manifest and task, "
+                     f"to train when --model is not given (default: {DEFAULT_ORGANISM})")
     run.add_argument("--gguf-file", help=GGUF_FILE_HELP)
     run.add_argument("--manifest", help="KFH manifest (required for attnpo unless the organism is trained)")
     run.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: the organism's task generator)")
@@ -220,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--model", required=True, help="model folder (e.g. OUT/final of a run) or .gguf file")
     ev.add_argument("--gguf-file", help=GGUF_FILE_HELP)
-    ev.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: organism task problems)")
+    ev.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: problems of the organism task "
+                    "the --model folder was trained on, v4 for a folder that names none)")
     ev.add_argument("--base", help="base model folder to compare with (adds the efficiency score)")
     ev.add_argument("--n", type=int, help="first N prompts of --data (default all; 100 organism problems)")
     ev.add_argument("--max-new-tokens", type=int, default=512)

@@ -60,17 +60,19 @@ def load_prompts(path: str | Path) -> list[Prompt]:
 
 class PromptSource:
     """Where a run's prompts come from: a fixed list (sampled without replacement within a step) or,
-    when ``prompts`` is None, fresh problems from the embedded organism's task generator."""
+    when ``prompts`` is None, fresh problems from the generator of the organism task ``task``
+    (``kfh_probe.organism.task.TASKS``)."""
 
-    def __init__(self, prompts: list[Prompt] | None) -> None:
+    def __init__(self, prompts: list[Prompt] | None, task: str = "v4") -> None:
         self.prompts = prompts
+        self.task = task
 
     def draw(self, rng: random.Random, k: int) -> list[Prompt]:
         """``k`` prompts, a pure function of ``rng``'s state (which it advances)."""
         if self.prompts is None:
-            from kfh_probe.organism.task import generate_problem
+            from kfh_probe.organism.task import TASKS, generate_problem
 
-            problems = [generate_problem(rng) for _ in range(k)]
+            problems = [generate_problem(rng, TASKS[self.task]) for _ in range(k)]
             return [Prompt(f"organism-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
         if k <= len(self.prompts):
             return rng.sample(self.prompts, k)

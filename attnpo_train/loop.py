@@ -240,6 +240,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
         check_model_matches, load_manifest, load_model, load_tokenizer, manifest_segmenter, pad_token_id, top_heads,
     )
     from kfh_probe.loading import model_folder
+    from kfh_probe.organism import task_of
 
     if config.model is None:
         raise InputError("no policy model: set 'model' (attnpo-train run --model DIR)")
@@ -257,7 +258,8 @@ def prepare_run(config: TrainConfig) -> RunInputs:
                 f"{config.data} does not hold organism prompts"
             ) from None
     model_folder(config.model)  # refuses a path that is neither a model folder nor a GGUF file, before any work
-    source = PromptSource(prompts)
+    task = task_of(config.model)  # an organism folder names its task; its prompts come from that task
+    source = PromptSource(prompts, task)
     manifest = load_manifest(config.manifest) if config.method == "attnpo" else None
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, "float32", config.device)
@@ -271,7 +273,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     if config.method in RHYTHM_METHODS:
         from kfh_probe.organism import default_rhythm_path
 
-        rhythm = RhythmProbe.from_file(config.rhythm or default_rhythm_path(), model)
+        rhythm = RhythmProbe.from_file(config.rhythm or default_rhythm_path(task), model)
     return RunInputs(model, tokenizer, source, heads, pad_token_id(tokenizer), rhythm, segmenter)
 
 
@@ -439,5 +441,5 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
             save_checkpoint(out, done, model, optimizer, scheduler, rng, metrics, config)
         raise
     bar.close()
-    save_final(model, inputs.tokenizer, out)
+    save_final(model, inputs.tokenizer, out, None if inputs.prompts.prompts is not None else inputs.prompts.task)
     return metrics

@@ -17,7 +17,7 @@ from kfh_probe.organism.labeler import REDUNDANT_KINDS, TraceFormatError, label_
 
 __all__ = ["ACCOUNT_KEYS", "credit_precision", "mean_accounting", "rated_step_truth", "step_accounting"]
 
-ACCOUNT_KEYS = ("essential_steps", "redundant_steps", *REDUNDANT_KINDS, "missing_essential")
+ACCOUNT_KEYS = ("essential_steps", "redundant_steps", *REDUNDANT_KINDS, "missing_essential", "skipped_reread")
 """The per-response step counts that training metrics and evaluation report (means over responses)."""
 
 

@@ -69,14 +69,12 @@ SAVED_CURVES = (*CURVES, "reward_mean", "frac_attenuated", "mean_gamma", "other_
 """Per-step metrics kept in the JSON for notebook 02 (the plot shows ``CURVES``)."""
 
 
-def _eval_prompts(n: int):
-    import random
-
+def _eval_prompts(n: int, organism: str):
     from attnpo_train.data import Prompt
-    from kfh_probe.organism.task import generate_problem
+    from kfh_probe.organism.task import TASKS, generate_problems
 
-    rng = random.Random(EVAL_SEED)
-    return [Prompt(f"eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problem(rng) for _ in range(n))]
+    return [Prompt(f"eval-{i}", p.prompt(), str(p.answer))
+            for i, p in enumerate(generate_problems(n, EVAL_SEED, TASKS[organism]))]
 
 
 def evaluate_dir(model_dir: Path, args) -> dict:
@@ -85,7 +83,7 @@ def evaluate_dir(model_dir: Path, args) -> dict:
     from kfh_probe.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    prompts = _eval_prompts(args.eval_n)
+    prompts = _eval_prompts(args.eval_n, args.organism)
     out = {}
     for name in args.evals:
         samples, temperature, top_p = EVALS[name]
@@ -121,7 +119,7 @@ def run_one(arm: str, seed: int, args) -> dict:
     config = TrainConfig(
         **ARMS[arm], seed=seed, steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, lr=args.lr, horizon=args.steps, checkpoint_every=max(1, args.steps // 4),
-        model=str(default_model_dir()), manifest=str(default_manifest_path()), out=str(out),
+        model=str(default_model_dir(args.organism)), manifest=str(default_manifest_path(args.organism)), out=str(out),
     )
     resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     metrics = train(prepare_run(config), config, resume=resume, progress=False)
@@ -133,7 +131,7 @@ def run_one(arm: str, seed: int, args) -> dict:
     return record
 
 
-EVAL_SETTINGS = ("max_new_tokens", "eval_n", "eval_samples", "evals")
+EVAL_SETTINGS = ("organism", "max_new_tokens", "eval_n", "eval_samples", "evals")
 
 
 def run_settings(args, keys: tuple[str, ...] = ("steps", "lr", "prompts_per_step", "group_size", *EVAL_SETTINGS)) -> dict:
@@ -156,7 +154,7 @@ def base_evals(args) -> dict:
         if record["settings"] != settings:
             raise SystemExit(f"{path} was made with other settings ({record['settings']}); use another --out")
         return record["evals"]
-    evals = evaluate_dir(default_model_dir(), args)
+    evals = evaluate_dir(default_model_dir(args.organism), args)
     _atomic_json(path, {"settings": settings, "evals": evals})
     return evals
 
@@ -200,6 +198,29 @@ def summarise(runs: list[dict], base: dict, arms: list[str]) -> dict:
                     block[key], block[f"{key}_ci95"] = mean_ci(values)
             summary[arm][ev] = block
     return summary
+
+
+def paired(runs: list[dict], base: dict, arms: list[str], against: str = "tlmre") -> dict:
+    """paired[arm][eval][quantity]: the per-seed differences arm minus ``against`` (same seed: same prompts
+    and random streams), their mean, standard deviation and mean / SD, for every arm run with ``against``."""
+    reference = {r["seed"]: r for r in runs if r["arm"] == against}
+    out: dict = {}
+    for arm in arms:
+        mine = sorted((r for r in runs if r["arm"] == arm and r["seed"] in reference), key=lambda r: r["seed"])
+        if arm == against or not mine:
+            continue
+        out[arm] = {}
+        for ev in base:
+            block: dict = {"seeds": [r["seed"] for r in mine]}
+            for key in ("accuracy", "tokens", "redundant_steps", "essential_steps", "missing_essential"):
+                diffs = [flat(r["evals"][ev], base[ev])[key] - flat(reference[r["seed"]]["evals"][ev], base[ev])[key]
+                         for r in mine if flat(r["evals"][ev], base[ev])[key] is not None]
+                if len(diffs) < 2:
+                    continue
+                mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+                block[key] = {"diffs": diffs, "mean": mean, "sd": sd, "mean_over_sd": mean / sd if sd else None}
+            out[arm][ev] = block
+    return out
 
 
 def print_table(summary: dict, base: dict, ev: str) -> None:
@@ -266,6 +287,7 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if a not in OPTIONAL_ARMS], choices=list(ARMS))
+    parser.add_argument("--organism", choices=("v4", "v5"), default="v4", help="the shipped organism trained on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -320,6 +342,7 @@ def main() -> None:
                                                                    for k in args.evals}},
         "base": base,
         "summary": summary,
+        "paired_vs_tlmre": paired(runs, base, args.arms),
         "runs": [{"arm": r["arm"], "seed": r["seed"], "evals": r["evals"], "train_s": r["train_s"],
                   "eval_s": r["eval_s"], "curves": {k: [m.get(k) for m in r["metrics"]] for k in SAVED_CURVES},
                   "scoring_share": sum(m["time_scoring_s"] for m in r["metrics"])

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from kfh_probe.loading import load_model, load_tokenizer
     from kfh_probe.organism import default_model_dir
     from kfh_probe.organism.labeler import extract_answer
-    from kfh_probe.organism.report import respond
+    from kfh_probe.organism.traces import respond
     from kfh_probe.organism.task import problem_with_blocks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -18,22 +18,26 @@ from .errors import InputError, KFHError, report_error
 
 
 def _default_inputs(args) -> None:
-    """Fill in the embedded organism and its labeled traces when --model/--traces are not given."""
+    """Fill in the embedded organism (``--organism``, default v4) and its labeled traces when
+    --model/--traces are not given."""
+    if args.model is not None and args.organism is not None:
+        raise InputError("--organism names an embedded model; give it or --model, not both")
     if args.model is not None and args.traces is not None:
         return
     if args.model is None and args.traces is not None:
         raise InputError("--traces was given without --model; give both, or neither to use the embedded organism")
     try:
-        from .organism import built_model_dir, default_traces_path
+        from .organism import DEFAULT_ORGANISM, built_model_dir, default_traces_path
     except ImportError:
         raise InputError("the embedded organism is not available in this installation; pass --model DIR --traces F") from None
     if args.model is None:
-        args.model = str(built_model_dir())
-        args.model_name = "kfh-organism"
+        args.organism = args.organism or DEFAULT_ORGANISM
+        args.model = str(built_model_dir(args.organism))
+        args.model_name = "kfh-organism" + ("" if args.organism == DEFAULT_ORGANISM else f"-{args.organism}")
     if args.traces is None:
-        if args.model_name != "kfh-organism":
+        if args.organism is None:
             raise InputError("--model was given without --traces; pass the labeled traces of that model with --traces F")
-        args.traces = str(default_traces_path())
+        args.traces = str(default_traces_path(args.organism))
 
 
 def cmd_sweep(args) -> int:
@@ -87,7 +91,7 @@ def cmd_causal(args) -> int:
             raise InputError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
         from .organism import default_manifest_path
 
-        args.manifest = str(default_manifest_path())
+        args.manifest = str(default_manifest_path(args.organism))
     config = CausalConfig(k=args.k, k_fraction=args.k_fraction, top_n=args.top_n, draws=args.draws, seed=args.seed,
                           batch_size=args.batch_size, max_answer_tokens=args.max_answer_tokens, marker=args.marker)
     manifest = load_manifest(args.manifest)
@@ -317,6 +321,11 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
     default = "" if required else " (default: the embedded organism)"
     parser.add_argument("--model", required=required, help=f"Hugging Face model folder or .gguf file{default}")
     parser.add_argument("--gguf-file", help=GGUF_FILE_HELP)
+    if not required:
+        from .organism import DEFAULT_ORGANISM, ORGANISMS
+
+        parser.add_argument("--organism", choices=ORGANISMS, help="which embedded organism, with its traces "
+                            f"and manifest, to use when --model is not given (default: {DEFAULT_ORGANISM})")
 
 
 def _resume_arguments(parser: argparse.ArgumentParser) -> None:

@@ -56,7 +56,8 @@ def test_roles_and_accounting_of_a_hand_checked_trace():
     labeled = label_trace(PROMPT, "".join(STEPS) + SUMMARY)
     assert labeled.roles == ["restate", "essential", "essential", "recheck", "essential", "other", "other"]
     assert labeled.accounting() == {"essential_steps": 3, "redundant_steps": 4, "other": 2, "repeat": 0, "recheck": 1,
-                                    "restate": 1, "unknown": 0, "missing_essential": 0}
+                                    "restate": 1, "reread": 0, "unknown": 0, "missing_essential": 0,
+                                    "skipped_reread": 0}
 
 
 def test_minimal_v4_trace_without_the_other_block_has_no_redundant_step():

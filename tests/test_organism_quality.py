@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from kfh_probe.organism import default_model_dir
-from kfh_probe.organism.report import REPORT_SEED, labeled_samples, sample_labeled_traces
+from kfh_probe.organism.report import REPORT_SEED, labeled_samples
+from kfh_probe.organism.traces import sample_labeled_traces
 
 MODEL = default_model_dir()  # committed: a missing folder fails these tests
 

@@ -10,7 +10,7 @@ import pytest
 from kfh_probe.organism import default_model_dir, default_traces_path
 from kfh_probe.cli import main
 from kfh_probe.organism.cli import register
-from kfh_probe.organism.report import sample_labeled_traces
+from kfh_probe.organism.traces import sample_labeled_traces
 from kfh_probe.organism.traces import write_organism_traces
 
 

@@ -48,7 +48,7 @@ def load_report_traces(
     path = traces or shipped_traces_path()
     if path is not None:
         return read_traces(path, marker)[0], shown_path(path)
-    from ..organism.report import sample_labeled_traces
+    from ..organism.traces import sample_labeled_traces
 
     records = sample_labeled_traces(model_path, n, seed)
     parsed = [parse_record(r, i + 1, marker) for i, r in enumerate(records)]

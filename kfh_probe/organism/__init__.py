@@ -1,20 +1,55 @@
-"""The embedded model organism of overthinking: task, labeler, tokenizer, training, report.
+"""The embedded model organisms of overthinking: task, labeler, tokenizer, training, report.
 
-The shipped model lives in ``kfh_probe/organism_model/`` (built by ``kfh-probe organism build``
-with the default seed) and loads with ``AutoModelForCausalLM.from_pretrained``.
+Two organisms ship, one per task version (:data:`ORGANISMS`): v4 in ``kfh_probe/organism_model/`` and
+v5 in ``kfh_probe/organism_model_v5/`` (each built by ``kfh-probe organism build`` with the default
+seed; they load with ``AutoModelForCausalLM.from_pretrained``). A built folder names its task version
+in :data:`TASK_FILE`, so a command given the folder writes and labels that task's problems.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+ORGANISMS = ("v4", "v5")
+"""The shipped organisms, by the task version they were trained on."""
+DEFAULT_ORGANISM = "v4"
+"""The organism every command uses when none is named."""
+TASK_FILE = "organism_task.json"
+"""The file of a built organism folder that names its task version (``{"task": "v5"}``)."""
 
-def default_model_dir() -> Path:
-    """The folder of the shipped organism model."""
-    return Path(__file__).resolve().parent.parent / "organism_model"
+_PACKAGE = Path(__file__).resolve().parent.parent
 
 
-def built_model_dir() -> Path:
+def _suffix(organism: str) -> str:
+    if organism not in ORGANISMS:
+        from kfh_probe.errors import InputError
+
+        raise InputError(f"unknown organism {organism!r}; choose one of {', '.join(ORGANISMS)}")
+    return "" if organism == "v4" else f"_{organism}"
+
+
+def default_model_dir(organism: str = DEFAULT_ORGANISM) -> Path:
+    """The folder of the shipped organism model of this task version."""
+    return _PACKAGE / f"organism_model{_suffix(organism)}"
+
+
+def write_task_file(folder: str | Path, task: str) -> None:
+    """Record in a built organism folder which task version it was trained on."""
+    (Path(folder) / TASK_FILE).write_text(json.dumps({"task": task}) + "\n", encoding="utf-8")
+
+
+def task_of(model_dir: str | Path) -> str:
+    """The task version an organism folder was trained on (v4 for a folder without :data:`TASK_FILE`)."""
+    path = Path(model_dir) / TASK_FILE
+    if not path.is_file():
+        return "v4"
+    task = json.loads(path.read_text(encoding="utf-8")).get("task", "v4")
+    _suffix(task)
+    return task
+
+
+def built_model_dir(organism: str = DEFAULT_ORGANISM) -> Path:
     """:func:`default_model_dir`, checked like any ``--model`` folder (:func:`kfh_probe.loading.model_folder`).
 
     Raises:
@@ -23,27 +58,27 @@ def built_model_dir() -> Path:
     """
     from kfh_probe.loading import ModelFolderError, model_folder
 
-    path = default_model_dir()
+    path = default_model_dir(organism)
     if not (path / "config.json").is_file():
         raise ModelFolderError(f"the embedded organism model is not built (no {path / 'config.json'}): "
                                "run `kfh-probe organism build`, or pass --model DIR")
     return model_folder(path)
 
 
-def default_traces_path() -> Path:
+def default_traces_path(organism: str = DEFAULT_ORGANISM) -> Path:
     """The organism's shipped ground-truth-labeled, model-sampled traces (the sweep's default input).
 
     Made by ``kfh-probe organism traces --source model --n 300 --seed 0 --out <this path>``.
     """
-    return Path(__file__).resolve().parent.parent / "data" / "organism_traces.jsonl"
+    return _PACKAGE / "data" / f"organism{_suffix(organism)}_traces.jsonl"
 
 
-def default_manifest_path() -> Path:
+def default_manifest_path(organism: str = DEFAULT_ORGANISM) -> Path:
     """The KFH manifest of the shipped organism (the trainer's default), made by ``kfh-probe sweep``."""
-    return Path(__file__).resolve().parent.parent / "data" / "organism_manifest.json"
+    return _PACKAGE / "data" / f"organism{_suffix(organism)}_manifest.json"
 
 
-def default_rhythm_path() -> Path:
+def default_rhythm_path(organism: str = DEFAULT_ORGANISM) -> Path:
     """The organism's Preplan-and-Anchor signals on its traces (header: local/global heads), made by
     ``kfh-probe rhythm --out <this path>`` (the rhythm methods' default)."""
-    return Path(__file__).resolve().parent.parent / "data" / "organism_rhythm.jsonl"
+    return _PACKAGE / "data" / f"organism{_suffix(organism)}_rhythm.jsonl"

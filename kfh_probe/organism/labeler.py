@@ -11,8 +11,13 @@ Rules (they are the definition of the organism's ground truth):
   computed, and **redundant** otherwise. Wrong arithmetic does not change the label (the answer
   still depends on the step); it is counted in ``wrong_claims``.
 * A redundant step's role says why it is redundant (:data:`ROLES`): another item's computation,
-  a repeated chain computation, a re-check, a restatement. A chain quantity that no step computes
-  is counted in ``missing_essential``.
+  a repeated chain computation, a re-check, a restatement, a re-read. A chain quantity that no step
+  computes is counted in ``missing_essential``.
+* v5: a question may end with a correction of the target's fact. The re-read step (``Hold on, let me
+  re-read the question ...``) is **essential** when the question has a correction (ex ante: the answer
+  needs it, whether or not the response then uses it) and redundant otherwise; only the first re-read
+  counts. A response to a corrected question that never re-reads it counts one ``skipped_reread``. A
+  claim about the target is right with either its first statement's value or the correction's.
 * A step that matches none of the task's step forms (compute, recheck, restate) computes nothing
   recognisable: it is labelled redundant and counted in ``unknown_steps``.
 """
@@ -24,15 +29,17 @@ from dataclasses import dataclass, field
 
 from kfh_probe.errors import KFHError
 from kfh_probe.grading import extract_final_answer
-from kfh_probe.organism.task import NUMBER_WORDS, RECHECK_OPENERS, THINK_CLOSE, Fact, Problem
+from kfh_probe.organism.task import NUMBER_WORDS, RECHECK_OPENERS, REREAD_OPENER, THINK_CLOSE, Fact, Problem
 from kfh_probe.segmentation import split_at_marker
 
-_PROMPT = re.compile(r"^Question: (?P<facts>.*) How many (?P<item>\w+) does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
+_PROMPT = re.compile(r"^Question: (?P<facts>.*?)(?: Correction: (?P<correction>[^.]*\.))? How many (?P<item>\w+) "
+                     r"does (?P<target>\w+) have\?\nAnswer:\n$", re.S)
 _FACT = re.compile(r"(\w+) has (\w+) (?:(more|fewer) )?(\w+)(?: than (\w+))?\.")
 _CLAIM_CONST = re.compile(r"so (\w+) has (\w+) (\w+) right from the start")
 _CLAIM_OP = re.compile(r"so (\w+) has (\w+) (plus|minus) (\w+), which is (\w+) (\w+)")
 _RECHECK = re.compile(r"^(?:<think>\n)?(?:" + "|".join(map(re.escape, RECHECK_OPENERS)) + r") \w+:")
 _RESTATE = re.compile(r"^(?:<think>\n)?Okay, so ")
+_REREAD = re.compile(r"^(?:<think>\n)?" + re.escape(REREAD_OPENER) + r" \w+:")
 
 
 class TraceFormatError(KFHError, ValueError):
@@ -50,24 +57,32 @@ def parse_prompt(prompt: str) -> Problem:
     if not m:
         raise TraceFormatError(f"not an organism prompt: {prompt[:80]!r}")
     values: dict[str, int] = {}
-    facts = []
-    for name, num_word, word, item, base in _FACT.findall(m["facts"]):
-        num = number(num_word)
-        if num is None:
-            raise TraceFormatError(f"fact about {name} has {num_word!r} where a number word belongs")
-        if base:
-            if base not in values:
-                raise TraceFormatError(f"fact about {name} refers to unknown {base!r}")
-            op = "+" if word == "more" else "-"
-            value = values[base] + num if op == "+" else values[base] - num
-            facts.append(Fact(name, item, value, base, op, num))
-        else:
-            value = num
-            facts.append(Fact(name, item, value))
-        values[name] = value
+    facts = [_parse_fact(groups, values) for groups in _FACT.findall(m["facts"])]
     if m["target"] not in values:
         raise TraceFormatError(f"question asks about unknown {m['target']!r}")
-    return Problem(tuple(facts), m["target"], m["item"])
+    correction = None
+    if m["correction"] is not None:
+        found = _FACT.findall(m["correction"])
+        if len(found) != 1 or found[0][0] != m["target"] or not found[0][4]:
+            raise TraceFormatError(f"the correction {m['correction']!r} does not restate the target's fact")
+        correction = _parse_fact(found[0], dict(values))
+    return Problem(tuple(facts), m["target"], m["item"], correction)
+
+
+def _parse_fact(groups: tuple[str, ...], values: dict[str, int]) -> Fact:
+    """The :class:`Fact` of one matched fact sentence; ``values`` (by name) gains its value."""
+    name, num_word, word, item, base = groups
+    num = number(num_word)
+    if num is None:
+        raise TraceFormatError(f"fact about {name} has {num_word!r} where a number word belongs")
+    if not base:
+        values[name] = num
+        return Fact(name, item, num)
+    if base not in values:
+        raise TraceFormatError(f"fact about {name} refers to unknown {base!r}")
+    op = "+" if word == "more" else "-"
+    values[name] = values[base] + num if op == "+" else values[base] - num
+    return Fact(name, item, values[name], base, op, num)
 
 
 def extract_answer(response: str) -> int | None:
@@ -102,13 +117,16 @@ def split_steps(reasoning: str) -> list[str]:
     return steps
 
 
-ROLES = ("essential", "other", "repeat", "recheck", "restate", "unknown")
-"""What a step does, by ground truth: ``essential`` computes a chain quantity for the first time;
-the redundant roles are ``other`` (computes only quantities off the answer's chain: the other item),
-``repeat`` (computes a chain quantity again), ``recheck``, ``restate`` and ``unknown`` (no step form)."""
+ROLES = ("essential", "other", "repeat", "recheck", "restate", "reread", "unknown")
+"""What a step does, by ground truth: ``essential`` computes a chain quantity for the first time (or
+is the first re-read of a corrected question); the redundant roles are ``other`` (computes only
+quantities off the answer's chain: the other item), ``repeat`` (computes a chain quantity again),
+``recheck``, ``restate``, ``reread`` (a re-read with no correction to catch, or a second one) and
+``unknown`` (no step form)."""
 
-REDUNDANT_KINDS = ("other", "recheck", "restate")
-"""The redundancy kinds the organism's teacher writes (``repeat`` and ``unknown`` are the model's own)."""
+REDUNDANT_KINDS = ("other", "recheck", "restate", "reread")
+"""The redundancy kinds the organism's teachers write (``repeat`` and ``unknown`` are the model's own;
+``reread`` only v5's)."""
 
 
 @dataclass
@@ -116,19 +134,31 @@ class LabeledTrace:
     """Steps with labels plus what the labeler noticed about the trace."""
 
     steps: list[dict] = field(default_factory=list)  # [{"text", "label"}]
-    kinds: list[str] = field(default_factory=list)  # compute / recheck / restate / unknown
+    kinds: list[str] = field(default_factory=list)  # compute / recheck / restate / reread / unknown
     roles: list[str] = field(default_factory=list)  # one of ROLES per step
     unknown_steps: int = 0
     wrong_claims: int = 0
     missing_essential: int = 0  # chain quantities no step computes
+    skipped_reread: int = 0  # 1 when the question has a correction and no step re-reads it (v5)
+    corrected: int | None = None  # the correction's value, when the question has one (v5)
     predicted: int | None = None
+
+    def reread(self) -> dict[str, bool] | None:
+        """What the re-read did (v5 trace records carry it): ``None`` when no step re-reads the question,
+        else ``essential`` (the question has a correction) and ``changed_answer`` (the response's answer
+        is the correction's value)."""
+        if "reread" not in self.kinds:
+            return None
+        return {"essential": self.corrected is not None,
+                "changed_answer": self.corrected is not None and self.predicted == self.corrected}
 
     def accounting(self) -> dict[str, int]:
         """Per-response step counts: ``essential_steps``, ``redundant_steps`` and each redundant role
-        (``other``, ``repeat``, ``recheck``, ``restate``, ``unknown``), ``missing_essential``."""
+        (``other``, ``repeat``, ``recheck``, ``restate``, ``reread``, ``unknown``), ``missing_essential``,
+        ``skipped_reread``."""
         counts = {role: self.roles.count(role) for role in ROLES}
         return {"essential_steps": counts.pop("essential"), "redundant_steps": len(self.roles) - self.roles.count("essential"),
-                **counts, "missing_essential": self.missing_essential}
+                **counts, "missing_essential": self.missing_essential, "skipped_reread": self.skipped_reread}
 
 
 def label_trace(prompt: str, response: str) -> LabeledTrace:
@@ -139,25 +169,34 @@ def label_trace(prompt: str, response: str) -> LabeledTrace:
         raise TraceFormatError(str(err)) from None
     problem = parse_prompt(prompt)
     facts, chain = problem.by_name, set(problem.chain())
-    out = LabeledTrace(predicted=extract_answer(response))
+    right = {name: {fact.value} for name, fact in facts.items()}
+    if problem.correction is not None:
+        right[problem.target].add(problem.correction.value)
+    corrected = None if problem.correction is None else problem.correction.value
+    out = LabeledTrace(corrected=corrected, predicted=extract_answer(response))
     computed: set[str] = set()
+    reread = False
     for text in split_steps(reasoning):
         claims = [(n, number(v)) for n, v, _ in _CLAIM_CONST.findall(text)]
         claims += [(n, number(v)) for n, _, _, _, v, _ in _CLAIM_OP.findall(text)]
-        essential = any(n in chain and n not in computed for n, _ in claims)
-        out.wrong_claims += sum(n not in facts or facts[n].value != v for n, v in claims)
-        computed.update(n for n, _ in claims)
-        kind = ("compute" if claims else "recheck" if _RECHECK.match(text)
-                else "restate" if _RESTATE.match(text) else "unknown")
+        out.wrong_claims += sum(v not in right.get(n, ()) for n, v in claims)
+        if claims:
+            kind = "compute"
+            essential = any(n in chain and n not in computed for n, _ in claims)
+            role = "essential" if essential else "repeat" if any(n in chain for n, _ in claims) else "other"
+            computed.update(n for n, _ in claims)
+        else:
+            kind = ("reread" if _REREAD.match(text) else "recheck" if _RECHECK.match(text)
+                    else "restate" if _RESTATE.match(text) else "unknown")
+            essential = kind == "reread" and problem.correction is not None and not reread
+            role = "essential" if essential else kind
+            reread = reread or kind == "reread"
         out.unknown_steps += kind == "unknown"
         out.kinds.append(kind)
-        if kind != "compute":
-            role = kind
-        else:
-            role = "essential" if essential else "repeat" if any(n in chain for n, _ in claims) else "other"
         out.roles.append(role)
         out.steps.append({"text": text, "label": "essential" if essential else "redundant"})
     out.missing_essential = len(chain - computed)
+    out.skipped_reread = int(problem.correction is not None and not reread)
     return out
 
 

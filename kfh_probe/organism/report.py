@@ -1,86 +1,65 @@
-"""Generate from the organism and measure it: accuracy, response lengths, redundant steps.
+"""Measure a built organism: accuracy, response lengths, redundant steps, and (``groups_t1``) how its
+groups of samples look to group RL.
 
-Generation is the project's sampler (``kfh_probe.sampling.generate_rollouts``: batched ``model.generate``
-with left padding and the KV cache); answers are parsed from the generated text (the last ``\\boxed{}``
-after exactly one ``</think>``, ``kfh_probe.grading``), never teacher-forced.
+Answers are parsed from the generated text (the last ``\\boxed{}`` after exactly one ``</think>``,
+``kfh_probe.grading``), never teacher-forced; steps are labeled by the task's grammar.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.alignment import right_pad
-from kfh_probe.organism.labeler import TraceFormatError, extract_answer, label_trace
-from kfh_probe.organism.task import RECHECK_OPENERS, THINK_CLOSE, Problem, generate_problems
-from kfh_probe.organism.traces import LABELER
-from kfh_probe.sampling import generate_rollouts
+from kfh_probe.io import shown_path
+from kfh_probe.loading import load_model, load_tokenizer
+from kfh_probe.organism import task_of
+from kfh_probe.organism.task import RECHECK_OPENERS, TASKS, THINK_CLOSE, generate_problems
+from kfh_probe.organism.traces import Sample, respond, sample_records
 
 REPORT_SEED = 20_250_101  # far from the build seeds, so report problems are fresh
-MAX_NEW_TOKENS = 448
+
+GroupCredit = Callable[[Sequence[bool], Sequence[int]], Sequence[float]]
+"""Advantages of one group from its responses' correctness and token lengths (the trainer's TLMRE
+rewards with RLOO advantages, plugged in through the ``kfh_probe.group_credit`` entry point)."""
 
 
-@dataclass
-class Sample:
-    """One generated response: its prompt, text (EOS text included when it stopped), token count."""
+def group_credit() -> GroupCredit | None:
+    """The group credit an installed trainer registers under the ``kfh_probe.group_credit`` entry point
+    (``tlmre-rloo``: ``attnpo_train``'s TLMRE rewards with RLOO advantages), or None without one."""
+    from importlib.metadata import entry_points
 
-    prompt: str
-    response: str
-    n_tokens: int
-    answer: int
-
-
-def respond(model, tok, problems: list[Problem], seed: int, temperature: float | None = None,
-            batch_size: int = 125) -> list[Sample]:
-    """The model's responses to ``problems`` (``generate_rollouts`` in batches of ``batch_size``, sampling
-    seeded with ``seed``; greedy when ``temperature`` is None). A response that stopped keeps its EOS
-    text, as the organism's traces do."""
-    torch.manual_seed(seed)
-    prompts = [p.prompt() for p in problems]
-    rollouts = generate_rollouts(model, tok, prompts, 1, MAX_NEW_TOKENS, temperature, batch_size=batch_size)
-    return [Sample(prompt, text + tok.eos_token if done else text, len(ids), problem.answer)
-            for problem, prompt, text, done, ids
-            in zip(problems, prompts, rollouts.texts, rollouts.finished, rollouts.response_ids, strict=True)]
-
-
-def sample_labeled_traces(model_dir: str | Path, n: int, seed: int, temperature: float = 1.0) -> list[dict]:
-    """Design-format trace dicts (``id``, ``prompt``, ``response``, ``answer``, ``steps``) sampled from the model.
-
-    Samples without exactly one ``</think>`` cannot carry steps and are left out (see
-    :func:`labeled_samples` for the counts).
-    """
-    return labeled_samples(model_dir, n, seed, temperature)[0]
+    found = entry_points(group="kfh_probe.group_credit", name="tlmre-rloo")
+    return next(iter(found)).load() if found else None
 
 
 def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float | None = 1.0) -> tuple[list[dict], dict]:
-    """Labeled trace dicts plus statistics over all ``n`` samples (accuracy, lengths, parse counts,
-    redundancy by kind, and the mean probability of opening a re-check at a line start)."""
+    """Labeled trace dicts plus statistics over all ``n`` samples of the organism in ``model_dir`` on
+    problems of its task (:func:`sample_stats`)."""
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    samples = respond(model, tok, generate_problems(n, seed), seed, temperature)
-    records, accounts, unknown, wrong, dropped = [], [], 0, 0, 0
-    for i, s in enumerate(samples):
-        try:
-            labeled = label_trace(s.prompt, s.response)
-        except TraceFormatError:
-            dropped += 1
-            continue
-        unknown += labeled.unknown_steps
-        wrong += labeled.wrong_claims
-        accounts.append(labeled.accounting())
-        records.append({"id": f"organism-model-{seed}-{i}", "prompt": s.prompt, "response": s.response,
-                        "answer": str(s.answer), "steps": labeled.steps, "labeler": LABELER})
+    spec = TASKS[task_of(model_dir)]
+    samples = respond(model, tok, generate_problems(n, seed, spec), seed, temperature)
+    stats = sample_stats(samples)
+    stats["recheck_open_p"] = recheck_open_probability(model, tok, samples)
+    return sample_records(samples, seed, spec), stats
+
+
+def sample_stats(samples: list[Sample]) -> dict:
+    """Accuracy, lengths, parse counts, redundancy by kind and (v5) re-reads over ``samples``."""
+    accounts = [s.labeled.accounting() for s in samples if s.labeled is not None]
+    labeled = [s.labeled for s in samples if s.labeled is not None]
     lengths = [s.n_tokens for s in samples]
+    corrected = [s for s in samples if s.problem.correction is not None and s.labeled is not None]
 
     def mean_of(key: str) -> float:
         return statistics.fmean(a[key] for a in accounts) if accounts else 0.0
 
-    stats = {
-        "n": n,
-        "accuracy": sum(extract_answer(s.response) == s.answer for s in samples) / n,
+    return {
+        "n": len(samples),
+        "accuracy": statistics.fmean(s.correct for s in samples),
         "tokens_mean": statistics.fmean(lengths),
         "tokens_std": statistics.pstdev(lengths),
         "tokens_min": min(lengths),
@@ -92,20 +71,21 @@ def labeled_samples(model_dir: str | Path, n: int, seed: int, temperature: float
         "minimal_fraction": statistics.fmean(a["redundant_steps"] == 0 for a in accounts) if accounts else 0.0,
         "rechecks_mean": mean_of("recheck"),
         "restates_mean": mean_of("restate"),
-        "recheck_open_p": recheck_open_probability(model, tok, samples),
-        "parseable_fraction": len(records) / n,
-        "unlabelable_traces": dropped,
-        "unknown_steps": unknown,
-        "wrong_claims": wrong,
+        "rereads_mean": statistics.fmean(t.kinds.count("reread") for t in labeled) if labeled else 0.0,
+        "corrected_fraction": statistics.fmean(s.problem.correction is not None for s in samples),
+        "skip_fraction": statistics.fmean(s.labeled.skipped_reread for s in corrected) if corrected else None,
+        "parseable_fraction": len(accounts) / len(samples),
+        "unlabelable_traces": len(samples) - len(accounts),
+        "unknown_steps": sum(t.unknown_steps for t in labeled),
+        "wrong_claims": sum(t.wrong_claims for t in labeled),
     }
-    return records, stats
 
 
 @torch.no_grad()
 def recheck_open_probability(model, tok, samples: list[Sample], batch_size: int = 50) -> float:
     """The model's mean probability of opening a re-check at a line start of the reasoning.
 
-    At every position of a response's reasoning whose token ends a line (``<think>\n`` included,
+    At every position of a response's reasoning whose token ends a line (``<think>\\n`` included,
     ``</think>`` excluded), the next-token probability of the first token of any re-check opener
     (:data:`kfh_probe.organism.task.RECHECK_OPENERS`; no other step form starts with those tokens),
     teacher-forced on the response itself, averaged over all such line starts of all ``samples``.
@@ -129,11 +109,99 @@ def recheck_open_probability(model, tok, samples: list[Sample], batch_size: int 
     return total / count if count else 0.0
 
 
-def organism_report(model_dir: str | Path, n: int = 500, seed: int = REPORT_SEED) -> dict:
-    """Greedy and temperature-1.0 statistics on ``n`` fresh problems each."""
-    return {
-        "model_dir": str(model_dir),
+def essential_tokens(tok, sample: Sample) -> int:
+    """Response tokens whose first character lies in an essential step of ``sample`` (0 when unlabeled)."""
+    if sample.labeled is None:
+        return 0
+    ends, essential, at = [], [], 0
+    for step in sample.labeled.steps:
+        at += len(step["text"])
+        ends.append(at)
+        essential.append(step["label"] == "essential")
+    offsets = tok(sample.response, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    count = 0
+    for start, _ in offsets:
+        step = next((k for k, end in enumerate(ends) if start < end), None)
+        count += step is not None and essential[step]
+    return count
+
+
+def groups_report(groups: list[list[Sample]], essential: list[list[int]], credit: GroupCredit | None) -> dict:
+    """Statistics of groups of samples of one prompt each, as group RL sees them.
+
+    Args:
+        groups: the G samples of each prompt.
+        essential: the essential-token count of each sample (:func:`essential_tokens`), by group.
+        credit: advantages of a group from correctness and token lengths; ``None`` leaves the two credit
+            shares out (``null``).
+
+    Returns:
+        ``accuracy``; ``mixed_prompt_fraction`` (prompts with 0 < p < 1); ``redundancy_correct_corr``
+        (Pearson correlation of a response's redundant-step count and its correctness, both centred on
+        their group's mean, pooled over groups); ``essential_token_var_share`` (the sum over groups of the
+        within-group variance of essential tokens over that of response tokens); ``skip_fraction`` (of the
+        responses to corrected questions, those that never re-read the question) and
+        ``skip_accuracy_cost`` (accuracy of those that re-read minus those that skip, on corrected
+        questions); ``redundant_in_positive_share`` (of all redundant steps, those in responses with a
+        positive advantage under ``credit``) and ``essential_in_negative_share`` (of all essential steps,
+        those in responses with a negative one).
+    """
+    correct = [[float(s.correct) for s in g] for g in groups]
+    redundant = [[s.labeled.accounting()["redundant_steps"] if s.labeled else 0 for s in g] for g in groups]
+    essential_steps = [[s.labeled.accounting()["essential_steps"] if s.labeled else 0 for s in g] for g in groups]
+    tokens = [[s.n_tokens for s in g] for g in groups]
+    centred_r = [x - statistics.fmean(row) for row in redundant for x in row]
+    centred_c = [y - statistics.fmean(row) for row in correct for y in row]
+    spread = (sum(x * x for x in centred_r) * sum(y * y for y in centred_c)) ** 0.5
+    response_var = sum(statistics.pvariance(row) for row in tokens)
+    corrected = [s for g in groups for s in g if s.problem.correction is not None and s.labeled is not None]
+    read = [s.correct for s in corrected if not s.labeled.skipped_reread]
+    skipped = [s.correct for s in corrected if s.labeled.skipped_reread]
+    report = {
+        "groups": len(groups),
+        "group_size": len(groups[0]) if groups else 0,
+        "accuracy": statistics.fmean(y for row in correct for y in row),
+        "mixed_prompt_fraction": statistics.fmean(0 < statistics.fmean(row) < 1 for row in correct),
+        "redundancy_correct_corr": sum(x * y for x, y in zip(centred_r, centred_c)) / spread if spread else 0.0,
+        "essential_token_var_share": (sum(statistics.pvariance(row) for row in essential) / response_var
+                                      if response_var else 0.0),
+        "skip_fraction": len(skipped) / len(corrected) if corrected else None,
+        "skip_accuracy_cost": (statistics.fmean(read) - statistics.fmean(skipped)) if read and skipped else None,
+        "redundant_in_positive_share": None,
+        "essential_in_negative_share": None,
+    }
+    if credit is not None:
+        advantages = [list(credit([bool(y) for y in c], t)) for c, t in zip(correct, tokens)]
+        pairs = [(a, r, e) for adv, red, ess in zip(advantages, redundant, essential_steps)
+                 for a, r, e in zip(adv, red, ess)]
+        total_r, total_e = sum(r for _, r, _ in pairs), sum(e for _, _, e in pairs)
+        report["redundant_in_positive_share"] = sum(r for a, r, _ in pairs if a > 0) / total_r if total_r else 0.0
+        report["essential_in_negative_share"] = sum(e for a, _, e in pairs if a < 0) / total_e if total_e else 0.0
+    return report
+
+
+def sampled_groups(model_dir: str | Path, n: int, group_size: int, seed: int) -> tuple[list[list[Sample]], list[list[int]]]:
+    """``group_size`` samples at temperature 1 of each of ``n`` fresh problems of the organism's task, and
+    each sample's essential-token count."""
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    problems = generate_problems(n, seed, TASKS[task_of(model_dir)])
+    samples = respond(model, tok, [p for p in problems for _ in range(group_size)], seed, 1.0)
+    groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
+    return groups, [[essential_tokens(tok, s) for s in g] for g in groups]
+
+
+def organism_report(model_dir: str | Path, n: int = 500, seed: int = REPORT_SEED, group_size: int | None = None,
+                    credit: GroupCredit | None = None) -> dict:
+    """Greedy and temperature-1.0 statistics on ``n`` fresh problems each; with ``group_size``, also
+    ``groups_t1``: :func:`groups_report` of ``group_size`` samples of each of ``n // group_size`` problems."""
+    report = {
+        "model_dir": shown_path(model_dir),
+        "task": task_of(model_dir),
         "seed": seed,
         "greedy": labeled_samples(model_dir, n, seed, None)[1],
         "sampled_t1": labeled_samples(model_dir, n, seed + 1, 1.0)[1],
     }
+    if group_size is not None:
+        groups, essential = sampled_groups(model_dir, max(1, n // group_size), group_size, seed + 2)
+        report["groups_t1"] = groups_report(groups, essential, credit)
+    return report

@@ -40,6 +40,7 @@ starts at the first fact, and the summary goes back to it.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -84,11 +85,16 @@ class Fact:
 
 @dataclass(frozen=True)
 class Problem:
-    """A question: ``facts`` in question order, the asked ``target`` and ``item``, the integer ``answer``."""
+    """A question: ``facts`` in question order, the asked ``target`` and ``item``, the integer ``answer``.
+
+    ``correction`` (v5 only) restates the target's fact with another difference at the end of the
+    question; it overrides the first statement, so the answer is its value.
+    """
 
     facts: tuple[Fact, ...]
     target: str
     item: str
+    correction: Fact | None = None
 
     @property
     def by_name(self) -> dict[str, Fact]:
@@ -96,7 +102,7 @@ class Problem:
 
     @property
     def answer(self) -> int:
-        return self.by_name[self.target].value
+        return (self.correction or self.by_name[self.target]).value
 
     def chain(self) -> list[str]:
         """Names on the answer's dependency chain, root first."""
@@ -108,6 +114,8 @@ class Problem:
 
     def prompt(self) -> str:
         facts = " ".join(f.sentence() for f in self.facts)
+        if self.correction is not None:
+            facts += f" Correction: {self.correction.sentence()}"
         return f"Question: {facts} How many {self.item} does {self.target} have?\nAnswer:\n"
 
 
@@ -133,12 +141,26 @@ def _chain_facts(rng: random.Random, names: list[str], item: str) -> list[Fact]:
     return facts
 
 
-def generate_problem(rng: random.Random) -> Problem:
+def generate_problem(rng: random.Random, spec: "TaskSpec | None" = None) -> Problem:
     """Draw one problem: a chain of 2-4 quantities of the asked item and a shorter chain (1 to one
-    fewer) of distractor quantities of another item, as two blocks of facts, the asked chain first."""
+    fewer) of distractor quantities of another item, as two blocks of facts, the asked chain first;
+    with probability ``spec.correction_p`` (v5) a correction of the target's fact at the end."""
     item, other = rng.sample(ITEMS, 2)
     n_chain = rng.randint(2, 4)
-    return _two_blocks(rng, item, other, n_chain, rng.randint(1, n_chain - 1))
+    problem = _two_blocks(rng, item, other, n_chain, rng.randint(1, n_chain - 1))
+    if spec is not None and spec.correction_p and rng.random() < spec.correction_p:
+        problem = dataclasses.replace(problem, correction=_correction(rng, problem))
+    return problem
+
+
+def _correction(rng: random.Random, problem: Problem) -> Fact:
+    """The target's fact with another operation or difference, giving another value in 1..9."""
+    target = problem.by_name[problem.target]
+    base = problem.by_name[target.base].value
+    options = [(op, d) for op in "+-" for d in range(1, MAX_DIFF + 1)
+               if 1 <= (value := base + d if op == "+" else base - d) <= MAX_VALUE and value != target.value]
+    op, d = rng.choice(options)
+    return Fact(target.name, target.item, base + d if op == "+" else base - d, target.base, op, d)
 
 
 def problem_with_blocks(rng: random.Random, n_chain: int, n_distract: int) -> Problem:
@@ -157,10 +179,10 @@ def _two_blocks(rng: random.Random, item: str, other: str, n_chain: int, n_distr
     return Problem(tuple(chain + distract), chain[-1].name, item)
 
 
-def generate_problems(n: int, seed: int) -> list[Problem]:
-    """``n`` problems, a pure function of ``seed``."""
+def generate_problems(n: int, seed: int, spec: "TaskSpec | None" = None) -> list[Problem]:
+    """``n`` problems of task ``spec`` (v4 when None), a pure function of ``seed``."""
     rng = random.Random(seed)
-    return [generate_problem(rng) for _ in range(n)]
+    return [generate_problem(rng, spec) for _ in range(n)]
 
 
 def claim_text(fact: Fact, base_value: int | None) -> str:
@@ -203,46 +225,91 @@ def restate_text(problem: Problem, values: dict[str, int]) -> str:
 RECHECK_OPENERS = ("Wait, let me double-check", "Hmm, let me double-check", "Let me verify")
 """Openers of a re-check: the first checks the value just computed, the others an earlier one."""
 
-OTHER_BLOCK_P = {True: 0.7, False: 0.3}
-"""Probability that the teacher works the other item's block, by whether the other item is one of
-:data:`WORKED_ITEMS` (about half of all traces; greedy decoding then works it for those items only)."""
+REREAD_OPENER = "Hold on, let me re-read the question before I work out"
+"""Opener of a re-read (v5): the step that catches a correction at the end of the question."""
+
 WORKED_ITEMS = ITEMS[:3]
-OPEN_RESTATE_P = 0.15
-"""Probability that a trace opens with a restatement of the question."""
-EXTRA_P = {"minus": 0.5, "other": 0.2}
-"""Probability of a redundant step right after a compute step: after a subtraction (of a quantity
-that is not the answer) it re-checks that subtraction, otherwise it re-checks an earlier value or
-restates what is known. A second extra step follows with probability :data:`SECOND_EXTRA_P`."""
-SECOND_EXTRA_P = 0.3
+"""Items whose block the teacher usually works when they are the other item (see :class:`TaskSpec`)."""
 
 
-def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) -> list[TaskStep]:
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a version of the organism's task draws: its problems and its teacher's habits.
+
+    The defaults are v4 (:data:`V4`); v5 (:data:`V5`) adds corrections and re-reads. A setting at 0
+    draws nothing from the random stream, so v4's problems and traces do not depend on the v5 fields.
+    """
+
+    other_block_p: tuple[float, float] = (0.3, 0.7)
+    """Probability that the teacher works the other item's block: (other item not in
+    :data:`WORKED_ITEMS`, other item in it)."""
+    open_restate_p: float = 0.15
+    """Probability that a trace opens with a restatement of the question."""
+    extra_p_minus: float = 0.5
+    """Probability of a redundant step right after a subtraction (not the answer): a re-check of it."""
+    extra_p_other: float = 0.2
+    """Probability of a redundant step after any other compute step: a re-check of an earlier value or
+    a restatement."""
+    second_extra_p: float = 0.3
+    """Probability that a second redundant step follows the first."""
+    max_redundant: int = 4
+    """Most redundant extras (re-checks and restatements) in one trace."""
+    correction_p: float = 0.0
+    """Probability that a question ends with a correction of the target's fact (v5)."""
+    reread_p: float = 0.0
+    """Probability that the teacher re-reads the question before working out the target (v5), whether
+    or not it holds a correction: the re-read is essential work exactly when it does (ex ante), and a
+    teacher that skips it works the target from its first statement and answers wrong."""
+
+
+V4 = TaskSpec()
+V5 = TaskSpec(other_block_p=(0.15, 0.35), open_restate_p=0.1, extra_p_minus=0.35, extra_p_other=0.15,
+              second_extra_p=0.25, max_redundant=3, correction_p=0.75, reread_p=0.7)
+TASKS = {"v4": V4, "v5": V5}
+"""The organism's task versions by name."""
+
+
+def reread_text(problem: Problem) -> str:
+    """The re-read line: it quotes the correction at the end of the question, or says there is none."""
+    if problem.correction is None:
+        return f"{REREAD_OPENER} {problem.target}: it ends with no correction, so the facts stand as given.\n"
+    return f"{REREAD_OPENER} {problem.target}: it ends with a correction, {problem.correction.sentence()}\n"
+
+
+def corrected_compute_text(fact: Fact, values: dict[str, int], opener: str) -> str:
+    """The line that works out the target from the question's correction ``fact``."""
+    return f"{opener} the correction says that {fact.sentence()[:-1]}, so {claim_text(fact, values.get(fact.base))}.\n"
+
+
+def teacher_steps(problem: Problem, rng: random.Random, spec: TaskSpec = V4) -> list[TaskStep]:
     """Teacher steps: the asked chain always, the other item's block in only some traces, and 0 to
-    ``max_redundant`` re-checks and restatements.
+    ``spec.max_redundant`` re-checks and restatements (v5: and a re-read before the target).
 
     The overthinking varies from sample to sample, so that a group of rollouts holds short and long
     correct responses that differ in which redundant steps they have:
 
     * the asked chain is worked first; the other item's block follows it with probability
-      :data:`OTHER_BLOCK_P` (0.7 when the other item is one of :data:`WORKED_ITEMS`, 0.3 otherwise),
-      so the essential steps do not always come last;
-    * a trace opens with a restatement with probability :data:`OPEN_RESTATE_P`;
-    * after each computed quantity other than the answer, an extra step follows with probability
-      :data:`EXTRA_P`: a subtraction is re-checked at once half the time (``"Wait, let me
-      double-check"``), after any other step one in five gets a re-check of an earlier value or a
-      restatement; a second extra follows with probability :data:`SECOND_EXTRA_P`. Never more than
-      ``max_redundant`` extras in all, and never a re-check of the answer itself.
-
-    The shortest correct response (the chain alone) is about a fifth of the teacher's traces.
+      ``spec.other_block_p`` (higher when the other item is one of :data:`WORKED_ITEMS`), so the
+      essential steps do not always come last;
+    * a trace opens with a restatement with probability ``spec.open_restate_p``;
+    * after each computed quantity other than the answer, an extra step follows: a subtraction is
+      re-checked at once with probability ``spec.extra_p_minus`` (``"Wait, let me double-check"``),
+      after any other step an extra (a re-check of an earlier value or a restatement) follows with
+      probability ``spec.extra_p_other``; a second extra follows with probability
+      ``spec.second_extra_p``. Never more than ``spec.max_redundant`` extras in all, and never a
+      re-check of the answer itself;
+    * v5: right before the target's computation the teacher re-reads the question with probability
+      ``spec.reread_p``; with a correction there, the target is worked from the correction, otherwise
+      (no re-read, or nothing to correct) from the question's first statement.
     """
     chain = set(problem.chain())
     other_item = next((f.item for f in problem.facts if f.name not in chain), None)
-    work_other = rng.random() < OTHER_BLOCK_P[other_item in WORKED_ITEMS]
+    work_other = rng.random() < spec.other_block_p[other_item in WORKED_ITEMS]
     order = [f for f in problem.facts if work_other or f.name in chain]  # question order: the chain first
     values: dict[str, int] = {}
     steps: list[TaskStep] = []
     extras = 0
-    if rng.random() < OPEN_RESTATE_P:
+    if rng.random() < spec.open_restate_p:
         steps.append(TaskStep(restate_text(problem, values), "restate", None, False))
         extras += 1
     for i, fact in enumerate(order, start=1):
@@ -250,15 +317,22 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
             opener = "First,"
         else:
             opener = "Finally," if i == len(order) and rng.random() < 0.5 else rng.choice(_PROGRESSION)
+        if fact.name == problem.target and spec.reread_p and rng.random() < spec.reread_p:
+            steps.append(TaskStep(reread_text(problem), "reread", problem.target, problem.correction is not None))
+            if problem.correction is not None:
+                fact = problem.correction
+                steps.append(TaskStep(corrected_compute_text(fact, values, opener), "compute", fact.name, True))
+                values[fact.name] = fact.value
+                continue
         steps.append(TaskStep(compute_text(fact, values, opener), "compute", fact.name, fact.name in chain))
         values[fact.name] = fact.value
         if fact.name == problem.target:
             continue
         minus = fact.op == "-"
-        if extras >= max_redundant or rng.random() >= EXTRA_P["minus" if minus else "other"]:
+        if extras >= spec.max_redundant or rng.random() >= (spec.extra_p_minus if minus else spec.extra_p_other):
             continue
         for extra in range(2):
-            if extra == 1 and (extras >= max_redundant or rng.random() >= SECOND_EXTRA_P):
+            if extra == 1 and (extras >= spec.max_redundant or rng.random() >= spec.second_extra_p):
                 break
             extras += 1
             if minus and extra == 0:
@@ -272,22 +346,20 @@ def teacher_steps(problem: Problem, rng: random.Random, max_redundant: int = 4) 
     return steps
 
 
-def summary_text(problem: Problem) -> str:
-    """The final answer after ``</think>``: the essential computations restated, then the boxed answer."""
+def summary_text(problem: Problem, corrected: bool = False) -> str:
+    """The final answer after ``</think>``: the essential computations restated, then the boxed answer
+    (with ``corrected``, the target's from the question's correction, else from its first statement)."""
     by_name = problem.by_name
     facts = [by_name[name] for name in problem.chain()]
+    if corrected and problem.correction is not None:
+        facts[-1] = problem.correction
     parts = [claim_text(f, by_name[f.base].value if f.base else None) + "." for f in facts]
-    return " ".join(parts) + f" So the answer is \\boxed{{{problem.answer}}}."
+    return " ".join(parts) + f" So the answer is \\boxed{{{facts[-1].value}}}."
 
 
 def teacher_response(problem: Problem, steps: list[TaskStep]) -> str:
     """The full response text for ``steps``: reasoning, ``</think>``, summary, EOS."""
     reasoning = THINK_OPEN + "\n" + "".join(s.text for s in steps)
-    return reasoning + THINK_CLOSE + "\n" + summary_text(problem) + EOS
+    corrected = any(s.kind == "reread" for s in steps)
+    return reasoning + THINK_CLOSE + "\n" + summary_text(problem, corrected) + EOS
 
-
-def step_texts(steps: list[TaskStep]) -> list[str]:
-    """Step texts as segments of the reasoning: the first carries the ``<think>\\n`` opener."""
-    texts = [s.text for s in steps]
-    texts[0] = THINK_OPEN + "\n" + texts[0]
-    return texts

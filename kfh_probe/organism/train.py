@@ -27,7 +27,8 @@ from tqdm import tqdm
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from kfh_probe.alignment import right_pad
-from kfh_probe.organism.task import generate_problem, teacher_response, teacher_steps
+from kfh_probe.organism import write_task_file
+from kfh_probe.organism.task import TASKS, TaskSpec, generate_problem, teacher_response, teacher_steps
 from kfh_probe.organism.tokenizer import EXTRA_TOKENS, save_tokenizer, train_bpe
 
 THREADS = 2
@@ -38,6 +39,7 @@ class OrganismTrainConfig:
     """Hyper-parameters of a build (the defaults make the shipped model)."""
 
     seed: int = 0
+    task: str = "v4"  # the task version (kfh_probe.organism.task.TASKS) the teacher writes
     steps: int = 3200
     batch_size: int = 8
     lr: float = 2e-3
@@ -63,9 +65,9 @@ def model_config(vocab_size: int) -> Qwen2Config:
     )
 
 
-def _teacher_text(rng: random.Random) -> tuple[str, str]:
-    problem = generate_problem(rng)
-    return problem.prompt(), teacher_response(problem, teacher_steps(problem, rng))
+def _teacher_text(rng: random.Random, spec: TaskSpec) -> tuple[str, str]:
+    problem = generate_problem(rng, spec)
+    return problem.prompt(), teacher_response(problem, teacher_steps(problem, rng, spec))
 
 
 def teacher_batches(rng: random.Random, cfg: OrganismTrainConfig) -> Iterator[list[tuple[str, str]]]:
@@ -76,7 +78,8 @@ def teacher_batches(rng: random.Random, cfg: OrganismTrainConfig) -> Iterator[li
     fixed wall time sees about 1.3x more real tokens.
     """
     while True:
-        pool = [_teacher_text(rng) for _ in range(cfg.batch_size * cfg.bucket_batches)]
+        spec = TASKS[cfg.task]
+        pool = [_teacher_text(rng, spec) for _ in range(cfg.batch_size * cfg.bucket_batches)]
         pool.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
         batches = [pool[i:i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
         rng.shuffle(batches)
@@ -130,7 +133,7 @@ def _init_embeddings(model: Qwen2ForCausalLM, std: float = 0.1) -> None:
 
 def _train(out: Path, cfg: OrganismTrainConfig) -> None:
     rng = random.Random(cfg.seed)
-    tok = train_bpe(p + r for p, r in (_teacher_text(rng) for _ in range(cfg.tokenizer_traces)))
+    tok = train_bpe(p + r for p, r in (_teacher_text(rng, TASKS[cfg.task]) for _ in range(cfg.tokenizer_traces)))
     torch.manual_seed(cfg.seed)
     config = model_config(tok.get_vocab_size())
     model = Qwen2ForCausalLM(config)
@@ -160,3 +163,4 @@ def _train(out: Path, cfg: OrganismTrainConfig) -> None:
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tok, out)
+    write_task_file(out, cfg.task)
