@@ -1,4 +1,4 @@
-"""AttnPO inside TRL: a ``GRPOTrainer`` whose advantages are the lightweight trainer's, per token.
+"""AttnPO inside TRL: a ``GRPOTrainer`` whose advantages are the single-machine trainer's, per token.
 
 Users who train on many GPUs keep TRL's engine (accelerate multi-process, DeepSpeed ZeRO, vLLM
 generation in colocate or server mode) and swap two classes::
@@ -9,50 +9,30 @@ generation in colocate or server mode) and swap two classes::
     trainer = AttnPOGRPOTrainer(model="path/to/policy", args=args, train_dataset=dataset)  # columns: prompt, answer
     trainer.train()
 
-What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
+What the subclass changes, and nothing else:
 
-- ``_generate_and_score_completions`` calls TRL's, then replaces its ``advantages`` [B] with per-token
-  advantages [B, T_completion] computed by the functions of the single-machine trainer
-  (``kfh_probe.sampling`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
-  ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
-  (RLOO by default), ``rate_steps`` (steps cut by the manifest's segmenter and aligned on the generated
-  ids, scored by the manifest's top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
-  difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same prompts, completions and
-  weights the advantages are therefore the lightweight trainer's.
-- Where the scores' attention comes from. When TRL runs a no-grad forward of the policy over the
-  completions anyway, to compute ``old_per_token_logps`` (``gradient_accumulation_steps`` is not a
-  multiple of ``steps_per_generation * num_iterations``, e.g. ``num_iterations > 1``; or vLLM with
-  ``vllm_importance_sampling_correction``), the top-N heads' answer rows are recorded during that
-  forward (``_get_per_token_logps_and_entropies``) and no forward is added. Otherwise (TRL's default
-  on-policy settings) one no-grad forward per ``attnpo_micro_batch_size`` correct completions runs,
-  stopped after the deepest head's layer. The two give the same advantages up to float rounding (TRL
-  left-pads prompts; rotary attention depends on relative positions only), except under mixed
-  precision: TRL's forward runs under bf16 autocast, the separate one in the weights' dtype. TRL's loss
-  forward is not used: TRL computes the advantages before any loss forward and buffers them.
-  TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
-  and every TRL loss type multiplies them elementwise with the per-token ratio.
-- With ``attnpo_method`` "preplan", "anchor" or "coupled" the step rating and rescaling are replaced by the
-  Preplan-and-Anchor credit of ``attnpo_train.rhythm`` (WAAD and FAI, then ``rhythm_advantages``), again the
-  lightweight trainer's functions. The signals come from the same place as the step scores: recorded
-  during TRL's old-logps forward when it runs one (``kfh_probe.rhythm.SignalRecorder``, for every
-  completion of the rank, since which ones need them is known only after the rewards), else from the
-  separate no-grad forward (``rollout_signals``, only the completions whose advantage needs them).
-- ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
-  produced them: ``model.generate``, transformers continuous batching, vLLM colocate or server), so
-  nothing here assumes a local HF generate.
-- The reward functions: TRL's reward is the 0/1 correctness (``attnpo_correct``), kept only for TRL's
-  own ``reward`` metrics; the reward that drives the advantages is logged as ``attnpo/reward``.
+- ``_generate_and_score_completions`` calls TRL's, then replaces its sequence advantages ``[completion]``
+  with per-token advantages ``[completion, completion_token]`` computed by the single-machine trainer's
+  functions: the rewards (correctness and the TLMRE length penalty), the group advantages, then
+  AttnPO's step rescaling or a Preplan-and-Anchor credit. The same completions and weights give the
+  single-machine trainer's advantages.
+- The heads' attention is read during TRL's no-grad old-logps forward when TRL runs one
+  (``old_logps_forward``), else during a no-grad forward of its own, stopped after the deepest head's
+  layer. Both give the same advantages up to float rounding, except under mixed precision, where
+  TRL's forward runs under autocast (``docs/trl/README.md`` has the table).
+- ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns, whatever
+  produced them (HF generate, continuous batching, vLLM).
+- TRL's reward is the 0/1 correctness (``attnpo_correct``), kept for TRL's own ``reward`` metrics; the
+  reward that drives the advantages is logged as ``attnpo/reward``.
 
 Distributed data: a prompt group of ``num_generations`` completions may span ranks. Every rank gathers
-the ids and answers of the whole generation batch (``gather_object``), computes rewards and group
-advantages of all of it, rates the steps of its own correct completions (the expensive forward is
-split across ranks), gathers the ratings, rescales the whole batch and keeps its slice. All ranks hold
-the same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
+the ids and answers of the whole generation batch, computes rewards and group advantages of all of it,
+reads the attention of its own completions (the expensive forward is split across ranks), gathers the
+results, computes the per-token advantages of the whole batch and keeps its slice. All ranks hold the
+same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
 
-The separate KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
-``unwrap_model_for_generation`` (which gathers ZeRO-3 shards into full weights on each rank, as TRL's
-own generation does by default) in eval mode; the training mode and gradient checkpointing are
-restored afterwards. A PEFT policy is scored with its adapters active.
+The separate forward runs in eval mode on the policy unwrapped from accelerate/DeepSpeed, with ZeRO-3
+shards gathered into full weights on each rank; a PEFT policy is read with its adapters active.
 """
 
 from __future__ import annotations
@@ -268,11 +248,10 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         )
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's, recording the top-N heads' answer rows of this rank's correct completions when it is the
-        no-grad ``old_per_token_logps`` forward of ``_generate_and_score_completions`` (the first no-grad
-        call on the policy there, made only when ``old_logps_forward()``). A policy in training mode with
-        attention dropout is not recorded (its scores take their own eval-mode forward), nor is anything
-        for the rhythm methods (no Key-Focus Heads; their signals take their own forward)."""
+        """TRL's, recording the heads' attention of this rank's completions when it is the no-grad old-logps
+        forward of ``_generate_and_score_completions``: the top-N heads' answer rows of the correct
+        completions (AttnPO), or WAAD and FAI of every completion (the rhythm methods). A policy in training
+        mode with attention dropout is not recorded; the separate eval-mode forward reads it instead."""
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         dropout = self.model.training and getattr(policy.config, "attention_dropout", 0.0)
         if ((not self._attnpo_heads and self._attnpo_rhythm is None) or self._attnpo_answers is None
@@ -430,12 +409,9 @@ class AttnPOGRPOTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _scoring_model(self) -> Iterator[nn.Module]:
-        """The current policy as a plain module in eval mode, for the no-grad KFH forward.
-
-        TRL's ``unwrap_model_for_generation`` removes the accelerate/DeepSpeed wrapper, gathers ZeRO-3
-        shards into full weights (always: per-rank forwards of different lengths cannot use ZeRO-3's
-        collective per-layer gathering) and turns gradient checkpointing off for the block.
-        """
+        """The current policy as a plain module in eval mode, for the no-grad KFH forward: unwrapped with
+        TRL's ``unwrap_model_for_generation``, ZeRO-3 shards always gathered (per-rank forwards of different
+        lengths cannot share ZeRO-3's per-layer gathering), gradient checkpointing off for the block."""
         with unwrap_model_for_generation(
             self.model_wrapped,
             self.accelerator,
