@@ -148,8 +148,7 @@ class ResumeError(InputError):
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     """Refuse to resume with settings that would change the run (only ``RESUMABLE_CHANGES`` may differ).
 
-    A setting the checkpoint does not record (one added to ``TrainConfig`` after it was written) counts as
-    its default: new settings default to the behaviour runs had before they existed.
+    A setting the checkpoint does not record counts as its default.
 
     Raises:
         ResumeError: naming every differing setting with both values.

@@ -1,4 +1,4 @@
-"""AttnPO inside TRL: a ``GRPOTrainer`` whose advantages are the lightweight trainer's, per token.
+"""AttnPO inside TRL: a ``GRPOTrainer`` whose advantages are the single-machine trainer's, per token.
 
 Users who train on many GPUs keep TRL's engine (accelerate multi-process, DeepSpeed ZeRO, vLLM
 generation in colocate or server mode) and swap two classes::
@@ -9,56 +9,37 @@ generation in colocate or server mode) and swap two classes::
     trainer = AttnPOGRPOTrainer(model="path/to/policy", args=args, train_dataset=dataset)  # columns: prompt, answer
     trainer.train()
 
-What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
+What the subclass changes, and nothing else:
 
-- ``_generate_and_score_completions`` calls TRL's, then replaces its ``advantages`` [B] with per-token
-  advantages [B, T_completion] computed by the functions of the single-machine trainer
-  (``kfh_probe.sampling`` and ``attnpo_train.credit``): ``decode_responses`` of TRL's completion
-  ids, ``rollout_rewards`` (correctness and the TLMRE length-penalised reward), ``group_advantages``
-  (RLOO by default), ``rate_steps`` (steps cut by the manifest's segmenter and aligned on the generated
-  ids, scored by the manifest's top-N Key-Focus Heads from answer rows only) and ``rescale_rollouts`` (``rescale_group``:
-  difficulty-aware baseline, Pos-/Neg-Adv attenuation, schedule). For the same prompts, completions and
-  weights the advantages are therefore the lightweight trainer's.
-- Where the scores' attention comes from. When TRL runs a no-grad forward of the policy over the
-  completions anyway, to compute ``old_per_token_logps`` (``gradient_accumulation_steps`` is not a
-  multiple of ``steps_per_generation * num_iterations``, e.g. ``num_iterations > 1``; or vLLM with
-  ``vllm_importance_sampling_correction``), the top-N heads' answer rows are recorded during that
-  forward (``_get_per_token_logps_and_entropies``) and no forward is added. Otherwise (TRL's default
-  on-policy settings) one no-grad forward per ``attnpo_micro_batch_size`` correct completions runs,
-  stopped after the deepest head's layer. The two give the same advantages up to float rounding (TRL
-  left-pads prompts; rotary attention depends on relative positions only), except under mixed
-  precision: TRL's forward runs under bf16 autocast, the separate one in the weights' dtype. TRL's loss
-  forward is not used: TRL computes the advantages before any loss forward and buffers them.
-  TRL's ``_compute_loss`` takes advantages of shape (B, T) as they are (it unsqueezes only 1-D ones),
-  and every TRL loss type multiplies them elementwise with the per-token ratio.
-- With ``attnpo_method`` "preplan", "anchor" or "coupled" the step rating and rescaling are replaced by the
-  Preplan-and-Anchor credit of ``attnpo_train.rhythm`` (WAAD and FAI, then ``rhythm_advantages``), again the
-  lightweight trainer's functions. The signals come from the same place as the step scores: recorded
-  during TRL's old-logps forward when it runs one (``kfh_probe.rhythm.SignalRecorder``, for every
-  completion of the rank, since which ones need them is known only after the rewards), else from the
-  separate no-grad forward (``rollout_signals``, only the completions whose advantage needs them).
-- ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
-  produced them: ``model.generate``, transformers continuous batching, vLLM colocate or server), so
-  nothing here assumes a local HF generate.
-- The reward functions: TRL's reward is the 0/1 correctness (``attnpo_correct``), kept only for TRL's
-  own ``reward`` metrics; the reward that drives the advantages is logged as ``attnpo/reward``.
+- ``_generate_and_score_completions`` calls TRL's, then replaces its sequence advantages ``[completion]``
+  with per-token advantages ``[completion, completion_token]`` computed by the single-machine trainer's
+  functions: the rewards (correctness and the TLMRE length penalty), the group advantages, then
+  AttnPO's step rescaling or a Preplan-and-Anchor credit. The same completions and weights give the
+  single-machine trainer's advantages.
+- The heads' attention is read during TRL's no-grad old-logps forward when TRL runs one
+  (``old_logps_forward``), else during a no-grad forward of its own, stopped after the deepest head's
+  layer. Both give the same advantages up to float rounding, except under mixed precision, where
+  TRL's forward runs under autocast (``docs/trl/README.md`` has the table).
+- ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns, whatever
+  produced them (HF generate, continuous batching, vLLM).
+- TRL's reward is the 0/1 correctness (``attnpo_correct``), kept for TRL's own ``reward`` metrics; the
+  reward that drives the advantages is logged as ``attnpo/reward``.
 
 Distributed data: a prompt group of ``num_generations`` completions may span ranks. Every rank gathers
-the ids and answers of the whole generation batch (``gather_object``), computes rewards and group
-advantages of all of it, rates the steps of its own correct completions (the expensive forward is
-split across ranks), gathers the ratings, rescales the whole batch and keeps its slice. All ranks hold
-the same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
+the ids and answers of the whole generation batch, computes rewards and group advantages of all of it,
+reads the attention of its own completions (the expensive forward is split across ranks), gathers the
+results, computes the per-token advantages of the whole batch and keeps its slice. All ranks hold the
+same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
 
-The separate KFH forward runs on the model unwrapped from accelerate/DeepSpeed through TRL's
-``unwrap_model_for_generation`` (which gathers ZeRO-3 shards into full weights on each rank, as TRL's
-own generation does by default) in eval mode; the training mode and gradient checkpointing are
-restored afterwards. A PEFT policy is scored with its adapters active.
+The separate forward runs in eval mode on the policy unwrapped from accelerate/DeepSpeed, with ZeRO-3
+shards gathered into full weights on each rank; a PEFT policy is read with its adapters active.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +65,12 @@ from attnpo_train.rhythm import RhythmProbe, needs_signals, paper_rule, rhythm_a
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from kfh_probe.capture import attention_calls, attention_modules
-from kfh_probe import check_model_matches, load_manifest, manifest_segmenter, pad_token_id, top_heads
+from kfh_probe import (
+    OneOf, Relation, SettingError, check_model_matches, check_settings, help_of, load_manifest, manifest_segmenter,
+    pad_token_id, top_heads,
+)
 from kfh_probe.errors import InputError
+from kfh_probe.grading import resolve_grader
 from kfh_probe.manifest import ManifestMismatchError
 from kfh_probe.rhythm import RhythmSignals, SignalRecorder
 from kfh_probe.sampling import Rollouts, decode_responses
@@ -94,146 +79,75 @@ ANSWER_COLUMN = "answer"
 """Dataset column with each prompt's reference final answer."""
 PREFIX = "attnpo_"
 """Every AttnPO field of ``AttnPOConfig`` is a ``TrainConfig`` field with this prefix."""
+TRAIN_SETTINGS = (
+    "method", "manifest", "rhythm", "rhythm_top", "rhythm_gain", "rhythm_rule", "rhythm_alpha", "rhythm_k",
+    "top_n_heads", "estimator", "alpha_len", "alpha", "beta", "delta", "horizon", "pos_attenuation",
+    "neg_attenuation", "use_difficulty", "marker", "grader", "allow_finetuned", "micro_batch_size",
+)
+"""The ``TrainConfig`` settings the adapter reads, each an ``attnpo_<name>`` field of ``AttnPOConfig``. TRL's
+own fields stand for the others: ``num_generations`` is the group size, ``learning_rate``, ``max_steps``,
+``temperature``, ``max_completion_length``, ``epsilon`` (the clip) and ``beta`` (the KL coefficient)."""
+ADAPTER_CONSTRAINTS = {
+    "method": (OneOf(("attnpo", *RHYTHM_METHODS)),),
+    "manifest": (Relation(lambda manifest, config: manifest is not None or config.method != "attnpo",
+                          "given when attnpo_method is 'attnpo' (the KFH manifest of the policy's base model)"),),
+    "rhythm": (Relation(lambda rhythm, config: rhythm is not None or config.method not in RHYTHM_METHODS,
+                        f"given when attnpo_method is one of {', '.join(RHYTHM_METHODS)} (a kfh-probe rhythm file "
+                        "of the policy's base model)"),),
+}
+"""What the adapter asks of those settings beyond ``TrainConfig``'s constraints: the per-token strategies
+only, and the heads' file named (the organism's default files are the single-machine trainer's)."""
+
+
+def _train_settings(cls: type) -> type:
+    """Give ``cls`` (before ``@dataclass``) one ``attnpo_<name>`` field per ``TRAIN_SETTINGS`` entry, with the
+    ``TrainConfig`` field's type, default and help."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    types = typing.get_type_hints(TrainConfig)
+    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    for name in TRAIN_SETTINGS:
+        annotations[PREFIX + name] = types[name]
+        setattr(cls, PREFIX + name, field(default=fields[name].default, metadata={"help": help_of(fields[name])}))
+    cls.__annotations__ = annotations
+    return cls
 
 
 @dataclass
+@_train_settings
 class AttnPOConfig(GRPOConfig):
     r"""Configuration of [`AttnPOGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus AttnPO's settings.
 
-    Each AttnPO field is the field of ``attnpo_train.config.TrainConfig`` named without the ``attnpo_``
-    prefix, with the same default and the same range check (the prefix keeps them apart from
-    ``GRPOConfig.beta``, the KL coefficient, and ``GRPOConfig.delta``, the two-sided clip). The group
-    size G is ``num_generations``. TRL's defaults already match the method page's policy loss: PPO clip
+    Each AttnPO field is the ``attnpo_train.config.TrainConfig`` setting named without the ``attnpo_`` prefix
+    (``TRAIN_SETTINGS``), with its type, default, help and constraints (the prefix keeps them apart from
+    ``GRPOConfig.beta``, the KL coefficient, and ``GRPOConfig.delta``, the two-sided clip). The adapter
+    also needs ``attnpo_method`` to be "attnpo" (with ``attnpo_manifest``) or a Preplan-and-Anchor method
+    (with ``attnpo_rhythm``), and the group size is ``num_generations``. Grader "auto" is math-verify here: the
+    prompts come from a dataset. TRL's defaults already match the method page's policy loss: PPO clip
     ``epsilon=0.2``, token-mean ``loss_type="dapo"``, no KL (``beta=0.0``), no entropy bonus; TRL has no
     dual clip, which only acts off-policy (``num_iterations > 1`` or asynchronous generation).
-
-    Parameters:
-        attnpo_method (`str`, *optional*, defaults to `"attnpo"`):
-            `"attnpo"` (Key-Focus-Head step rescaling) or a Preplan-and-Anchor strategy, `"preplan"`, `"anchor"`
-            or `"coupled"` (docs/method.md): the same TLMRE reward, with the advantage of the top `attnpo_rhythm_top`
-            share of tokens by the signal multiplied by `attnpo_rhythm_gain` where it is non-negative.
-        attnpo_manifest (`str`):
-            KFH manifest (JSON) of the policy's base model; required for `"attnpo"`. Checked against the model at init.
-        attnpo_rhythm (`str` or `None`, *optional*, defaults to `None`):
-            `kfh-probe rhythm` file of the policy's base model (its header gives the local and global heads, W and
-            the FAI range); required for the rhythm methods.
-        attnpo_rhythm_top (`float`, *optional*, defaults to `0.4`):
-            Share of a completion's tokens the rhythm methods credit.
-        attnpo_rhythm_gain (`float`, *optional*, defaults to `1.5`):
-            Factor on the non-negative advantage of the credited tokens.
-        attnpo_rhythm_rule (`str`, *optional*, defaults to `"project"`):
-            Token rule of the rhythm methods: `"project"` or `"paper"` (the paper's own: preplan by |WAAD_t - WAAD_{t+1}|,
-            coupled credit back-allocated from locally dominated anchors, negative advantages scaled too).
-        attnpo_rhythm_alpha (`float`, *optional*, defaults to `0.5`):
-            `"paper"` rule, `"coupled"`: share of a locally dominated anchor's bonus handed to its introductory token.
-        attnpo_rhythm_k (`int`, *optional*, defaults to `3`):
-            `"paper"` rule, `"coupled"`: how many tokens before an anchor are searched for its introductory token.
-        attnpo_top_n_heads (`int` or `None`, *optional*, defaults to `None`):
-            Number of top Key-Focus Heads whose mean score rates steps; `None` uses the manifest's `top_n`.
-        attnpo_estimator (`str`, *optional*, defaults to `"rloo"`):
-            Group baseline: `"rloo"` (leave-one-out, the reference) or `"grpo"` (mean/std normalisation).
-        attnpo_alpha_len (`float`, *optional*, defaults to `0.2`):
-            Length-penalty strength of the TLMRE reward, in [0, 1].
-        attnpo_alpha (`float`, *optional*, defaults to `2.0`):
-            Exponent of p in the difficulty-aware baseline S_base = p^alpha |F| / |o|.
-        attnpo_beta (`float`, *optional*, defaults to `2.0`):
-            Exponent of p in the Pos-Adv attenuation magnitude.
-        attnpo_delta (`float`, *optional*, defaults to `0.0`):
-            Floor of the Pos-Adv gamma, in [0, 1].
-        attnpo_horizon (`int`, *optional*, defaults to `1000`):
-            T of the schedule: prompt i is attenuated from optimizer step T (1 - p_i) on (0: from the start).
-        attnpo_pos_attenuation (`bool`, *optional*, defaults to `True`):
-            Apply Pos-Adv Attenuation (ablation switch).
-        attnpo_neg_attenuation (`bool`, *optional*, defaults to `True`):
-            Apply Neg-Adv Attenuation (ablation switch).
-        attnpo_use_difficulty (`bool`, *optional*, defaults to `True`):
-            Use p in the baseline and the attenuation magnitude; `False` takes p = 1 there (ablation).
-        attnpo_marker (`str`, *optional*, defaults to `"</think>"`):
-            End-of-thinking marker that separates reasoning from the final answer.
-        attnpo_grader (`str`, *optional*, defaults to `"math-verify"`):
-            Who decides correctness: `"math-verify"` (symbolic) or `"exact"` (integers exactly, the organism).
-        attnpo_allow_finetuned (`bool`, *optional*, defaults to `False`):
-            Accept a manifest whose weight fingerprint differs (the policy is a fine-tune of the probed
-            model, or is loaded in another dtype than the probe used). The shape must match regardless.
-        attnpo_micro_batch_size (`int`, *optional*, defaults to `8`):
-            Sequences per KFH scoring forward on each rank (memory only, not the maths).
     """
-
-    attnpo_method: str = field(
-        default="attnpo", metadata={"help": "'attnpo', or a Preplan-and-Anchor strategy: 'preplan', 'anchor', 'coupled'."}
-    )
-    attnpo_manifest: str | None = field(
-        default=None, metadata={"help": "KFH manifest (JSON) of the policy's base model; required for 'attnpo'."}
-    )
-    attnpo_rhythm: str | None = field(
-        default=None, metadata={"help": "kfh-probe rhythm file of the policy's base model; required for the rhythm methods."}
-    )
-    attnpo_rhythm_top: float = field(default=0.4, metadata={"help": "Share of tokens the rhythm methods credit."})
-    attnpo_rhythm_gain: float = field(default=1.5, metadata={"help": "Factor on the credited non-negative advantages."})
-    attnpo_rhythm_rule: str = field(
-        default="project", metadata={"help": "Rhythm token rule: 'project' (default) or 'paper' (the paper's own)."}
-    )
-    attnpo_rhythm_alpha: float = field(
-        default=0.5, metadata={"help": "'paper' coupled: share of a dominated anchor's bonus handed to its intro token."}
-    )
-    attnpo_rhythm_k: int = field(
-        default=3, metadata={"help": "'paper' coupled: tokens before an anchor searched for its intro token."}
-    )
-    attnpo_top_n_heads: int | None = field(
-        default=None, metadata={"help": "Number of top Key-Focus Heads to use; None uses the manifest's top_n."}
-    )
-    attnpo_estimator: str = field(
-        default="rloo", metadata={"help": "Group baseline: 'rloo' (leave-one-out) or 'grpo' (mean/std)."}
-    )
-    attnpo_alpha_len: float = field(default=0.2, metadata={"help": "Length-penalty strength of the TLMRE reward."})
-    attnpo_alpha: float = field(default=2.0, metadata={"help": "Exponent of p in the difficulty-aware baseline."})
-    attnpo_beta: float = field(default=2.0, metadata={"help": "Exponent of p in the Pos-Adv attenuation magnitude."})
-    attnpo_delta: float = field(default=0.0, metadata={"help": "Floor of the Pos-Adv gamma, in [0, 1]."})
-    attnpo_horizon: int = field(
-        default=1000, metadata={"help": "Schedule T: prompt i is attenuated from step T * (1 - p_i) on."}
-    )
-    attnpo_pos_attenuation: bool = field(default=True, metadata={"help": "Apply Pos-Adv Attenuation."})
-    attnpo_neg_attenuation: bool = field(default=True, metadata={"help": "Apply Neg-Adv Attenuation."})
-    attnpo_use_difficulty: bool = field(
-        default=True, metadata={"help": "Use the group accuracy p in the baseline and magnitude (False: p = 1)."}
-    )
-    attnpo_marker: str = field(default="</think>", metadata={"help": "End-of-thinking marker."})
-    attnpo_grader: str = field(default="math-verify", metadata={"help": "Correctness: 'math-verify' or 'exact'."})
-    attnpo_allow_finetuned: bool = field(
-        default=False, metadata={"help": "Accept a manifest whose weight fingerprint differs from the policy's."}
-    )
-    attnpo_micro_batch_size: int = field(
-        default=8, metadata={"help": "Sequences per KFH scoring forward on each rank."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.attnpo_method not in ("attnpo", *RHYTHM_METHODS):
-            raise InputError(f"config 'attnpo_method' must be one of attnpo, {', '.join(RHYTHM_METHODS)}; got "
-                             f"{self.attnpo_method!r}")
-        if self.attnpo_method == "attnpo" and self.attnpo_manifest is None:
-            raise InputError("AttnPOConfig needs 'attnpo_manifest', the KFH manifest of the policy's base model")
-        if self.attnpo_method in RHYTHM_METHODS and self.attnpo_rhythm is None:
-            raise InputError(f"attnpo_method {self.attnpo_method!r} needs 'attnpo_rhythm', a kfh-probe rhythm file of "
-                             "the policy's base model")
         if self.num_generations_eval is not None and self.num_generations_eval < 2:
-            raise InputError(
-                f"AttnPO's group baseline needs num_generations_eval >= 2 (or None); got {self.num_generations_eval}"
-            )
-        self.to_train_config(self.num_generations)  # the range checks of the lightweight trainer
+            raise SettingError("num_generations_eval", ">= 2 or null (AttnPO's group baseline needs two completions)",
+                               self.num_generations_eval)
+        self.to_train_config(self.num_generations)
 
     def to_train_config(self, group_size: int) -> TrainConfig:
-        """The ``TrainConfig`` whose AttnPO settings these are (G = ``group_size``)."""
-        values = {
-            f.name[len(PREFIX) :]: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(PREFIX)
-        }
+        """The ``TrainConfig`` whose AttnPO settings these are (G = ``group_size``, grader "auto" resolved for a
+        dataset), checked against ``TrainConfig``'s constraints and ``ADAPTER_CONSTRAINTS``.
+
+        Raises:
+            SettingError: naming the ``attnpo_`` field.
+        """
+        values = {name: getattr(self, PREFIX + name) for name in TRAIN_SETTINGS}
         try:
-            return TrainConfig(group_size=group_size, **values)
-        except InputError as err:  # name the field as it is spelled here
-            message = str(err)
-            for name in values:
-                message = message.replace(f"config '{name}'", f"config '{PREFIX}{name}'")
-            raise InputError(message) from None
+            config = TrainConfig(group_size=group_size, **values)
+            check_settings(config, ADAPTER_CONSTRAINTS)
+        except SettingError as err:
+            raise err.renamed(PREFIX + err.name if err.name in values else err.name) from None
+        return dataclasses.replace(config, grader=resolve_grader(config.grader, organism=False))
 
 
 class AttnPOGRPOTrainer(GRPOTrainer):
@@ -308,7 +222,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         matches the reference (``attnpo_train.rewards.correctness``), else 0.0. Feeds only TRL's own
         ``reward`` metrics; the advantages come from ``attnpo_advantages``."""
         _, texts, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
-        marker, grader = self.args.attnpo_marker, self.args.attnpo_grader
+        config = self.args.to_train_config(self.num_generations)
+        marker, grader = config.marker, config.grader
         return [
             float(done) * float(correctness([text], str(ref), marker, grader)[0])
             for text, done, ref in zip(texts, finished, answer, strict=True)
@@ -333,11 +248,10 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         )
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's, recording the top-N heads' answer rows of this rank's correct completions when it is the
-        no-grad ``old_per_token_logps`` forward of ``_generate_and_score_completions`` (the first no-grad
-        call on the policy there, made only when ``old_logps_forward()``). A policy in training mode with
-        attention dropout is not recorded (its scores take their own eval-mode forward), nor is anything
-        for the rhythm methods (no Key-Focus Heads; their signals take their own forward)."""
+        """TRL's, recording the heads' attention of this rank's completions when it is the no-grad old-logps
+        forward of ``_generate_and_score_completions``: the top-N heads' answer rows of the correct
+        completions (AttnPO), or WAAD and FAI of every completion (the rhythm methods). A policy in training
+        mode with attention dropout is not recorded; the separate eval-mode forward reads it instead."""
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         dropout = self.model.training and getattr(policy.config, "attention_dropout", 0.0)
         if ((not self._attnpo_heads and self._attnpo_rhythm is None) or self._attnpo_answers is None
@@ -495,12 +409,9 @@ class AttnPOGRPOTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _scoring_model(self) -> Iterator[nn.Module]:
-        """The current policy as a plain module in eval mode, for the no-grad KFH forward.
-
-        TRL's ``unwrap_model_for_generation`` removes the accelerate/DeepSpeed wrapper, gathers ZeRO-3
-        shards into full weights (always: per-rank forwards of different lengths cannot use ZeRO-3's
-        collective per-layer gathering) and turns gradient checkpointing off for the block.
-        """
+        """The current policy as a plain module in eval mode, for the no-grad KFH forward: unwrapped with
+        TRL's ``unwrap_model_for_generation``, ZeRO-3 shards always gathered (per-rank forwards of different
+        lengths cannot share ZeRO-3's per-layer gathering), gradient checkpointing off for the block."""
         with unwrap_model_for_generation(
             self.model_wrapped,
             self.accelerator,

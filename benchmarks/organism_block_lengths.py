@@ -2,7 +2,7 @@
 
 The task always makes the distractor chain shorter than the asked one. This script also asks the
 model problems where the distractor chain is as long or longer, to show what the model relies on
-to find the asked chain (see the README's organism section).
+to find the asked chain (docs/results/organism.md, "What the model relies on").
 
     python benchmarks/organism_block_lengths.py --n 100
 

@@ -18,7 +18,10 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
   causal check (:class:`CausalConfig`, :func:`prepare_causal_traces`, :func:`run_causal`,
   :func:`format_causal_table`);
 - errors: :class:`KFHError`, the base of every expected failure (bad input, unsupported model, files that
-  do not belong together), and :class:`InputError`, a bad argument or input file.
+  do not belong together), and :class:`InputError`, a bad argument or input file;
+- settings declared at their dataclass field (``kfh_probe.settings``): :func:`setting`, the constraints
+  :class:`Interval`, :class:`OneOf`, :class:`NonEmpty`, :class:`Relation`, :func:`check_settings` (raises
+  :class:`SettingError`), :func:`coerce_setting` and :func:`help_of`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,15 @@ _PUBLIC = {
     "format_causal_table": "causal",
     "KFHError": "errors",
     "InputError": "errors",
+    "setting": "settings",
+    "Interval": "settings",
+    "OneOf": "settings",
+    "NonEmpty": "settings",
+    "Relation": "settings",
+    "SettingError": "settings",
+    "check_settings": "settings",
+    "coerce_setting": "settings",
+    "help_of": "settings",
 }
 __all__ = ["__version__", *_PUBLIC]
 

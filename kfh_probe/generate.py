@@ -38,9 +38,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import InputError, KFHError, NotInstalledError, listed
-from .grading import is_correct
+from .grading import GRADERS, is_correct
 from .io import jsonl_records
 from .segmentation import split_response
+from .settings import Interval, NonEmpty, OneOf, Relation, check_settings, setting
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """Appended to a ``problem`` in the chat-template path (DeepSeek-R1's recommended instruction)."""
@@ -73,46 +74,28 @@ class Problem:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """How responses are sampled and kept (recorded in ``OUT.run.json``).
+    """How responses are sampled and kept (recorded in ``OUT.run.json``); each setting's help and constraints
+    are declared at its field (``kfh_probe.settings``)."""
 
-    Attributes:
-        samples: responses per problem (K).
-        temperature: sampling temperature; 0 is greedy decoding (then ``samples`` must be 1).
-        top_p: nucleus sampling mass, in (0, 1].
-        max_new_tokens: response budget; a response without EOS within it is ``truncated``.
-        batch_size: sequences per ``generate`` call.
-        seed: base seed of every batch (``batch_seed``).
-        marker: end-of-thinking marker, for grading.
-        grader: ``"math-verify"`` or ``"exact"`` (``kfh_probe.grading``).
-        correct_only: keep only responses graded correct.
-        engine: ``"hf"`` (transformers ``generate``) or ``"vllm"``.
-    """
-
-    samples: int = 1
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 4096
-    batch_size: int = 8
-    seed: int = 0
-    marker: str = "</think>"
-    grader: str = "math-verify"
-    correct_only: bool = False
-    engine: str = "hf"
+    samples: int = setting(
+        1, "Responses per problem (K).", Interval(1, None),
+        Relation(lambda samples, config: config.temperature > 0 or samples == 1,
+                 "1 when temperature is 0 (greedy decoding gives one response per problem)"),
+    )
+    temperature: float = setting(0.6, "Sampling temperature; 0 is greedy decoding.", Interval(0, None))
+    top_p: float = setting(0.95, "Nucleus sampling mass.", Interval(0, 1, closed="right"))
+    max_new_tokens: int = setting(
+        4096, "Response budget; a response without EOS within it is marked truncated.", Interval(1, None)
+    )
+    batch_size: int = setting(8, "Sequences per generate call.", Interval(1, None))
+    seed: int = setting(0, "Base seed of every batch (batch_seed).")
+    marker: str = setting("</think>", "End-of-thinking marker, for grading.", NonEmpty())
+    grader: str = setting("math-verify", "Who grades the answers (kfh_probe.grading).", OneOf(GRADERS))
+    correct_only: bool = setting(False, "Keep only responses graded correct.")
+    engine: str = setting("hf", '"hf" (transformers generate) or "vllm".', OneOf(("hf", "vllm")))
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.samples >= 1, f"samples must be >= 1, got {self.samples}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.temperature > 0 or self.samples == 1, "greedy decoding (temperature 0) gives one response per problem: pass --samples 1"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
-            (self.max_new_tokens >= 1, f"max-new-tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
-            (self.engine in ("hf", "vllm"), f"engine must be 'hf' or 'vllm', got {self.engine!r}"),
-            (bool(self.marker), "the marker must be a non-empty string"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
+        check_settings(self)
 
 
 def load_prompt_template(path: str | Path) -> string.Template:

@@ -8,9 +8,9 @@ before the essential one, a ``baselines`` block (position, step length, permutat
 
 Provenance (``probe``): ``labeler`` says what produced the labels, ``steps_from`` whether the steps
 came with the file or from the segmenter (whose settings ``segmenter`` then holds), ``eos_appended``
-how many traces got EOS appended to F. Manifests written before ``steps_from`` existed stay valid;
-their ``segmenter`` is the default the sweep recorded whatever cut the steps, so
-:func:`manifest_segmenter` treats their step provenance as unknown.
+how many traces got EOS appended to F. A manifest without ``steps_from`` stays valid; its
+``segmenter`` is then the default the sweep recorded whatever cut the steps, so
+:func:`manifest_segmenter` treats its step provenance as unknown.
 """
 
 from __future__ import annotations

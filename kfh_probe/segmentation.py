@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import InputError
+from .settings import Interval, OneOf, check_settings, setting
 
 CONFUSED = (
     "Wait", "But", "However", "Hold on", "Looking back", "I don't see any errors", "Hmm, wait", "Hmm, no",
@@ -64,14 +64,14 @@ class SegmenterConfig:
     """How reasoning text is cut into steps (recorded in the manifest).
 
     Attributes:
-        mode: ``"phrases"`` (reference rules) or ``"blank-line"``.
-        min_chars: pieces shorter than this many characters are merged into a neighbour (80 in the
-            reference; 0 disables merging).
         confused, branching, progression, summary, final: the phrase families (case-sensitive).
     """
 
-    mode: str = "phrases"
-    min_chars: int = 80
+    mode: str = setting("phrases", '"phrases" (reference rules) or "blank-line".', OneOf(("phrases", "blank-line")))
+    min_chars: int = setting(
+        80, "Pieces shorter than this many characters are merged into a neighbour (80 in the reference; 0 disables "
+        "merging).", Interval(0, None),
+    )
     confused: tuple[str, ...] = CONFUSED
     branching: tuple[str, ...] = BRANCHING
     progression: tuple[str, ...] = PROGRESSION
@@ -80,10 +80,7 @@ class SegmenterConfig:
     _phrases: dict[str, tuple[tuple[str, str], ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("phrases", "blank-line"):
-            raise InputError(f"segmenter mode must be 'phrases' or 'blank-line', got {self.mode!r}")
-        if self.min_chars < 0:
-            raise InputError(f"min_chars must be >= 0, got {self.min_chars}")
+        check_settings(self)
         pairs = [
             (phrase, family)
             for family in ("confused", "branching", "progression", "summary", "final")

@@ -22,6 +22,7 @@ from .partials import PartStore, plan_batches
 from .scoring import (
     DIRECTIONS, bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, permutation_null, split_half_reliability,
 )
+from .settings import Interval, check_settings, setting
 from .step_scorer import StepScorer
 from .traces import SkippedTrace, Trace, TraceFileError
 
@@ -32,35 +33,27 @@ TOP_N_TOLERANCE = 0.005  # top_n: the smallest k whose ensemble SRA is within th
 
 @dataclass
 class SweepConfig:
-    """Settings of a sweep (recorded in the manifest).
+    """Settings of a sweep (recorded in the manifest); each one's help and constraints are declared at its
+    field (``kfh_probe.settings``)."""
 
-    Attributes:
-        layers: layers to probe (all when None).
-        batch_size: traces per forward (right-padded; results do not depend on it).
-        top_n: heads recommended for training; chosen from the ensemble curve when None.
-        seed: seed of the bootstrap, the permutation null and the split halves.
-        bootstrap: bootstrap resamples for the 95% intervals.
-        permutations: draws of the permutation null (step scores shuffled within each trace).
-        marker: end-of-thinking marker.
-        skip_invalid: leave out broken traces (counted in the manifest) instead of failing.
-        backend: how attention is captured: ``hf`` (default), ``nnsight`` or ``lens`` (``kfh_probe.backends``).
-    """
-
-    layers: list[int] | None = None
-    batch_size: int = 8
-    top_n: int | None = None
-    seed: int = 0
-    bootstrap: int = 1000
-    permutations: int = 1000
-    marker: str = "</think>"
-    skip_invalid: bool = False
-    backend: str = "hf"
+    layers: list[int] | None = setting(None, "Layers to probe (all when None).")
+    batch_size: int = setting(8, "Traces per forward (right-padded; results do not depend on it).", Interval(1, None))
+    top_n: int | None = setting(
+        None, "Heads recommended for training; chosen from the ensemble curve when None.", Interval(1, None)
+    )
+    seed: int = setting(0, "Seed of the bootstrap, the permutation null and the split halves.")
+    bootstrap: int = setting(1000, "Bootstrap resamples for the 95% intervals.", Interval(1, None))
+    permutations: int = setting(
+        1000, "Draws of the permutation null (step scores shuffled within each trace).", Interval(1, None)
+    )
+    marker: str = setting("</think>", "End-of-thinking marker.")
+    skip_invalid: bool = setting(False, "Leave out broken traces (counted in the manifest) instead of failing.")
+    backend: str = setting(
+        "hf", "How attention is captured: hf (default), nnsight or lens (kfh_probe.backends)."
+    )
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "bootstrap", "permutations", "top_n"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        check_settings(self)
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Checks of attnpo_train.config: defaults, YAML loading, overrides and validation."""
 
 import dataclasses
-import inspect
 
 import pytest
 
-from attnpo_train import config
 from attnpo_train.config import TrainConfig, load_config
+from kfh_probe import SettingError, help_of
 
 
 def test_defaults_match_the_method_page():
@@ -18,13 +17,9 @@ def test_defaults_match_the_method_page():
     assert cfg.marker == "</think>" and cfg.top_n_heads is None and not cfg.allow_finetuned
 
 
-def test_every_field_is_documented():
-    source = inspect.getsource(config)
+def test_every_field_declares_its_help():
     for field in dataclasses.fields(TrainConfig):
-        declaration = f"    {field.name}: "
-        start = source.index(declaration)
-        following = source[start:].splitlines()[1].strip()
-        assert following.startswith('"""'), f"field {field.name} has no docstring"
+        assert len(help_of(field)) > 10, f"field {field.name} has no help"
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -86,10 +81,33 @@ def test_ranges_are_validated(override, message):
         TrainConfig(**override)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"delta": 1.5}, "setting 'delta' must be in [0, 1]; got 1.5"),
+        ({"rhythm_top": 0.0}, "setting 'rhythm_top' must be in (0, 1]; got 0.0"),
+        ({"clip_eps": 1.0}, "setting 'clip_eps' must be in (0, 1); got 1.0"),
+        ({"lr": 0.0}, "setting 'lr' must be > 0; got 0.0"),
+        ({"top_n_heads": 0}, "setting 'top_n_heads' must be >= 1 or null; got 0"),
+        ({"estimator": "gae"}, "setting 'estimator' must be one of rloo, grpo; got 'gae'"),
+        ({"grader": "judge"}, "setting 'grader' must be one of auto, math-verify, exact; got 'judge'"),
+        ({"marker": ""}, "setting 'marker' must be a non-empty string; got ''"),
+        ({"method": "tlmre", "credit": "oracle"},
+         "setting 'credit' must be 'attention' unless method is 'attnpo' (the controls replace AttnPO's step "
+         "scores); got 'oracle'"),
+        ({"steps": None}, "setting 'steps' must be of type int, not null; got None"),
+    ],
+)
+def test_a_broken_constraint_names_the_setting_what_it_must_be_and_the_value(override, message):
+    with pytest.raises(SettingError) as caught:
+        TrainConfig(**override)
+    assert str(caught.value) == message
+
+
 def test_range_error_names_the_file(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("group_size: 1\n")
-    with pytest.raises(ValueError, match=r"g\.yaml: config 'group_size' must be >= 2"):
+    with pytest.raises(ValueError, match=r"g\.yaml: setting 'group_size' must be >= 2; got 1$"):
         load_config(path)
 
 
@@ -107,6 +125,22 @@ def test_range_error_names_the_file(tmp_path):
 def test_types_are_checked(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, override)
+
+
+def test_a_value_of_the_wrong_type_names_its_source_and_the_setting(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("group_size: four\n")
+    with pytest.raises(ValueError, match=r"t\.yaml: setting 'group_size' must be of type int; got 'four'$"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"^overrides: setting 'top_n_heads' must be of type int or null; got 'x'$"):
+        load_config(None, {"top_n_heads": "x"})
+
+
+def test_command_line_strings_become_the_fields_types():
+    cfg = load_config(None, {"lr": "2e-6", "steps": "3", "kl_coef": "0", "fused_scoring": "off", "top_n_heads": "null"})
+    assert cfg.lr == 2e-6 and cfg.steps == 3 and cfg.kl_coef == 0.0 and cfg.top_n_heads is None
+    assert cfg.fused_scoring is False
+    assert load_config(None, {"horizon": 30.0}).horizon == 30  # a whole float is an int
 
 
 def test_string_booleans_and_nulls_from_the_command_line():

@@ -143,7 +143,7 @@ def test_a_folder_without_weights_is_named_not_a_transformers_traceback(tiny_mod
     ("kfh-probe show", ["show", "nope.json"], "manifest not found: nope.json"),
     ("kfh-probe compare", ["compare", "nope.json", "nope.json"], "manifest not found: nope.json"),
     ("kfh-probe sweep", ["sweep", "--traces", "t.jsonl", "--out", "m.json"], "--traces was given without --model"),
-    ("kfh-probe sweep", ["sweep", "--out", "m.json", "--bootstrap", "0"], "--bootstrap must be >= 1, got 0"),
+    ("kfh-probe sweep", ["sweep", "--out", "m.json", "--bootstrap", "0"], "setting 'bootstrap' must be >= 1; got 0"),
     ("kfh-probe label", ["label", "--traces", "nope.jsonl", "--labeler", "given", "--out", "o.jsonl"],
      "trace file not found: nope.jsonl"),
     ("kfh-probe label", ["label", "--traces", "TRACES", "--labeler", "judge", "--judge", "localhost=m", "--out", "o.jsonl"],

@@ -170,4 +170,5 @@ def test_generate_command_writes_a_trace_file(tmp_path, tiny_model_dir, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     assert main(args + ["--overwrite", "--temperature", "0"]) == 2
-    assert "greedy decoding (temperature 0) gives one response per problem" in capsys.readouterr().err
+    assert ("setting 'samples' must be 1 when temperature is 0 (greedy decoding gives one response per problem); "
+            "got 2") in capsys.readouterr().err

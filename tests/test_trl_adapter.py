@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ from attnpo_train.config import TrainConfig  # noqa: E402
 from attnpo_train.credit import attnpo_token_advantages, rollout_rewards  # noqa: E402
 from attnpo_train.data import Prompt  # noqa: E402
 from attnpo_train.loss import ppo_clip_loss  # noqa: E402
-from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
+from attnpo_train.trl import TRAIN_SETTINGS, AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
+from kfh_probe import SettingError, help_of  # noqa: E402
 from kfh_probe.sampling import Rollouts, decode_responses  # noqa: E402
 from conftest import R1_TRACES, SHORT_55, WRONG_54, write_jsonl, write_manifest  # noqa: E402
 
@@ -52,26 +54,46 @@ def trl_args(tmp_path, manifest_file, **changes) -> AttnPOConfig:
     return AttnPOConfig(**{**base, **changes})
 
 
-def test_config_defaults_match_the_lightweight_trainer(tmp_path, manifest_file):
+def test_the_trl_settings_are_the_lightweight_trainers_fields():
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    train_types, trl_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(AttnPOConfig)
+    prefixed = [f for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
+    assert [f.name for f in prefixed] == [f"attnpo_{name}" for name in TRAIN_SETTINGS]
+    assert len(prefixed) == 22
+    for field in prefixed:
+        source = train_fields[field.name[len("attnpo_"):]]
+        assert (trl_types[field.name], field.default, help_of(field)) == (
+            train_types[source.name], source.default, help_of(source)), field.name
+
+
+def test_config_converts_to_the_lightweight_trainers(tmp_path, manifest_file):
     args = trl_args(tmp_path, manifest_file, attnpo_horizon=1000)
     train = args.to_train_config(args.num_generations)
-    defaults = TrainConfig(group_size=args.num_generations)
-    prefixed = [f.name for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
-    assert len(prefixed) == 22
-    for name in prefixed:
-        if name not in ("attnpo_manifest", "attnpo_grader"):
-            assert getattr(args, name) == getattr(defaults, name[len("attnpo_"):]), name
-    # TRL trains on data files, so it grades with math-verify (the trainer's "auto" means: organism -> exact)
-    assert args.attnpo_grader == train.grader == "math-verify"
-    assert train.method == "attnpo" and train.manifest == str(manifest_file)
-    with pytest.raises(ValueError, match="config 'attnpo_delta' must be in \\[0, 1\\]"):
-        trl_args(tmp_path, manifest_file, attnpo_delta=1.5)
-    with pytest.raises(ValueError, match="needs 'attnpo_manifest'"):
-        trl_args(tmp_path, manifest_file, attnpo_manifest=None)
-    with pytest.raises(ValueError, match="needs 'attnpo_rhythm'"):
-        trl_args(tmp_path, None, attnpo_method="anchor")
-    with pytest.raises(ValueError, match="'attnpo_method' must be one of"):
-        trl_args(tmp_path, manifest_file, attnpo_method="tlmre")
+    # one default for both; TRL trains on a dataset, so "auto" grades with math-verify there
+    assert args.attnpo_grader == TrainConfig().grader == "auto"
+    assert dataclasses.replace(train, grader="auto", manifest=None) == TrainConfig(group_size=args.num_generations)
+    assert train.grader == "math-verify" and train.method == "attnpo" and train.manifest == str(manifest_file)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"attnpo_delta": 1.5}, "setting 'attnpo_delta' must be in [0, 1]; got 1.5"),
+        ({"attnpo_manifest": None},
+         "setting 'attnpo_manifest' must be given when attnpo_method is 'attnpo' (the KFH manifest of the policy's "
+         "base model); got None"),
+        ({"attnpo_manifest": None, "attnpo_method": "anchor"},
+         "setting 'attnpo_rhythm' must be given when attnpo_method is one of preplan, anchor, coupled (a kfh-probe "
+         "rhythm file of the policy's base model); got None"),
+        ({"attnpo_method": "tlmre"}, "setting 'attnpo_method' must be one of attnpo, preplan, anchor, coupled; got 'tlmre'"),
+        ({"num_generations_eval": 1},
+         "setting 'num_generations_eval' must be >= 2 or null (AttnPO's group baseline needs two completions); got 1"),
+    ],
+)
+def test_config_errors_name_the_trl_setting(changes, message, tmp_path, manifest_file):
+    with pytest.raises(SettingError) as caught:
+        trl_args(tmp_path, manifest_file, **changes)
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2])
