@@ -90,8 +90,8 @@ def test_ablation_scores_k_plus_one_sequences_in_one_forward(byte_tokenizer):
 
 
 def test_ablation_on_the_organism_agrees_with_ground_truth_better_than_chance(organism):
-    # post-answer is not held to this: it keeps every step before the first statement of the answer, and
-    # the organism works the other item's quantities first (README: kappa -0.05 on 298 traces).
+    # post-answer is not held to this: it keeps every step before the first statement of the answer,
+    # essential or not (its agreement with the ground truth: docs/results/labelers.md).
     from kfh_probe.labelers.report import agreement
     from kfh_probe.loading import pad_token_id
 

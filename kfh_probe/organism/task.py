@@ -11,6 +11,10 @@ Text layout (all fixed here; the labeler in :mod:`kfh_probe.organism.labeler` pa
 * prompt: ``"Question: <facts> How many <item> does <target> have?\\nAnswer:\\n"``
 * response: ``"<think>\\n" + step lines + "</think>\\n" + summary + " So the answer is \\\\boxed{N}." + EOS``
 
+Task versions (:data:`TASKS`, one :class:`TaskSpec` each): v4 as above; v5 ends 75% of the questions
+with ``"Correction: <the target's fact with another difference>"`` before ``How many``, and its teacher
+writes a ``reread`` step before the target (essential exactly when there is a correction to catch).
+
 Every step is one line of at least 80 characters ending in ``"\\n"`` that starts with a transition
 phrase; the first step also carries the ``"<think>\\n"`` opener, so the default segmenter (which
 splits progression phrases at line starts and merges pieces under 80 characters) reproduces the
@@ -27,7 +31,7 @@ operation), ``restate`` (lists what is known). The summary after ``</think>`` re
 essential computations verbatim, as reasoning models restate their solution, so the answer rows
 have a reason to look at the essential steps.
 
-Why this shape (each choice measured, see the README): a 4-layer model trained for minutes on two
+Why this shape (each choice measured, docs/results/organism.md): a 4-layer model trained for minutes on two
 CPU cores reliably learns to copy facts in order and to read back the value computed one step
 earlier, but not to look a fact up by name or by item. It finds the asked chain by its length:
 given a distractor chain as long as the asked one it was near chance whatever the summary's design,
