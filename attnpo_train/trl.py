@@ -34,7 +34,7 @@ What changes against ``GRPOTrainer`` (TRL 1.x), and nothing else:
 - With ``attnpo_method`` "preplan", "anchor" or "coupled" the step rating and rescaling are replaced by the
   Preplan-and-Anchor credit of ``attnpo_train.rhythm`` (WAAD and FAI, then ``rhythm_advantages``), again the
   lightweight trainer's functions. The signals come from the same place as the step scores: recorded
-  during TRL's old-logps forward when it runs one (``kfh_probe.rhythm.SignalRecorder``, for every
+  during TRL's old-logps forward when it runs one (``kfh_probe.preplan_anchor.SignalRecorder``, for every
   completion of the rank, since which ones need them is known only after the rewards), else from the
   separate no-grad forward (``rollout_signals``, only the completions whose advantage needs them).
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns (whatever
@@ -80,14 +80,14 @@ from attnpo_train.credit import (
     rollout_rewards,
     scored_rating,
 )
-from attnpo_train.rhythm import RhythmProbe, needs_signals, paper_rule, rhythm_advantages, rollout_signals
+from attnpo_train.rhythm import needs_signals, paper_rule, rhythm_advantages, rollout_signals
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from kfh_probe.capture import attention_calls, attention_modules
 from kfh_probe import check_model_matches, load_manifest, manifest_segmenter, pad_token_id, top_heads
 from kfh_probe.errors import InputError
 from kfh_probe.manifest import ManifestMismatchError
-from kfh_probe.rhythm import RhythmSignals, SignalRecorder
+from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals, SignalRecorder
 from kfh_probe.sampling import Rollouts, decode_responses
 
 ANSWER_COLUMN = "answer"
@@ -291,7 +291,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             )
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         attention_modules(policy)  # UnsupportedModelError, by name, for attention the probe cannot capture
-        self._attnpo_rhythm = None if manifest is not None else RhythmProbe.from_file(args.attnpo_rhythm, policy)
+        self._attnpo_rhythm = None if manifest is not None else PreplanAnchorHeads.from_file(args.attnpo_rhythm, policy)
         try:
             if manifest is not None:
                 check_model_matches(manifest, policy, args.attnpo_allow_finetuned, gather_params=self._dist.gather_params)

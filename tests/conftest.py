@@ -66,6 +66,21 @@ def kfh_probe_cli(command: str, model_dir, traces, out, *extra: str) -> int:
     return main([command, "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
 
 
+def launch_ranks(command: str, world_size: int, *args: str) -> list[tuple[int, str]]:
+    """Run ``kfh-probe COMMAND ARGS... --quiet`` as ``world_size`` processes at once, with ``RANK`` and
+    ``WORLD_SIZE`` set as ``torchrun`` sets them (the last rank started first); ``(exit code, stderr)`` per rank."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "kfh_probe.cli", command, *map(str, args), "--quiet"]
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+    ranks = {r: subprocess.Popen(argv, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in reversed(range(world_size))}
+    errors = {r: p.communicate(timeout=300)[1] for r, p in ranks.items()}
+    return [(ranks[r].returncode, errors[r]) for r in range(world_size)]
+
+
 def labeled(record: dict, labels: list[str]) -> dict:
     """``record`` with its default segmentation and the given labels."""
     from kfh_probe.segmentation import segment_reasoning
@@ -216,9 +231,9 @@ def write_rhythm_file(path: Path, model_dir) -> Path:
     """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
     from kfh_probe.loading import load_model
     from kfh_probe.manifest import model_record
-    from kfh_probe.rhythm import RhythmHeads, rhythm_header
+    from kfh_probe.preplan_anchor import LocalGlobalHeads, rhythm_header
 
-    heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
+    heads = LocalGlobalHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
     header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
     path.write_text(json.dumps(header) + "\n", encoding="utf-8")
     return path
@@ -266,7 +281,7 @@ def rhythm_reference(maps: torch.Tensor, start: int, heads, window=10, lo=10, hi
 
     Args:
         maps: ``eager_maps`` of one sequence, [L, H, T, T]; start: the first response position;
-        heads: a ``kfh_probe.rhythm.RhythmHeads``.
+        heads: a ``kfh_probe.preplan_anchor.LocalGlobalHeads``.
     Returns:
         (distance [L, H] float32, WAAD [T - start], FAI [T - start] with NaN where fewer than ``lo`` tokens follow).
     """

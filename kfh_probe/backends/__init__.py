@@ -86,6 +86,9 @@ def requested_layers(backend: str, num_layers: int, layers: list[int] | None) ->
     """The sorted layers to capture (all when ``layers`` is None), checked against the model.
 
     Raises:
-        InputError: naming the backend, when a layer does not exist.
+        InputError: naming the backend and the setting ``layers``, when a layer does not exist.
     """
-    return check_layers(layers, num_layers, f"backend {backend!r}, layers")
+    try:
+        return check_layers(layers, num_layers)
+    except InputError as err:
+        raise InputError(f"backend {backend!r}: {err}", settings=err.settings) from None

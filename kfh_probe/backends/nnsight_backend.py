@@ -70,7 +70,8 @@ def _interface_calls(wrapped: TransformersModel) -> dict[int, tuple[str, str]]:
     if silent:
         raise UnsupportedModelError(
             f"backend {NAME!r}: {type(model).__name__} layer(s) {silent} have no call of the transformers attention "
-            "interface in their attention module's source, so nnsight cannot read their query and key; use --backend hf"
+            "interface in their attention module's source, so nnsight cannot read their query and key; use `backend` 'hf'",
+            settings=("backend",),
         )
     return calls
 
@@ -135,7 +136,8 @@ class NNsightCapture:
                 if len(args) < 5:
                     raise UnsupportedModelError(
                         f"backend {NAME!r}: {path} calls its attention function with {len(args)} positional "
-                        "arguments, not (module, query, key, value, attention_mask); use --backend hf"
+                        "arguments, not (module, query, key, value, attention_mask); use `backend` 'hf'",
+                        settings=("backend",),
                     )
                 module, query, key, _, mask = args[:5]
                 probs = interface_call_rows(module, query, key, mask, kwargs, rows, row_valid)

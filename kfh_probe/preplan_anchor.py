@@ -22,12 +22,10 @@ the caller runs anyway (the trainer's update forward, ``attnpo_train.rhythm.Fuse
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .alignment import right_pad
 from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
@@ -41,7 +39,7 @@ CHUNK = 128
 
 
 @dataclass(frozen=True)
-class RhythmHeads:
+class LocalGlobalHeads:
     """The heads whose mean maps give WAAD (local) and FAI (global), as (layer, query head)."""
 
     local: list[tuple[int, int]]
@@ -75,6 +73,21 @@ class RhythmSignals:
         return cls(response_start, stacked[0], stacked[1])
 
 
+def check_head_fraction(fraction: float) -> None:
+    """Refuse a share of heads per set outside (0, 0.5], where the local and global sets could overlap."""
+    if not 0.0 < fraction <= 0.5:
+        raise InputError(f"`head_fraction` must be in (0, 0.5] so the two sets do not overlap; got {fraction}",
+                         settings=("head_fraction",))
+
+
+def check_windows(window: int, fai_range: tuple[int, int]) -> None:
+    """Refuse a W of WAAD below 1, or an FAI range ``(lo, hi)`` other than 0 < lo <= hi."""
+    if window < 1:
+        raise InputError(f"`window` must be >= 1; got {window}", settings=("window",))
+    if not 0 < fai_range[0] <= fai_range[1]:
+        raise InputError(f"`fai_range` must satisfy 0 < lo <= hi; got {list(fai_range)}", settings=("fai_range",))
+
+
 def middle_third_layers(num_layers: int, count: int = 5) -> list[int]:
     """The paper's layers for its RL runs (arXiv 2510.13554 v2, appendix B.2): ``count`` evenly spaced
     layers from floor(L/3) to floor(2L/3), rounded to the nearest layer (fewer when the third is shorter).
@@ -87,7 +100,7 @@ def middle_third_layers(num_layers: int, count: int = 5) -> list[int]:
 
 def select_heads(
     mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION, layers: list[int] | None = None
-) -> RhythmHeads:
+) -> LocalGlobalHeads:
     """Local and global heads from each head's mean backward distance.
 
     Args:
@@ -99,16 +112,15 @@ def select_heads(
         the ceil(fraction n) candidate heads with the smallest distance (local) and with the largest
         (global), each sorted by distance (closest / farthest first), ties by (layer, head) ascending.
     """
-    if not 0.0 < fraction <= 0.5:
-        raise InputError(f"head fraction must be in (0, 0.5] so the two sets do not overlap; got {fraction}")
+    check_head_fraction(fraction)
     num_layers, num_heads = mean_distance.shape
-    layers = check_layers(layers, num_layers, "--head-layers")
+    layers = check_layers(layers, num_layers, "head_layers")
     heads = [(layer, head) for layer in layers for head in range(num_heads)]
     count = math.ceil(fraction * len(heads))
     values = {h: float(mean_distance[h]) for h in heads}
     local = sorted(heads, key=lambda h: (values[h], h))[:count]
     global_ = sorted(heads, key=lambda h: (-values[h], h))[:count]
-    return RhythmHeads(local, global_)
+    return LocalGlobalHeads(local, global_)
 
 
 def row_reductions(
@@ -169,43 +181,39 @@ def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads
 
 
 @torch.no_grad()
-def mean_distances(
-    model: nn.Module,
-    sequences: list[list[int]],
-    response_starts: list[int],
-    pad_id: int,
-    batch_size: int = 8,
-    chunk: int = CHUNK,
-    progress: bool = False,
+def trace_distances(
+    model: nn.Module, sequences: list[list[int]], response_starts: list[int], pad_id: int, chunk: int = CHUNK
 ) -> torch.Tensor:
-    """Mean backward distance of every head over the given traces (module docstring).
+    """Each head's backward distance averaged over each trace's response rows (module docstring), from one
+    right-padded forward of the batch.
 
     Args:
         sequences: token ids (prompt + response) of each trace.
         response_starts: index of the first response token of each.
     Returns:
-        ``[L, H]`` float32.
+        ``[batch, layer, head]`` float32 on the CPU.
     """
-    shape = model_shape(model)
     device = next(model.parameters()).device
-    total = torch.zeros(shape["num_layers"], shape["num_heads"], dtype=torch.float64)
-    bar = tqdm(total=len(sequences), unit="trace", desc="head distances", disable=not progress, file=sys.stderr)
-    for first in range(0, len(sequences), batch_size):
-        seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
-        ids, mask = right_pad(seqs, pad_id)
-        rows, valid = _response_rows(starts, [len(s) for s in seqs], device)
-        counts = valid.sum(dim=1).clamp(min=1).float()
+    ids, mask = right_pad(sequences, pad_id)
+    rows, valid = _response_rows(response_starts, [len(s) for s in sequences], device)
+    counts = valid.sum(dim=1).clamp(min=1).float()
 
-        def compute(module, query, key, attn_mask, kwargs) -> torch.Tensor:
-            distance = _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk,
-                                lambda p, r, v: row_reductions(p, r)[0])
-            return distance.sum(dim=2) / counts[:, None]  # [batch, heads]: mean over response rows
+    def compute(module, query, key, attn_mask, kwargs) -> torch.Tensor:
+        distance = _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk,
+                            lambda p, r, v: row_reductions(p, r)[0])
+        return distance.sum(dim=2) / counts[:, None]  # [batch, head]: mean over response rows
 
-        results = capture_layer_calls(model, ids.to(device), mask.to(device), compute)
-        total += torch.stack([results[layer] for layer in sorted(results)], dim=1).double().sum(dim=0).cpu()
-        bar.update(len(seqs))
-    bar.close()
-    return (total / max(len(sequences), 1)).float()
+    results = capture_layer_calls(model, ids.to(device), mask.to(device), compute)
+    return torch.stack([results[layer] for layer in sorted(results)], dim=1).cpu()
+
+
+def mean_distance(per_trace: list[torch.Tensor], batches: list[list[int]]) -> torch.Tensor:
+    """``[layer, head]`` float32: the mean over the traces of their ``[layer, head]`` distances
+    (:func:`trace_distances`), summed in float64 one batch at a time, in the order of ``batches``."""
+    total = torch.zeros(per_trace[0].shape, dtype=torch.float64)
+    for chunk in batches:
+        total += torch.stack([per_trace[i] for i in chunk]).double().sum(dim=0)
+    return (total / len(per_trace)).float()
 
 
 class SignalRecorder:
@@ -229,7 +237,7 @@ class SignalRecorder:
 
     def __init__(
         self,
-        heads: RhythmHeads,
+        heads: LocalGlobalHeads,
         starts: list[int | None],
         ends: list[int],
         window: int = WINDOW,
@@ -237,11 +245,7 @@ class SignalRecorder:
         chunk: int = CHUNK,
         offsets: list[int] | None = None,
     ) -> None:
-        lo, hi = fai_range
-        if not 0 < lo <= hi:
-            raise InputError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
-        if window < 1:
-            raise InputError(f"window must be >= 1; got {window}")
+        check_windows(window, fai_range)
         self.heads, self.starts, self.ends = heads, starts, ends
         self.offsets = offsets if offsets is not None else [0] * len(starts)
         self.window, self.fai_range, self.chunk = window, fai_range, chunk
@@ -316,7 +320,7 @@ def rhythm_signals(
     model: nn.Module,
     sequences: list[list[int]],
     response_starts: list[int],
-    heads: RhythmHeads,
+    heads: LocalGlobalHeads,
     pad_id: int,
     batch_size: int = 8,
     window: int = WINDOW,
@@ -353,7 +357,7 @@ FORMAT = "kfh-rhythm"
 VERSION = 1
 
 
-def rhythm_header(heads: RhythmHeads, window: int, fai_range: tuple[int, int], model_block: dict) -> dict:
+def rhythm_header(heads: LocalGlobalHeads, window: int, fai_range: tuple[int, int], model_block: dict) -> dict:
     """The header line of a rhythm file."""
     return {
         "format": FORMAT, "version": VERSION,
@@ -411,5 +415,21 @@ def read_rhythm_header(path, model_shape_block: dict | None = None) -> dict:
     return header
 
 
-def heads_from_header(header: dict) -> RhythmHeads:
-    return RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+def heads_from_header(header: dict) -> LocalGlobalHeads:
+    return LocalGlobalHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+
+
+@dataclass(frozen=True)
+class PreplanAnchorHeads:
+    """The local and global heads and the windows their signals are read through: a rhythm file's header,
+    which the trainer's Preplan-and-Anchor credit reads (``window`` is W of WAAD, ``fai_range`` FAI's rows)."""
+
+    heads: LocalGlobalHeads
+    window: int
+    fai_range: tuple[int, int]
+
+    @classmethod
+    def from_file(cls, path, model: nn.Module) -> "PreplanAnchorHeads":
+        """Read a ``kfh-probe rhythm`` file's header, checked against ``model``'s shape (:func:`read_rhythm_header`)."""
+        header = read_rhythm_header(path, model_shape(model))
+        return cls(heads_from_header(header), int(header["window"]), (int(header["fai_range"][0]), int(header["fai_range"][1])))
