@@ -56,8 +56,8 @@ class RhythmSignals:
 
     Attributes:
         response_start: token index of the first response token.
-        waad: ``[n]`` float32, one per response position.
-        fai: ``[n]`` float32, NaN where s + fai_range[0] > T - 1 (no future rows in range).
+        waad: ``[response_token]`` float32.
+        fai: ``[response_token]`` float32, NaN where s + fai_range[0] > T - 1 (no future rows in range).
     """
 
     response_start: int
@@ -65,7 +65,7 @@ class RhythmSignals:
     fai: torch.Tensor
 
     def stacked(self) -> torch.Tensor:
-        """``[2, n]``: WAAD, then FAI (for saving a batch of a resumable run)."""
+        """``[2, response_token]``: WAAD, then FAI (for saving a batch of a resumable run)."""
         return torch.stack([self.waad, self.fai])
 
     @classmethod
@@ -104,7 +104,7 @@ def select_heads(
     """Local and global heads from each head's mean backward distance.
 
     Args:
-        mean_distance: ``[L, H]``.
+        mean_distance: ``[layer, head]``.
         fraction: share of the candidate heads in each set (ceil(fraction n) of n candidates).
         layers: rank only these layers' heads (default: all L layers; the paper's RL runs use
             :func:`middle_third_layers`).
@@ -129,19 +129,19 @@ def row_reductions(
     """Distance, windowed distance and FAI band of attention rows.
 
     Args:
-        probs: ``[batch, heads, R, T]`` probabilities of the query rows ``rows`` (zero on masked keys).
-        rows: ``[batch, R]`` query positions.
+        probs: ``[batch, head, response_row, key]`` probabilities of the query rows ``rows`` (zero on masked keys).
+        rows: ``[batch, response_row]`` query positions.
     Returns:
-        distance ``[batch, heads, R]`` = sum_s a[t, s] (t - s);
-        waad ``[batch, heads, R]`` = sum_s a[t, s] min(t - s, window);
-        band ``[batch, heads, R, D]`` = a[t, t - d] for d = lo..hi (D = hi - lo + 1; 0 where t - d < 0).
+        distance ``[batch, head, response_row]`` = sum_s a[t, s] (t - s);
+        waad ``[batch, head, response_row]`` = sum_s a[t, s] min(t - s, window);
+        band ``[batch, head, response_row, offset]`` = a[t, t - d] for the offsets d = lo..hi (0 where t - d < 0).
     """
     distance = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows))
     return (distance, *window_and_band(probs, rows, window, fai_range))
 
 
 def _gaps(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[batch, R, T]`` t - s, 0 for keys after the row (masked keys have a = 0 anyway)."""
+    """``[batch, response_row, key]`` t - s, 0 for keys after the row (masked keys have a = 0 anyway)."""
     keys = torch.arange(probs.shape[-1], device=probs.device)
     return (rows[:, :, None] - keys).clamp(min=0).float()
 
@@ -149,18 +149,18 @@ def _gaps(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def window_and_band(
     probs: torch.Tensor, rows: torch.Tensor, window: int = WINDOW, fai_range: tuple[int, int] = FAI_RANGE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windowed distance ``[batch, heads, R]`` and the FAI band ``[batch, heads, R, D]`` of ``row_reductions``
-    (what the signals need; the head ranking also needs the distance)."""
+    """The windowed distance ``[batch, head, response_row]`` and the FAI band ``[batch, head, response_row, offset]``
+    of ``row_reductions`` (what the signals need; the head ranking also needs the distance)."""
     waad = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows).clamp(max=window))
     offsets = torch.arange(fai_range[0], fai_range[1] + 1, device=probs.device)
-    index = rows[:, :, None] - offsets  # [batch, R, D]
+    index = rows[:, :, None] - offsets  # [batch, response_row, offset]
     inside = index >= 0
     picked = probs.gather(3, index.clamp(min=0)[:, None].expand(-1, probs.shape[1], -1, -1))
     return waad, picked * inside[:, None]
 
 
 def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query positions ``[batch, R]`` of every response token (padded with 0) and their validity."""
+    """Query positions ``[batch, response_row]`` of every response token (padded with 0) and their validity."""
     width = max(max(n - s for s, n in zip(starts, lengths)), 1)
     offsets = torch.arange(width)
     counts = torch.tensor([n - s for s, n in zip(starts, lengths)])
@@ -170,7 +170,8 @@ def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch
 
 
 def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads=None):
-    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2
+    """``reduce(probs [batch, head, response_row, key], rows [batch, response_row], valid [batch, response_row])`` over
+    chunks of response rows, concatenated on dim 2
     (``heads``: only these query heads, in this order; None: all)."""
     parts = []
     for start in range(0, rows.shape[1], chunk):
@@ -252,7 +253,7 @@ class SignalRecorder:
         self._local = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
         self._global = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
         self._done: dict[int, int] = {}  # layer -> batch rows recorded
-        self._sums: dict[int, torch.Tensor] = {}  # batch row -> [n, 1 + D] summed over the layers so far
+        self._sums: dict[int, torch.Tensor] = {}  # batch row -> [response_token, 1 + offset], summed over layers
 
     def __call__(self, module, query, key, attention_mask, kwargs) -> None:
         layer = module.layer_idx
@@ -281,7 +282,7 @@ class SignalRecorder:
                 return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
 
             summed = _chunked(module, query, key, attention_mask, kwargs, rows, valid, self.chunk, reduce, wanted)[:, 0]
-            for j, b in enumerate(kept):  # [R, 1 + D] of row b, its n response rows first
+            for j, b in enumerate(kept):  # [response_row, 1 + offset] of row b, its response rows first
                 value = summed[j, : self.ends[b] - self.starts[b]].float().cpu()
                 self._sums[b] = value if b not in self._sums else self._sums[b] + value
 

@@ -46,7 +46,7 @@ class StepScorer:
         return [step_scores(values[b], trace.step_spans) for b, trace in enumerate(traces)]
 
     def _answer_attention(self, traces: list[TokenizedTrace], layers: list[int] | None) -> torch.Tensor:
-        """``[batch, layers, heads, T]`` float32 on the CPU: the attention each position receives from
+        """``[batch, layer, head, key]`` float32 on the CPU: the attention each position receives from
         the answer rows, summed over the rows (one right-padded forward)."""
         device = next(self.model.parameters()).device
         batch = collate(traces, self.pad_id)
@@ -57,10 +57,10 @@ class StepScorer:
 
     @torch.no_grad()
     def head_attention(self, trace: TokenizedTrace, heads: list[tuple[int, int]]) -> torch.Tensor:
-        """``[N, T]`` for one trace: per head of ``heads``, the attention each position receives from the
+        """``[head, key]`` for one trace: per head of ``heads``, the attention each position receives from the
         answer rows, summed over the rows (what its step scores average; the notebooks shade text with it)."""
         layers = sorted({layer for layer, _ in heads})
-        values = self._answer_attention([trace], layers)[0]  # [layers, heads, T]
+        values = self._answer_attention([trace], layers)[0]  # [layer, head, key]
         return torch.stack([values[layers.index(layer), head] for layer, head in heads])
 
     def head_scores(
@@ -75,7 +75,7 @@ class StepScorer:
             heads: ``(layer, query head)`` pairs, e.g. the top-N Key-Focus Heads (``kfh_probe.top_heads``).
 
         Returns:
-            one float32 tensor ``[K_i]`` per trace.
+            one float32 tensor ``[step]`` per trace.
         """
         layers = sorted({layer for layer, _ in heads})
         rows = [layers.index(layer) for layer, _ in heads]

@@ -178,7 +178,7 @@ def _rounded(value: float) -> float:
 
 
 def _sra_with_ci(auc: torch.Tensor, config: SweepConfig) -> tuple[list[float | None], list[list[float] | None]]:
-    """Per head (columns of ``auc``, ``[traces, heads]``): SRA and bootstrap interval, rounded; None without traces."""
+    """Per head (columns of ``auc``, ``[trace, head]``): SRA and bootstrap interval, rounded; None without traces."""
     if auc.shape[0] == 0:
         return [None] * auc.shape[1], [None] * auc.shape[1]
     ci = bootstrap_ci(auc, config.bootstrap, config.seed)
@@ -197,7 +197,7 @@ def baselines_block(
     (:func:`kfh_probe.scoring.permutation_null`), and how many heads exceed the first.
 
     Args:
-        flat: per trace, ``[heads, K]`` step scores; sra: ``[heads]`` the heads' SRA.
+        flat: per trace, ``[head, step]`` step scores (heads of all layers); sra: ``[head]`` the heads' SRA.
     """
     rankings = {
         "position_later": [torch.arange(len(lab), dtype=torch.float64)[None] for lab in labels],
@@ -232,7 +232,7 @@ def build_manifest(
     """Rank every probed head by SRA and assemble the manifest (design page, schema version 2).
 
     Args:
-        step_score_list: per trace, ``[layers, heads, K]``.
+        step_score_list: per trace, ``[layer, head, step]``.
         step_lengths: per trace, the K steps' lengths in tokens (for the step-length baseline).
     """
     num_heads = model_block["num_heads"]

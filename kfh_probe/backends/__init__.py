@@ -9,7 +9,7 @@
 
 A backend is a class built once per model, ``backend = get_backend(name)(model, tokenizer)``; calling
 ``backend(input_ids, attention_mask, answer_mask, layers)`` returns an
-:class:`~kfh_probe.capture.AnswerAttention` with ``reduce="sum"`` values ``[batch, layers, heads, T]``.
+:class:`~kfh_probe.capture.AnswerAttention` with ``reduce="sum"`` values ``[batch, layer, head, key]``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class HFCapture:
         answer_mask: torch.Tensor,
         layers: list[int] | None = None,
     ) -> AnswerAttention:
-        """``[batch, T]`` inputs -> answer-row attention summed over the rows, ``[batch, layers, heads, T]``."""
+        """``[batch, position]`` inputs -> answer-row attention summed over the rows, ``[batch, layer, head, key]``."""
         return capture_answer_attention(self.model, input_ids, attention_mask, answer_mask, layers=layers)
 
 

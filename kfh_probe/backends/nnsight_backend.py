@@ -116,13 +116,13 @@ class NNsightCapture:
         """One traced forward.
 
         Args:
-            input_ids: ``[batch, T]`` right-padded token ids.
-            attention_mask: ``[batch, T]``, 1 on real tokens.
-            answer_mask: ``[batch, T]`` bool, True on the answer rows.
+            input_ids: ``[batch, position]`` right-padded token ids.
+            attention_mask: ``[batch, position]``, 1 on real tokens.
+            answer_mask: ``[batch, position]`` bool, True on the answer rows.
             layers: layer indices (all when None).
 
         Returns:
-            ``reduce="sum"`` answer attention, values ``[batch, layers, heads, T]`` float32.
+            ``reduce="sum"`` answer attention, values ``[batch, layer, head, key]`` float32.
         """
         wanted = requested_layers(NAME, self.num_layers, layers)
         rows, row_valid = answer_rows(answer_mask.bool())
