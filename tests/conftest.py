@@ -66,19 +66,26 @@ def kfh_probe_cli(command: str, model_dir, traces, out, *extra: str) -> int:
     return main([command, "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
 
 
-def launch_ranks(command: str, world_size: int, *args: str) -> list[tuple[int, str]]:
-    """Run ``kfh-probe COMMAND ARGS... --quiet`` as ``world_size`` processes at once, with ``RANK`` and
-    ``WORLD_SIZE`` set as ``torchrun`` sets them (the last rank started first); ``(exit code, stderr)`` per rank."""
+def check_ranks_write_what_one_writes(command: str, world_size: int, folder: Path, *args: str) -> None:
+    """Run ``kfh-probe COMMAND ARGS... --out F --quiet`` in this process, then as ``world_size`` processes at once
+    with ``RANK`` and ``WORLD_SIZE`` set as ``torchrun`` sets them (the last rank started first); check that every
+    rank exits 0, that the others say where their share is, and that both outputs have the same bytes."""
     import os
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "kfh_probe.cli", command, *map(str, args), "--quiet"]
+    from kfh_probe.cli import main
+
+    single, sharded = folder / f"single-{command}", folder / f"sharded-{command}"
+    assert main([command, *map(str, args), "--out", str(single), "--quiet"]) == 0
+    argv = [sys.executable, "-m", "kfh_probe.cli", command, *map(str, args), "--out", str(sharded), "--quiet"]
     env = {**os.environ, "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
     ranks = {r: subprocess.Popen(argv, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
              for r in reversed(range(world_size))}
     errors = {r: p.communicate(timeout=300)[1] for r, p in ranks.items()}
-    return [(ranks[r].returncode, errors[r]) for r in range(world_size)]
+    assert [ranks[r].returncode for r in range(world_size)] == [0] * world_size, errors
+    assert all(f"rank {r}: my share" in errors[r] for r in range(1, world_size)), errors
+    assert sharded.read_bytes() == single.read_bytes()
 
 
 def labeled(record: dict, labels: list[str]) -> dict:

@@ -8,7 +8,9 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, eager_maps, interrupting, kfh_probe_cli, launch_ranks, rhythm_reference, tiny_model
+from conftest import (
+    FAMILIES, check_ranks_write_what_one_writes, eager_maps, interrupting, kfh_probe_cli, rhythm_reference, tiny_model,
+)
 
 from kfh_probe.errors import InputError
 from kfh_probe.preplan_anchor import (
@@ -213,14 +215,8 @@ def test_run_rhythm_on_two_ranks_returns_the_lines_of_one_rank(tiny_model_dir, r
 
 @pytest.mark.slow
 def test_two_processes_write_the_same_rhythm_file_as_one(tiny_model_dir, raw_trace_file, tmp_path):
-    single = tmp_path / "single.jsonl"
-    assert _rhythm(tiny_model_dir, raw_trace_file, single, "--batch-size", "1") == 0
-    sharded = tmp_path / "sharded.jsonl"
-    ranks = launch_ranks("rhythm", 2, "--model", tiny_model_dir, "--traces", raw_trace_file, "--out", sharded,
-                         "--batch-size", "1")
-    assert [code for code, _ in ranks] == [0, 0], ranks
-    assert "rank 1: my share" in ranks[1][1]
-    assert sharded.read_bytes() == single.read_bytes()
+    check_ranks_write_what_one_writes("rhythm", 2, tmp_path, "--model", tiny_model_dir, "--traces", raw_trace_file,
+                                      "--batch-size", "1")
 
 
 def test_rhythm_refuses_broken_traces_by_line_and_id_and_writes_nothing(tiny_model_dir, raw_trace_file, tmp_path, capsys):

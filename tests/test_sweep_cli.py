@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, interrupting, kfh_probe_cli, launch_ranks, tiny_model, with_broken_record
+from conftest import (
+    R1_TRACES, check_ranks_write_what_one_writes, interrupting, kfh_probe_cli, tiny_model, with_broken_record,
+)
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
@@ -106,14 +108,8 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_manifest_as_one(tiny_model_dir, labeled_trace_file, tmp_path):
-    single = tmp_path / "single.json"
-    assert _sweep(tiny_model_dir, labeled_trace_file, single, "--batch-size", "1") == 0
-    sharded = tmp_path / "sharded.json"
-    ranks = launch_ranks("sweep", 2, "--model", tiny_model_dir, "--traces", labeled_trace_file, "--out", sharded,
-                         "--batch-size", "1")
-    assert [code for code, _ in ranks] == [0, 0], ranks
-    assert "rank 1: my share" in ranks[1][1]
-    assert sharded.read_bytes() == single.read_bytes()
+    check_ranks_write_what_one_writes("sweep", 2, tmp_path, "--model", tiny_model_dir, "--traces", labeled_trace_file,
+                                      "--batch-size", "1")
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
