@@ -47,8 +47,10 @@ def _run_in_parts(args, run: Callable[..., object | None], report: Callable[[obj
     Rank 0 gets the result and ``report`` prints it; another rank says where its share is. Ctrl-C says
     how to continue and exits 130.
     """
+    from .batch_runner import work_folder
+
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    work_dir = args.work_dir or f"{args.out}.parts"
+    work_dir = work_folder(args.work_dir, args.out, rank, world_size)
     try:
         result = run(work_dir=work_dir, keep_parts=args.keep_parts, rank=rank, world_size=world_size)
     except KeyboardInterrupt:
