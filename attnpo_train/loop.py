@@ -73,12 +73,13 @@ from attnpo_train.credit import (
 )
 from attnpo_train.data import PromptSource, load_prompts
 from attnpo_train.loss import ppo_clip_loss
-from attnpo_train.rhythm import FusedRhythmCredit, RhythmProbe, paper_rule, rhythm_token_advantages
+from attnpo_train.rhythm import FusedRhythmCredit, paper_rule, rhythm_token_advantages
 from attnpo_train.truth import credit_precision, mean_accounting, step_accounting
 from kfh_probe import SegmenterConfig
 from kfh_probe import right_pad
 from kfh_probe.errors import InputError
 from kfh_probe.io import atomic_write_json, atomic_write_jsonl
+from kfh_probe.preplan_anchor import PreplanAnchorHeads
 from kfh_probe.sampling import Rollouts, generate_rollouts
 
 TIMING_FIELDS = ("time_rollout_s", "time_scoring_s", "time_update_s")
@@ -219,7 +220,7 @@ class RunInputs:
     prompts: PromptSource
     heads: list[tuple[int, int]]
     pad_id: int
-    rhythm: RhythmProbe | None = None
+    rhythm: PreplanAnchorHeads | None = None
     segmenter: SegmenterConfig | None = None
 
 
@@ -273,7 +274,7 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     if config.method in RHYTHM_METHODS:
         from kfh_probe.organism import default_rhythm_path
 
-        rhythm = RhythmProbe.from_file(config.rhythm or default_rhythm_path(task), model)
+        rhythm = PreplanAnchorHeads.from_file(config.rhythm or default_rhythm_path(task), model)
     return RunInputs(model, tokenizer, source, heads, pad_token_id(tokenizer), rhythm, segmenter)
 
 

@@ -16,7 +16,7 @@ back-allocated from locally dominated anchors, both signs scaled) is the option.
 ``token_mask``, ``token_gamma`` and ``rhythm_advantages`` are pure (hand-checked in the tests). The
 signals come from the current policy, either read off the update's own forward one micro-batch at a time
 (``FusedRhythmCredit``, the default) or in a separate no-grad forward before the update
-(``rhythm_token_advantages``); both reduce the attention calls with ``kfh_probe.rhythm.SignalRecorder``.
+(``rhythm_token_advantages``); both reduce the attention calls with ``kfh_probe.preplan_anchor.SignalRecorder``.
 The single-machine loop and the TRL adapter call the same functions.
 """
 
@@ -32,34 +32,10 @@ import torch
 from torch import nn
 
 from kfh_probe.capture import attention_calls
-from kfh_probe.rhythm import (
-    RhythmHeads,
-    RhythmSignals,
-    SignalRecorder,
-    heads_from_header,
-    read_rhythm_header,
-    rhythm_signals,
-)
+from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals, SignalRecorder, rhythm_signals
 from kfh_probe.sampling import Rollouts
 
 STRATEGIES = ("preplan", "anchor", "coupled")
-
-
-@dataclass(frozen=True)
-class RhythmProbe:
-    """What the rhythm credit reads from a rhythm file's header: the heads, W and the FAI range."""
-
-    heads: RhythmHeads
-    window: int
-    fai_range: tuple[int, int]
-
-    @classmethod
-    def from_file(cls, path, model: nn.Module) -> "RhythmProbe":
-        """Read a ``kfh-probe rhythm`` file's header, checked against ``model``'s shape."""
-        from kfh_probe.capture import model_shape
-
-        header = read_rhythm_header(path, model_shape(model))
-        return cls(heads_from_header(header), int(header["window"]), (int(header["fai_range"][0]), int(header["fai_range"][1])))
 
 
 def waad_rise(waad: torch.Tensor) -> torch.Tensor:
@@ -182,7 +158,7 @@ def needs_signals(advantage: float, paper: PaperRule | None) -> bool:
 
 
 def rollout_signals(
-    model: nn.Module, rollouts: Rollouts, indices: list[int], probe: RhythmProbe, pad_id: int, batch_size: int
+    model: nn.Module, rollouts: Rollouts, indices: list[int], probe: PreplanAnchorHeads, pad_id: int, batch_size: int
 ) -> dict[int, RhythmSignals]:
     """WAAD and FAI of the responses ``indices`` under ``model`` (the current policy), by rollout index."""
     sequences = [rollouts.prompt_ids[i] + rollouts.response_ids[i] for i in indices]
@@ -237,7 +213,7 @@ def rhythm_advantages(
 
 
 def rhythm_token_advantages(
-    model: nn.Module, rollouts: Rollouts, advantages: torch.Tensor, probe: RhythmProbe, strategy: str, top: float,
+    model: nn.Module, rollouts: Rollouts, advantages: torch.Tensor, probe: PreplanAnchorHeads, strategy: str, top: float,
     gain: float, pad_id: int, batch_size: int, paper: PaperRule | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """``rollout_signals`` of the rollouts that ``needs_signals`` (one no-grad forward per batch), then
@@ -253,7 +229,7 @@ class FusedRhythmCredit:
 
     The update is on-policy, so the forward of each update micro-batch runs the policy that sampled the
     rollouts: its attention calls are those ``rhythm_token_advantages``' separate forward would see. During
-    that forward ``observe`` reduces them (``kfh_probe.rhythm.SignalRecorder``: detached float32, chunks of
+    that forward ``observe`` reduces them (``kfh_probe.preplan_anchor.SignalRecorder``: detached float32, chunks of
     query rows, never T x T) to the WAAD and FAI of the micro-batch's rollouts that ``needs_signals``; the
     amplification needs them before that micro-batch's loss, which ``token_advantages`` (called between
     the forward and the loss) provides with ``rhythm_advantages`` on the micro-batch. The result equals
@@ -265,7 +241,7 @@ class FusedRhythmCredit:
         handed_out: per rollout, the per-token advantages ``token_advantages`` returned (None before).
     """
 
-    def __init__(self, rollouts: Rollouts, advantages: torch.Tensor, probe: RhythmProbe, strategy: str, top: float,
+    def __init__(self, rollouts: Rollouts, advantages: torch.Tensor, probe: PreplanAnchorHeads, strategy: str, top: float,
                  gain: float, paper: PaperRule | None = None) -> None:
         flat = advantages.reshape(-1).tolist()
         self._needed = {i for i, a in enumerate(flat) if needs_signals(a, paper)}

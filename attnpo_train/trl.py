@@ -61,7 +61,7 @@ from attnpo_train.credit import (
     rollout_rewards,
     scored_rating,
 )
-from attnpo_train.rhythm import RhythmProbe, needs_signals, paper_rule, rhythm_advantages, rollout_signals
+from attnpo_train.rhythm import needs_signals, paper_rule, rhythm_advantages, rollout_signals
 from attnpo_train.data import Prompt
 from attnpo_train.rewards import correctness
 from kfh_probe.capture import attention_calls, attention_modules
@@ -72,7 +72,7 @@ from kfh_probe import (
 from kfh_probe.errors import InputError
 from kfh_probe.grading import resolve_grader
 from kfh_probe.manifest import ManifestMismatchError
-from kfh_probe.rhythm import RhythmSignals, SignalRecorder
+from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals, SignalRecorder
 from kfh_probe.sampling import Rollouts, decode_responses
 
 ANSWER_COLUMN = "answer"
@@ -205,7 +205,7 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             )
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         attention_modules(policy)  # UnsupportedModelError, by name, for attention the probe cannot capture
-        self._attnpo_rhythm = None if manifest is not None else RhythmProbe.from_file(args.attnpo_rhythm, policy)
+        self._attnpo_rhythm = None if manifest is not None else PreplanAnchorHeads.from_file(args.attnpo_rhythm, policy)
         try:
             if manifest is not None:
                 check_model_matches(manifest, policy, args.attnpo_allow_finetuned, gather_params=self._dist.gather_params)

@@ -48,11 +48,11 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards, uniform_token_advantages
 from attnpo_train.data import Prompt
 from attnpo_train.loop import accumulate_policy_gradient
-from attnpo_train.rhythm import FusedRhythmCredit, RhythmProbe, rhythm_token_advantages
+from attnpo_train.rhythm import FusedRhythmCredit, rhythm_token_advantages
 from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.manifest import load_manifest, top_heads
 from kfh_probe.organism import default_manifest_path, default_model_dir, default_rhythm_path, default_traces_path
-from kfh_probe.rhythm import select_heads
+from kfh_probe.preplan_anchor import PreplanAnchorHeads, select_heads
 from kfh_probe.sampling import Rollouts, generate_rollouts
 
 R1_HEADS = [(1, 2), (2, 9), (3, 2)]
@@ -85,7 +85,7 @@ def organism_case(device: str, seed: int, repeats: int, credit: str) -> dict:
     texts = [prompts[i // config.group_size].text for i in range(len(rollouts.texts))]
     return dict(model=model, tokenizer=tokenizer, prompts=prompts, rollouts=rollouts, heads=heads, config=config,
                 prompt_texts=texts, rollout_s=statistics.median(seconds),
-                rhythm=RhythmProbe.from_file(default_rhythm_path(), model))
+                rhythm=PreplanAnchorHeads.from_file(default_rhythm_path(), model))
 
 
 def _r1_model(device: str, vocab: int):
@@ -127,7 +127,7 @@ def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: 
     rollouts = Rollouts(group_size, [list(prompt_ids)] * group_size, responses, texts, [True] * group_size)
     config = TrainConfig(method=credit, group_size=group_size, horizon=0, micro_batch_size=1)
     ranking = torch.randperm(4 * 12, generator=torch.Generator().manual_seed(0)).float().view(4, 12)
-    rhythm = RhythmProbe(select_heads(ranking), 10, (10, 50))
+    rhythm = PreplanAnchorHeads(select_heads(ranking), 10, (10, 50))
     return dict(model=_r1_model(device, vocab), tokenizer=tokenizer, prompts=[Prompt("p", records[0]["prompt"],
                 records[0]["answer"])], rollouts=rollouts, heads=R1_HEADS, config=config, prompt_texts=None,
                 rollout_s=None, rhythm=rhythm)

@@ -6,6 +6,8 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
 - the sweep: :func:`run_sweep` (labeled traces and a model in, the manifest out), :class:`SweepConfig`,
   and its steps for callers who need the per-trace scores: :func:`prepare_traces`,
   :func:`collect_step_scores`;
+- the Preplan-and-Anchor signals: :func:`run_rhythm` (traces and a model in, the rhythm file's WAAD and
+  FAI out), :class:`RhythmConfig`;
 - step scores: :class:`StepScorer` (any capture backend; every head of some layers, or the mean over
   given heads, as the trainer's credit assignment uses it);
 - manifests: :func:`load_manifest`, :func:`top_heads` (the top-N heads), :func:`manifest_segmenter`
@@ -31,8 +33,10 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "run_sweep": "pipeline",
+    "run_sweep": "sweep",
     "SweepConfig": "sweep",
+    "run_rhythm": "preplan_anchor_run",
+    "RhythmConfig": "preplan_anchor_run",
     "prepare_traces": "sweep",
     "collect_step_scores": "sweep",
     "StepScorer": "step_scorer",

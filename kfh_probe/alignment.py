@@ -247,9 +247,9 @@ class Batch:
     """Right-padded batch of tokenized traces.
 
     Attributes:
-        input_ids: ``[batch, T]`` long.
-        attention_mask: ``[batch, T]`` long, 1 on real tokens.
-        answer_mask: ``[batch, T]`` bool, True on the rows of F.
+        input_ids: ``[batch, position]`` long.
+        attention_mask: ``[batch, position]`` long, 1 on real tokens.
+        answer_mask: ``[batch, position]`` bool, True on the rows of F.
     """
 
     input_ids: torch.Tensor

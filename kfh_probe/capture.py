@@ -169,12 +169,13 @@ AttentionObserver = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tens
 def attention_calls(model: nn.Module, layers: list[int], observer: AttentionObserver) -> Iterator[None]:
     """Within the block, call ``observer`` after every attention-interface call of the given layers.
 
-    The model's own attention function runs first and unchanged, so the forward's outputs (and its
-    gradients) do not move by a bit; the observer receives the arguments of that call: ``query``
-    ``[batch, heads, T, head_dim]`` and ``key`` ``[batch, kv_heads, T, head_dim]`` after rotary, norms and
-    biases, the mask the model passed, and the call's keyword arguments (``scaling``, ``sliding_window``,
-    ``softcap``, ...). They may require grad: an observer that keeps anything must detach it. An observer
-    may raise to end the forward early (the exception leaves the block). The caller runs the forward.
+    The model's own attention function runs first and unchanged, so the forward's outputs (and its gradients) do
+    not move by a bit; the observer receives the arguments of that call: ``query``
+    ``[batch, head, position, head_dim]`` and ``key`` ``[batch, kv_head, position, head_dim]`` after rotary,
+    norms and biases, the mask the model passed, and the call's keyword arguments (``scaling``,
+    ``sliding_window``, ``softcap``, ...). They may require grad: an observer that keeps anything must detach
+    it. An observer may raise to end the forward early (the exception leaves the block). The caller runs the
+    forward.
 
     Raises:
         UnsupportedModelError: the architecture does not route attention through the interface.
@@ -187,10 +188,10 @@ def attention_calls(model: nn.Module, layers: list[int], observer: AttentionObse
 def answer_row_logits_mask(
     attention_mask: torch.Tensor | None, rows: torch.Tensor, key_len: int, kwargs: dict
 ) -> torch.Tensor:
-    """Additive float32 mask of the answer rows, ``[batch, 1 or heads, R, T]``.
+    """Additive float32 mask of the answer rows, ``[batch, 1 or head, answer_row, key]``.
 
     ``attention_mask`` is what the model passed to its attention function: a 4D boolean (True =
-    attend) or additive float mask ``[batch or 1, 1 or heads, T, T]``, or None when the model relies
+    attend) or additive float mask ``[batch or 1, 1 or head, query, key]``, or None when the model relies
     on plain causality; then causality and the sliding window (``kwargs["sliding_window"]``) are
     applied here.
     """
@@ -228,16 +229,16 @@ def answer_row_probabilities(
     """Attention probabilities of the selected query rows, in float32.
 
     Args:
-        query: ``[batch, heads, T, head_dim]`` (after rotary, norms, biases).
-        key: ``[batch, kv_heads, T, head_dim]``; query head h reads key head ``h // (heads // kv_heads)``.
-        rows: ``[batch, R]`` long, query positions.
-        row_mask: additive ``[batch, 1 or heads, R, T]`` from :func:`answer_row_logits_mask`.
+        query: ``[batch, head, position, head_dim]`` (after rotary, norms, biases).
+        key: ``[batch, kv_head, position, head_dim]``; query head h reads key head ``h // (heads // kv_heads)``.
+        rows: ``[batch, answer_row]`` long, query positions.
+        row_mask: additive ``[batch, 1 or head, answer_row, key]`` from :func:`answer_row_logits_mask`.
         softcap: logit soft-capping ``softcap * tanh(logits / softcap)`` (Gemma 2 style).
-        sinks: ``[heads]`` attention-sink logits that join the softmax and are dropped after it.
-        position_bias: additive ``[batch or 1, heads, T, T]`` bias some models pass.
+        sinks: ``[head]`` attention-sink logits that join the softmax and are dropped after it.
+        position_bias: additive ``[batch or 1, head, query, key]`` bias some models pass.
 
     Returns:
-        ``[batch, heads, R, T]`` probabilities; each valid row sums to 1 (less the sink's share).
+        ``[batch, head, answer_row, key]`` probabilities; each valid row sums to 1 (less the sink's share).
     """
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
@@ -274,16 +275,16 @@ def interface_call_rows(
 
     Args:
         module, query, key, attention_mask, kwargs: what the model passed to its attention function
-            (``fn(module, query, key, value, attention_mask, **kwargs)``); query ``[batch, heads, T, head_dim]``,
-            key ``[batch, kv_heads, T, head_dim]``; ``kwargs`` may carry ``scaling``, ``sliding_window``,
+            (``fn(module, query, key, value, attention_mask, **kwargs)``); query ``[batch, head, position, head_dim]``,
+            key ``[batch, kv_head, position, head_dim]``; ``kwargs`` may carry ``scaling``, ``sliding_window``,
             ``softcap``, ``s_aux`` (sinks) and ``position_bias``.
-        rows: ``[batch, R]`` long query positions; row_valid: ``[batch, R]`` bool.
+        rows: ``[batch, answer_row]`` long query positions; row_valid: ``[batch, answer_row]`` bool.
         heads: query heads to compute (all when None); the others cost nothing.
         row_mask: this call's ``answer_row_logits_mask`` when already computed (layers that receive the
             same mask share it).
 
     Returns:
-        ``[batch, heads or len(heads), R, T]`` float32, zero on padded rows.
+        ``[batch, head, answer_row, key]`` float32 (the heads of ``heads`` when given), zero on padded rows.
 
     Raises:
         UnsupportedModelError: the call used a KV cache (query and key lengths differ).
@@ -320,13 +321,13 @@ class AnswerRowRecorder:
     whole: each call of a layer takes the next rows of ``rows`` and its result is appended.
 
     Args:
-        rows, row_valid: ``[batch, R]`` answer-row positions and their validity (``answer_rows``).
+        rows, row_valid: ``[batch, answer_row]`` answer-row positions and their validity (``answer_rows``).
         heads: per layer, the query heads to keep (None: all of them).
         reduce: ``"sum"`` over the answer rows, or ``"rows"``.
         stop_after: end the forward (``_StopForward``) once this layer is recorded; None runs it through.
 
     Attributes:
-        results: per layer, ``[batch, heads, T]`` ("sum") or ``[batch, heads, R, T]`` ("rows"), heads in the
+        results: per layer, ``[batch, head, key]`` ("sum") or ``[batch, head, answer_row, key]`` ("rows"), heads in the
             order asked for.
     """
 
@@ -388,12 +389,12 @@ class AnswerAttention:
 
     Attributes:
         layers: the layer indices, in the order of the first dimension of ``values``.
-        values: ``reduce="sum"``: ``[batch, layers, heads, T]``, the attention each key position
+        values: ``reduce="sum"``: ``[batch, layer, head, key]``, the attention each key position
             receives summed over the answer rows (``sum_{m in F} a[m -> n]``).
-            ``reduce="rows"``: ``[batch, layers, heads, R, T]``, one row per answer token
+            ``reduce="rows"``: ``[batch, layer, head, answer_row, key]``, one row per answer token
             (padded rows are zero; ``rows[b, r]`` gives the query position).
-        rows: ``[batch, R]`` query positions of the answer rows (padded with 0).
-        row_valid: ``[batch, R]`` bool.
+        rows: ``[batch, answer_row]`` query positions of the answer rows (padded with 0).
+        row_valid: ``[batch, answer_row]`` bool.
     """
 
     layers: list[int]
@@ -403,7 +404,8 @@ class AnswerAttention:
 
 
 def answer_rows(answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[batch, T]`` bool answer mask -> query positions ``[batch, R]`` (padded with 0) and their validity ``[batch, R]``."""
+    """``[batch, position]`` bool answer mask -> query positions ``[batch, answer_row]`` (padded with 0) and their
+    validity ``[batch, answer_row]``."""
     counts = answer_mask.sum(dim=1)
     width = max(int(counts.max().item()), 1)
     rows = torch.zeros((answer_mask.shape[0], width), dtype=torch.long, device=answer_mask.device)
@@ -436,9 +438,9 @@ def capture_answer_attention(
     Args:
         model: a Hugging Face causal LM in eval mode (any attention implementation that passes a 4D
             mask or relies on causality: "sdpa", "eager").
-        input_ids: ``[batch, T]`` right-padded token ids.
-        attention_mask: ``[batch, T]``, 1 on real tokens.
-        answer_mask: ``[batch, T]`` bool, True on the rows to capture (the final-answer span F).
+        input_ids: ``[batch, position]`` right-padded token ids.
+        attention_mask: ``[batch, position]``, 1 on real tokens.
+        answer_mask: ``[batch, position]`` bool, True on the rows to capture (the final-answer span F).
         layers: layer indices to capture (all when None).
         reduce: ``"sum"`` (sum over answer rows; what step scores need) or ``"rows"``.
         stop_early: stop the forward after the last requested layer (the rest is not needed).
@@ -466,7 +468,7 @@ def capture_layer_calls(
     """Run one no-grad forward and return, per requested layer, ``compute`` applied to its attention call.
 
     ``compute(module, query, key, attention_mask, kwargs)`` receives what the model passed to its
-    attention function (query ``[batch, heads, T, head_dim]`` and key ``[batch, kv_heads, T, head_dim]``
+    attention function (query ``[batch, head, position, head_dim]`` and key ``[batch, kv_head, position, head_dim]``
     after rotary, norms and biases; the 4D mask or None; ``kwargs`` with ``scaling``, ``sliding_window``,
     ``softcap``, ...), so it can compute any reduction of the exact attention rows it needs, in chunks
     (``interface_call_rows``), without a T x T map. The model's own attention runs unchanged. (To read
@@ -474,7 +476,7 @@ def capture_layer_calls(
 
     Args:
         model: a Hugging Face causal LM in eval mode.
-        input_ids, attention_mask: ``[batch, T]``.
+        input_ids, attention_mask: ``[batch, position]``.
         layers: layer indices (all when None).
         stop_early: stop the forward after the last requested layer.
 
@@ -515,10 +517,10 @@ def _observed_forward(model, input_ids, attention_mask, layers: list[int], obser
 def edit_attention_outputs(model: nn.Module, layers: list[int], edit: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
     """While the block runs, replace the attention output of ``layers`` by ``edit(module, output)``.
 
-    ``output`` is what the model's attention function returned: ``[batch, T_query, heads, head_dim]``,
+    ``output`` is what the model's attention function returned: ``[batch, query_position, head, head_dim]``,
     every head's slice before the output projection mixes the heads. ``edit`` may return a changed
     copy (mean-ablating a head is setting its slice); the model then runs on unchanged. Works with a
-    KV cache (``T_query`` is then the new positions only) and with any attention implementation.
+    KV cache (``query_position`` is then the new positions only) and with any attention implementation.
 
     Raises:
         UnsupportedModelError: the architecture does not route attention through the interface.

@@ -2,7 +2,8 @@
 
 Every command returns an exit code: 0 success, 1 a failed check (validate), 2 bad input, 130 interrupted.
 Anything the user can fix (a :class:`~kfh_probe.errors.KFHError`) is one line ``kfh-probe CMD: error: ...``
-on stderr; any other exception is a bug and shows its traceback.
+on stderr, with the settings it names written as this command line's flags (``batch_size`` -> ``--batch-size``);
+any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -40,10 +43,34 @@ def _default_inputs(args) -> None:
         args.traces = str(default_traces_path(args.organism))
 
 
+def _run_in_parts(args, run: Callable[..., object | None], report: Callable[[object], None]) -> int:
+    """Run a command whose finished batches survive an interruption and whose batches may be shared by
+    several processes (``sweep``, ``rhythm``): ``run(work_dir=, keep_parts=, rank=, world_size=)`` with
+    ``RANK`` and ``WORLD_SIZE`` from the environment (as ``torchrun`` and ``accelerate launch`` set them).
+
+    Rank 0 gets the result and ``report`` prints it; another rank says where its share is. Ctrl-C says
+    how to continue and exits 130.
+    """
+    from .batch_runner import work_folder
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    work_dir = work_folder(args.work_dir, args.out, rank, world_size)
+    try:
+        result = run(work_dir=work_dir, keep_parts=args.keep_parts, rank=rank, world_size=world_size)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished batches are kept in {work_dir}; run the same command again to "
+              "continue where it stopped", file=sys.stderr)
+        return 130
+    if result is None:
+        print(f"rank {rank}: my share of the work is saved in {work_dir}; rank 0 writes {args.out}", file=sys.stderr)
+    else:
+        report(result)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .layers import parse_layers
-    from .pipeline import run_sweep
-    from .sweep import SweepConfig
+    from .sweep import SweepConfig, run_sweep
 
     args.model_name = None
     _default_inputs(args)
@@ -52,28 +79,20 @@ def cmd_sweep(args) -> int:
         top_n=args.top_n, seed=args.seed, bootstrap=args.bootstrap, permutations=args.permutations,
         marker=args.marker, skip_invalid=args.skip_invalid, backend=args.backend,
     )
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    work_dir = args.work_dir or f"{args.out}.parts"
-    try:
-        manifest = run_sweep(
-            args.model, args.traces, config, out=args.out, model_name=args.model_name, max_traces=args.max_traces,
-            dtype=args.dtype, device=args.device, work_dir=work_dir, keep_parts=args.keep_parts,
-            progress=not args.quiet, rank=rank, world_size=world_size,
+
+    def report(manifest: dict) -> None:
+        best = manifest["heads"][0]
+        print(
+            f"wrote {args.out}: {len(manifest['heads'])} heads ranked on {manifest['probe']['traces_with_pairs']} "
+            f"traces; best head (layer {best['layer']}, head {best['head']}) SRA {best['sra']:.3f}; "
+            f"top_n = {manifest['top_n']}",
+            file=sys.stderr,
         )
-    except KeyboardInterrupt:
-        print(f"interrupted: finished batches are kept in {work_dir}; run the same command again to "
-              "continue where it stopped", file=sys.stderr)
-        return 130
-    if manifest is None:
-        print(f"rank {rank}: my share of the sweep is saved in {work_dir}; rank 0 writes {args.out}", file=sys.stderr)
-        return 0
-    best = manifest["heads"][0]
-    print(
-        f"wrote {args.out}: {len(manifest['heads'])} heads ranked on {manifest['probe']['traces_with_pairs']} traces; "
-        f"best head (layer {best['layer']}, head {best['head']}) SRA {best['sra']:.3f}; top_n = {manifest['top_n']}",
-        file=sys.stderr,
-    )
-    return 0
+
+    return _run_in_parts(args, partial(
+        run_sweep, args.model, args.traces, config, out=args.out, model_name=args.model_name, max_traces=args.max_traces,
+        dtype=args.dtype, device=args.device, progress=not args.quiet,
+    ), report)
 
 
 def cmd_causal(args) -> int:
@@ -124,7 +143,6 @@ def cmd_causal(args) -> int:
 
 def cmd_generate(args) -> int:
     import hashlib
-    from functools import partial
 
     from .generate import (
         DEFAULT_INSTRUCTION, GenerateConfig, VLLMSampler, generate_traces, load_prompt_template, read_problems, sample_hf,
@@ -167,106 +185,28 @@ def cmd_generate(args) -> int:
 
 
 def cmd_rhythm(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .alignment import AlignmentError, tokenize_response
-    from .io import atomic_write_json, atomic_write_jsonl, check_output_path, file_sha256
-    from .layers import check_layers, parse_layers
-    from .loading import load_model, load_tokenizer, pad_token_id
-    from .manifest import model_record
-    from .partials import PartStore, plan_batches
-    from .rhythm import (
-        RhythmSignals, heads_from_header, mean_distances, middle_third_layers, read_rhythm_header, rhythm_header,
-        rhythm_record, rhythm_signals, select_heads,
-    )
-    from .traces import SkippedTrace, TraceFileError, read_traces
+    from .layers import parse_layers
+    from .preplan_anchor_run import RhythmConfig, run_rhythm
 
     args.model_name = None
     _default_inputs(args)
-    if args.window < 1 or not 0 < args.fai_range[0] <= args.fai_range[1] or not 0 < args.head_fraction <= 0.5:
-        raise InputError(f"need --window >= 1 (got {args.window}), 0 < LO <= HI for --fai-range (got {args.fai_range}) "
-                         f"and --head-fraction in (0, 0.5] (got {args.head_fraction})")
-    check_output_path(args.out)  # fail before the work, not after it
-    if args.head_layers is not None and args.heads_from is not None:
-        raise InputError("--head-layers chooses where heads are ranked; --heads-from takes them ranked: give one")
-    spec = None if args.head_layers in (None, "middle") else parse_layers(args.head_layers, "--head-layers")
-    traces, skipped = read_traces(args.traces, args.marker, args.skip_invalid)
-    tokenizer = load_tokenizer(args.model)
-    kept, sequences, starts = [], [], []
-    for trace in traces:
-        try:
-            ids, start = tokenize_response(tokenizer, trace.prompt, trace.response)
-        except AlignmentError as err:
-            skipped.append(SkippedTrace(trace.line, trace.id, str(err)))
-            continue
-        kept.append(trace)
-        sequences.append(ids)
-        starts.append(start)
-    if skipped and not args.skip_invalid:
-        raise TraceFileError(args.traces, skipped)
-    if args.max_traces is not None:
-        kept, sequences, starts = kept[: args.max_traces], sequences[: args.max_traces], starts[: args.max_traces]
-    if not kept:
-        raise InputError(f"no usable trace in {args.traces}")
-    print(f"{len(kept)} traces ready ({len(skipped)} skipped); loading {args.model}", file=sys.stderr)
-    model = load_model(args.model, args.dtype, args.device)
-    model_block = model_record(model, args.model_name or args.model)
-    pad_id = pad_token_id(tokenizer)
-    fai_range = (args.fai_range[0], args.fai_range[1])
-    head_layers = (middle_third_layers(model_block["num_layers"]) if args.head_layers == "middle" else
-                   None if spec is None else check_layers(spec, model_block["num_layers"], "--head-layers"))
-    run_key = {
-        "trace_file_sha256": file_sha256(args.traces), "fingerprint": model_block["fingerprint"],
-        "batch_size": args.batch_size, "dtype": args.dtype, "max_traces": args.max_traces, "window": args.window,
-        "fai_range": list(fai_range), "head_fraction": args.head_fraction, "head_layers": head_layers,
-        "skip_invalid": args.skip_invalid,
-        "heads_from": None if args.heads_from is None else file_sha256(args.heads_from),
-    }
-    store = PartStore(args.work_dir or f"{args.out}.parts", run_key)
-    store.open()
-    heads_file = store.directory / "heads.json"
-    try:
-        if args.heads_from is not None:
-            heads = heads_from_header(read_rhythm_header(args.heads_from, model_block))
-        elif heads_file.is_file():
-            heads = heads_from_header(json.loads(heads_file.read_text()))
-            print(f"resuming: head selection read from {heads_file}", file=sys.stderr)
-        else:
-            distance = mean_distances(model, sequences, starts, pad_id, args.batch_size, progress=not args.quiet)
-            heads = select_heads(distance, args.head_fraction, head_layers)
-            atomic_write_json(heads_file, {"local_heads": heads.local, "global_heads": heads.global_})
-        batches = plan_batches([len(s) for s in sequences], args.batch_size)
-        done = store.done()
-        finished = sum(len(batches[j]) for j in done if j < len(batches))
-        if finished:
-            print(f"resuming: {finished} traces already done in {store.directory}", file=sys.stderr)
-        bar = tqdm(total=len(kept), initial=finished, unit="trace", desc="rhythm", disable=args.quiet, file=sys.stderr)
-        for j, chunk in enumerate(batches):
-            if j in done:
-                continue
-            signals = rhythm_signals(
-                model, [sequences[i] for i in chunk], [starts[i] for i in chunk], heads, pad_id,
-                batch_size=len(chunk), window=args.window, fai_range=fai_range,
-            )
-            store.save(j, chunk, [s.stacked() for s in signals])
-            bar.update(len(chunk))
-        bar.close()
-    except KeyboardInterrupt:
-        print(f"interrupted: finished batches are kept in {store.directory}; run the same command again to "
-              "continue where it stopped", file=sys.stderr)
-        return 130
-    results = store.load(len(kept))
-    header = rhythm_header(heads, args.window, fai_range, model_block)
-    lines = [header] + [
-        rhythm_record(trace.id, RhythmSignals.from_stacked(start, stacked))
-        for trace, stacked, start in zip(kept, results, starts)
-    ]
-    atomic_write_jsonl(args.out, lines)
-    if not args.keep_parts:
-        store.remove()
-    print(f"wrote {args.out}: WAAD and FAI of {len(kept)} traces; local heads {heads.local}, global heads "
-          f"{heads.global_}", file=sys.stderr)
-    return 0
+    config = RhythmConfig(
+        window=args.window, fai_range=tuple(args.fai_range), head_fraction=args.head_fraction,
+        head_layers=args.head_layers if args.head_layers in (None, "middle") else parse_layers(args.head_layers, "head_layers"),
+        batch_size=args.batch_size, marker=args.marker, skip_invalid=args.skip_invalid,
+    )
+
+    def report(lines: list[dict]) -> None:
+        header = lines[0]
+        print(f"wrote {args.out}: WAAD and FAI of {len(lines) - 1} traces; local heads "
+              f"{[tuple(h) for h in header['local_heads']]}, global heads {[tuple(h) for h in header['global_heads']]}",
+              file=sys.stderr)
+
+    return _run_in_parts(args, partial(
+        run_rhythm, args.model, args.traces, config, out=args.out, heads_from=args.heads_from,
+        model_name=args.model_name, max_traces=args.max_traces, dtype=args.dtype, device=args.device,
+        progress=not args.quiet,
+    ), report)
 
 
 def cmd_show(args) -> int:
@@ -489,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
     except KFHError as err:
-        return report_error(f"kfh-probe {args.command}", err)
+        return report_error(f"kfh-probe {args.command}", err, flags=True)
 
 
 if __name__ == "__main__":

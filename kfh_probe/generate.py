@@ -119,8 +119,8 @@ def model_input(problem: str, tokenizer, template: string.Template | None, instr
     if template is not None:
         return template.substitute(problem=problem)
     if not getattr(tokenizer, "chat_template", None):
-        raise InputError("the tokenizer has no chat template: pass --prompt-template FILE (with $problem), "
-                         "or give each row an exact 'prompt'")
+        raise InputError("the tokenizer has no chat template: give a prompt template (a file with $problem), "
+                         "or each row an exact 'prompt'")
     content = f"{problem}\n\n{instruction}" if instruction else problem
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
@@ -172,7 +172,7 @@ def _problem(row: dict, row_id: object, line: int, tokenizer, template, instruct
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip()):
         raise ValueError(f"field 'answer' must be a non-empty string or a number, got {answer!r}")
     if need_answers and answer is None:
-        raise ValueError("no 'answer': --correct-only grades every response against its reference answer")
+        raise ValueError("no 'answer': keeping only correct responses grades every response against its reference answer")
     prompt = model_input(text, tokenizer, template, instruction) if has_problem else text
     return Problem(row_id, prompt + think_prefix, None if answer is None else str(answer).strip(), line)
 
@@ -182,7 +182,7 @@ def batch_seed(seed: int, batch: int) -> int:
     return (seed * 1_000_003 + batch) % (2**63 - 1)
 
 
-def plan_batches(num_problems: int, samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
+def generation_batches(num_problems: int, samples: int, batch_size: int) -> list[list[tuple[int, int]]]:
     """``(problem index, sample index)`` pairs in file order, cut into batches of ``batch_size``."""
     pairs = [(i, k) for i in range(num_problems) for k in range(samples)]
     return [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
@@ -215,7 +215,8 @@ class VLLMSampler:
         try:
             from vllm import LLM
         except ImportError:
-            raise NotInstalledError("--engine vllm needs vLLM: pip install vllm (on a machine with a GPU it supports)") from None
+            raise NotInstalledError("`engine` 'vllm' needs vLLM: pip install vllm (on a machine with a GPU it supports)",
+                                    settings=("engine",)) from None
         self.llm = LLM(model=str(folder), dtype=dtype)
         self.tokenizer = tokenizer
 
@@ -288,9 +289,9 @@ def resume_state(out: Path, key: dict, overwrite: bool) -> tuple[Progress, list[
             return Progress(key, saved["batches"], saved["records"], saved["counts"]), [json.loads(x) for x in lines]
         if not overwrite:
             raise OutputExistsError(f"{state_file} belongs to an unfinished run with other settings; rerun that command "
-                                    "to finish it, or pass --overwrite to start afresh")
+                                    "to finish it, or use `overwrite` to start afresh", settings=("overwrite",))
     elif out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists (a finished run); pass --overwrite to generate it again")
+        raise OutputExistsError(f"{out} exists (a finished run); use `overwrite` to generate it again", settings=("overwrite",))
     return Progress(key), []
 
 
@@ -327,7 +328,7 @@ def generate_traces(problems: list[Problem], sample: Sampler, config: GenerateCo
     """
     out = Path(out)
     state, records = resume_state(out, key, overwrite)
-    batches = plan_batches(len(problems), config.samples, config.batch_size)
+    batches = generation_batches(len(problems), config.samples, config.batch_size)
     bar = tqdm(total=len(problems) * config.samples, initial=sum(len(b) for b in batches[: state.batches]),
                unit="response", desc="generate", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for b in range(state.batches, len(batches)):

@@ -5,12 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
 from .errors import InputError
+
+
+def to_stderr(message: str) -> None:
+    """Print a one-line report on stderr (the default ``log`` of the long runs)."""
+    print(message, file=sys.stderr)
 
 
 def shown_path(path: str | os.PathLike) -> str:

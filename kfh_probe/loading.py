@@ -30,7 +30,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+        raise InputError(f"`device` {device!r}: CUDA is not available on this machine", settings=("device",))
     return torch.device(device)
 
 
@@ -42,7 +42,8 @@ def model_path(model: str | None, gguf_file: str | None = None) -> str | None:
     if gguf_file is None:
         return model
     if model is None or not Path(model).is_dir():
-        raise InputError(f"--gguf-file {gguf_file} needs --model to be the folder that holds it; {model} is not a folder")
+        raise InputError(f"`gguf_file` {gguf_file} needs `model` to be the folder that holds it; {model} is not a folder",
+                         settings=("gguf_file", "model"))
     return str(Path(model) / gguf_file)
 
 
@@ -166,7 +167,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise InputError(f"`dtype` must be one of {sorted(DTYPES)}, got {dtype!r}", settings=("dtype",))
     model = _from_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 

@@ -290,5 +290,6 @@ def check_model_matches(
             raise ManifestMismatchError(
                 f"weight fingerprint mismatch: the manifest was made on {expected['name_or_path']} "
                 f"(fingerprint {expected['fingerprint'][:12]}...), this model has {fingerprint[:12]}...; "
-                "if this policy is a fine-tune of the probed model, pass --allow-finetuned"
+                "if this policy is a fine-tune of the probed model, use `allow_finetuned`",
+                settings=("allow_finetuned",),
             )

@@ -25,12 +25,12 @@ def step_scores(answer_attention: torch.Tensor, step_spans: list[tuple[int, int]
     """Mean, over each step's tokens, of the attention the answer rows pay to them.
 
     Args:
-        answer_attention: ``[..., T]`` attention summed over the answer rows (any leading dims,
-            e.g. ``[layers, heads, T]``).
+        answer_attention: ``[..., key]`` attention summed over the answer rows (any leading dims,
+            e.g. ``[layer, head, key]``).
         step_spans: ``[start, end)`` token span of each of the K steps.
 
     Returns:
-        ``[..., K]`` step scores.
+        ``[..., step]`` step scores.
     """
     if not step_spans:
         return answer_attention.new_zeros((*answer_attention.shape[:-1], 0))
@@ -46,7 +46,8 @@ def step_scores(answer_attention: torch.Tensor, step_spans: list[tuple[int, int]
 
 
 def _pair_mask(essential: torch.Tensor, redundant: torch.Tensor, direction: str | None) -> torch.Tensor:
-    """``[E, R]`` bool: which (essential, redundant) pairs count (all; or redundant after / before)."""
+    """``[essential, redundant]`` bool: which (essential, redundant) step pairs count (all; or redundant after /
+    before)."""
     ess_at = essential.nonzero().flatten()
     red_at = redundant.nonzero().flatten()
     if direction is None:
@@ -63,13 +64,13 @@ def pair_auc(
     """Per-trace AUC of essential over redundant steps, for many heads at once.
 
     Args:
-        scores: ``[heads, K]`` step scores of one trace (any number of leading head rows).
-        essential, redundant: ``[K]`` bool masks (unlabelled steps are in neither).
+        scores: ``[head, step]`` step scores of one trace (any number of leading head rows).
+        essential, redundant: ``[step]`` bool masks (unlabelled steps are in neither).
         direction: None counts every pair; ``"after"`` only the pairs whose redundant step comes
             later in the trace than the essential one, ``"before"`` only those where it comes earlier.
 
     Returns:
-        ``[heads]`` fraction of the counted pairs ordered correctly, ties 1/2; None when the trace
+        ``[head]`` fraction of the counted pairs ordered correctly, ties 1/2; None when the trace
         has no such pair.
     """
     mask = _pair_mask(essential, redundant, direction)
@@ -86,12 +87,12 @@ def per_trace_auc(
     """Per-trace AUC of every head, for the traces that have at least one pair.
 
     Args:
-        trace_scores: per trace, ``[heads, K_i]`` step scores (heads flattened, e.g. L*H).
+        trace_scores: per trace, ``[head, step]`` step scores (heads flattened, e.g. layer * num_heads + head).
         labels: per trace, K_i labels ("essential", "redundant" or None).
         direction: which pairs count (see :func:`pair_auc`).
 
     Returns:
-        ``(auc, used, pairs)``: ``auc`` is ``[traces_with_pairs, heads]`` float64, ``used`` the
+        ``(auc, used, pairs)``: ``auc`` is ``[trace, head]`` float64 (the traces with pairs), ``used`` the
         indices of those traces, ``pairs`` the number of (essential, redundant) pairs counted.
     """
     rows, used, pairs = [], [], 0
@@ -115,10 +116,10 @@ def bootstrap_ci(auc: torch.Tensor, resamples: int = 1000, seed: int = 0, level:
     """Percentile bootstrap interval of the mean over traces, for every head.
 
     Args:
-        auc: ``[traces, heads]`` per-trace AUC.
+        auc: ``[trace, head]`` per-trace AUC.
 
     Returns:
-        ``[heads, 2]`` lower and upper bounds (NaN when there are no traces).
+        ``[head, 2]`` lower and upper bounds (NaN when there are no traces).
     """
     traces, heads = auc.shape
     if traces == 0:
@@ -152,7 +153,7 @@ def greedy_ensemble(
     path: list[tuple[int, float]] = []
     while pool and len(chosen) < max_size:
         size = len(chosen) + 1
-        # The mean over chosen+[c] for every candidate c at once: [candidates, K] per trace.
+        # The mean over chosen+[c] for every candidate c at once: [candidate, step] per trace.
         trial = [(total + scores[pool].double()) / size for total, scores in zip(sums, trace_scores)]
         auc, _, _ = per_trace_auc(trial, labels)
         if auc.shape[0] == 0:
@@ -181,13 +182,13 @@ def permutation_null(
     sums are half-integers, so they are exact however the matrix products are split.
 
     Args:
-        trace_scores: per trace, ``[heads, K_i]`` step scores.
+        trace_scores: per trace, ``[head, step]`` step scores.
         labels: per trace, K_i labels; traces without an (essential, redundant) pair are left out.
         draws: permutations.
         seed: seed of ``numpy.random.default_rng``.
 
     Returns:
-        ``[draws, heads]`` float64 SRA under the null (zeros when no trace has a pair).
+        ``[draw, head]`` float64 SRA under the null (zeros when no trace has a pair).
     """
     from scipy.stats import rankdata
 
@@ -197,7 +198,7 @@ def permutation_null(
         e = sum(lab == "essential" for lab in trace_labels)
         if e == 0 or e == len(labelled):
             continue
-        ranks.append(rankdata(scores[:, labelled].double().numpy(), axis=-1))  # [heads, m]
+        ranks.append(rankdata(scores[:, labelled].double().numpy(), axis=-1))  # [head, labelled_step]
         n_ess.append(e)
         n_red.append(len(labelled) - e)
     heads = trace_scores[0].shape[0] if trace_scores else 0
@@ -229,7 +230,7 @@ def split_half_reliability(auc: torch.Tensor, top_n: int, seed: int = 0) -> dict
     """Agreement of the head ranking between two seeded random halves of the traces.
 
     Args:
-        auc: ``[traces, heads]`` per-trace AUC (traces with at least one pair).
+        auc: ``[trace, head]`` per-trace AUC (traces with at least one pair).
         top_n: size of the top set compared.
 
     Returns:

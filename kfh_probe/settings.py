@@ -127,7 +127,7 @@ class SettingError(InputError):
     """A setting's value breaks one of its constraints: ``setting 'NAME' must be REQUIREMENT; got VALUE``."""
 
     def __init__(self, name: str, requirement: str, value: Any) -> None:
-        super().__init__(f"setting '{name}' must be {requirement}; got {value!r}")
+        super().__init__(f"setting '{name}' must be {requirement}; got {value!r}", settings=(name,))
         self.name, self.requirement, self.value = name, requirement, value
 
     def renamed(self, name: str) -> SettingError:

@@ -4,15 +4,12 @@ layers) and the trainer's (the mean over the top-N Key-Focus Heads) come from th
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .alignment import TokenizedTrace, collate
 from .backends import get_backend
+from .batch_runner import consecutive_batches
 from .scoring import step_scores
 
 
@@ -36,36 +33,20 @@ class StepScorer:
         self.capture = get_backend(backend)(model, tokenizer)
 
     @torch.no_grad()
-    def score_batches(
-        self,
-        tokenized: list[TokenizedTrace],
-        batches: list[list[int]],
-        layers: list[int] | None = None,
-        progress: bool = False,
-        already_done: int = 0,
-    ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
-        """Capture and score the given batches (lists of indices into ``tokenized``) one at a time.
+    def score_batch(self, traces: list[TokenizedTrace], layers: list[int] | None = None) -> list[torch.Tensor]:
+        """Capture one right-padded batch of traces and score their steps.
 
         Args:
             layers: the layers to capture (all when None); the forward stops after the deepest.
-            already_done: traces finished before (where the progress bar starts).
 
-        Yields:
-            ``(trace_indices, step_scores)`` per batch, each score ``[layers, heads, K]`` float32.
+        Returns:
+            per trace, ``[layer, head, step]`` float32 step scores (layers as in ``layers``).
         """
-        total = already_done + sum(len(b) for b in batches)
-        bar = tqdm(total=total, initial=already_done, unit="trace", desc="sweep", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True)
-        try:
-            for chunk in batches:
-                values = self._answer_attention([tokenized[i] for i in chunk], layers)
-                yield chunk, [step_scores(values[b], tokenized[i].step_spans) for b, i in enumerate(chunk)]
-                bar.update(len(chunk))
-        finally:
-            bar.close()
+        values = self._answer_attention(traces, layers)
+        return [step_scores(values[b], trace.step_spans) for b, trace in enumerate(traces)]
 
     def _answer_attention(self, traces: list[TokenizedTrace], layers: list[int] | None) -> torch.Tensor:
-        """``[batch, layers, heads, T]`` float32 on the CPU: the attention each position receives from
+        """``[batch, layer, head, key]`` float32 on the CPU: the attention each position receives from
         the answer rows, summed over the rows (one right-padded forward)."""
         device = next(self.model.parameters()).device
         batch = collate(traces, self.pad_id)
@@ -76,10 +57,10 @@ class StepScorer:
 
     @torch.no_grad()
     def head_attention(self, trace: TokenizedTrace, heads: list[tuple[int, int]]) -> torch.Tensor:
-        """``[N, T]`` for one trace: per head of ``heads``, the attention each position receives from the
+        """``[head, key]`` for one trace: per head of ``heads``, the attention each position receives from the
         answer rows, summed over the rows (what its step scores average; the notebooks shade text with it)."""
         layers = sorted({layer for layer, _ in heads})
-        values = self._answer_attention([trace], layers)[0]  # [layers, heads, T]
+        values = self._answer_attention([trace], layers)[0]  # [layer, head, key]
         return torch.stack([values[layers.index(layer), head] for layer, head in heads])
 
     def head_scores(
@@ -94,14 +75,13 @@ class StepScorer:
             heads: ``(layer, query head)`` pairs, e.g. the top-N Key-Focus Heads (``kfh_probe.top_heads``).
 
         Returns:
-            one float32 tensor ``[K_i]`` per trace.
+            one float32 tensor ``[step]`` per trace.
         """
         layers = sorted({layer for layer, _ in heads})
         rows = [layers.index(layer) for layer, _ in heads]
         columns = [head for _, head in heads]
-        batches = [list(range(start, min(start + batch_size, len(tokenized)))) for start in range(0, len(tokenized), batch_size)]
         return [
             score[rows, columns].mean(dim=0)
-            for _, scores in self.score_batches(tokenized, batches, layers)
-            for score in scores
+            for chunk in consecutive_batches(len(tokenized), batch_size)
+            for score in self.score_batch([tokenized[i] for i in chunk], layers)
         ]

@@ -1,12 +1,18 @@
 """The sweep: step scores of every head on every labeled trace, then SRA, intervals, ensembles and the
 manifest. Traces are checked and tokenised before any model work, so a bad file fails in a second.
+
+:func:`run_sweep` is the whole sweep as one call (``kfh-probe sweep`` is a thin wrapper): labeled traces
+and a model in, the KFH manifest out. It owns what makes a manifest trustworthy: the run key that lets an
+interrupted sweep resume only into the same run, the progress reports, and the provenance block.
 """
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,17 +20,20 @@ from torch import nn
 
 from . import __version__
 from .alignment import AlignmentError, TokenizedTrace, tokenize_trace
+from .backends import get_backend
+from .batch_runner import PartStore, batches_by_length, run_batches, work_folder
 from .capture import model_shape
 from .errors import InputError
+from .io import atomic_write_json, check_output_path, file_sha256, to_stderr
 from .layers import check_layers
-from .manifest import FORMAT, VERSION
-from .partials import PartStore, plan_batches
+from .loading import load_model, load_tokenizer, pad_token_id
+from .manifest import FORMAT, VERSION, model_record
 from .scoring import (
     DIRECTIONS, bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, permutation_null, split_half_reliability,
 )
 from .settings import Interval, check_settings, setting
 from .step_scorer import StepScorer
-from .traces import SkippedTrace, Trace, TraceFileError
+from .traces import SkippedTrace, Trace, TraceFileError, read_traces
 
 QUERY_SPAN = "final-answer tokens: every token after the end-of-thinking marker, EOS included"
 ENSEMBLE_SIZES = 10
@@ -136,55 +145,25 @@ def collect_step_scores(
     pad_id: int,
     progress: bool = True,
     tokenizer=None,
-) -> list[torch.Tensor]:
-    """Step scores of every probed head on every trace, in memory (batches as :func:`plan_batches`),
-    captured by ``config.backend`` (``tokenizer``: the model's; the ``nnsight`` and ``lens`` backends need it).
+    store: PartStore | None = None,
+    log: Callable[[str], None] | None = to_stderr,
+) -> list[torch.Tensor] | None:
+    """Step scores of every probed head on every trace, captured by ``config.backend`` (``tokenizer``: the
+    model's; the ``nnsight`` and ``lens`` backends need it), in batches of traces of similar length.
+
+    Batches run through :func:`~kfh_probe.batch_runner.run_batches`: in memory without ``store``; with one,
+    each finished batch is saved there, a rerun skips those, and the store's rank runs its share.
 
     Returns:
-        per trace, ``[layers, heads, K]`` float32 (layers as in ``config.layers``, all by default).
+        per trace, ``[layer, head, step]`` float32 (layers as in ``config.layers``, all by default); None on
+        a rank other than 0 of a store, once its share is saved.
     """
-    results: list[torch.Tensor | None] = [None] * len(tokenized)
-    batches = plan_batches([t.length for t in tokenized], config.batch_size)
     scorer = StepScorer(model, pad_id, tokenizer, config.backend)
-    for chunk, scores in scorer.score_batches(tokenized, batches, config.layers, progress):
-        for i, score in zip(chunk, scores):
-            results[i] = score
-    return results  # type: ignore[return-value]
-
-
-def collect_step_scores_resumable(
-    model: nn.Module,
-    tokenized: list[TokenizedTrace],
-    config: SweepConfig,
-    pad_id: int,
-    store: PartStore,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = True,
-    tokenizer=None,
-) -> list[torch.Tensor] | None:
-    """Step scores with every finished batch saved in ``store``; batch ``j`` runs on rank ``j % world_size``.
-
-    A rerun skips the batches already saved. Rank 0 waits for every rank, then returns all traces'
-    scores (in trace order); other ranks return None once their share is saved.
-    """
-    batches = plan_batches([t.length for t in tokenized], config.batch_size)
-    store.open(rank)
-    done = store.done()
-    mine = [j for j in range(len(batches)) if j % world_size == rank]
-    todo = [j for j in mine if j not in done]
-    finished = sum(len(batches[j]) for j in mine if j in done)
-    if finished:
-        print(f"resuming: {finished} traces already scored in {store.directory}", file=sys.stderr)
-    scorer = StepScorer(model, pad_id, tokenizer, config.backend)
-    scored = scorer.score_batches(tokenized, [batches[j] for j in todo], config.layers, progress, finished)
-    for j, (chunk, scores) in zip(todo, scored):
-        store.save(j, chunk, scores)
-    store.mark_done(rank)
-    if rank != 0:
-        return None
-    store.wait_for_ranks(world_size)
-    return store.load(len(tokenized))
+    batches = batches_by_length([t.length for t in tokenized], config.batch_size)
+    return run_batches(
+        "scores", batches, lambda chunk: scorer.score_batch([tokenized[i] for i in chunk], config.layers),
+        len(tokenized), store, progress=progress, log=log,
+    )
 
 
 def _rounded(value: float) -> float:
@@ -192,7 +171,7 @@ def _rounded(value: float) -> float:
 
 
 def _sra_with_ci(auc: torch.Tensor, config: SweepConfig) -> tuple[list[float | None], list[list[float] | None]]:
-    """Per head (columns of ``auc``, ``[traces, heads]``): SRA and bootstrap interval, rounded; None without traces."""
+    """Per head (columns of ``auc``, ``[trace, head]``): SRA and bootstrap interval, rounded; None without traces."""
     if auc.shape[0] == 0:
         return [None] * auc.shape[1], [None] * auc.shape[1]
     ci = bootstrap_ci(auc, config.bootstrap, config.seed)
@@ -211,7 +190,7 @@ def baselines_block(
     (:func:`kfh_probe.scoring.permutation_null`), and how many heads exceed the first.
 
     Args:
-        flat: per trace, ``[heads, K]`` step scores; sra: ``[heads]`` the heads' SRA.
+        flat: per trace, ``[head, step]`` step scores (heads of all layers); sra: ``[head]`` the heads' SRA.
     """
     rankings = {
         "position_later": [torch.arange(len(lab), dtype=torch.float64)[None] for lab in labels],
@@ -246,7 +225,7 @@ def build_manifest(
     """Rank every probed head by SRA and assemble the manifest (design page, schema version 2).
 
     Args:
-        step_score_list: per trace, ``[layers, heads, K]``.
+        step_score_list: per trace, ``[layer, head, step]``.
         step_lengths: per trace, the K steps' lengths in tokens (for the step-length baseline).
     """
     num_heads = model_block["num_heads"]
@@ -288,7 +267,7 @@ def build_manifest(
     ]
     if config.top_n is not None:
         if config.top_n > len(sra):
-            raise InputError(f"--top-n {config.top_n}: the sweep ranks only {len(sra)} heads")
+            raise InputError(f"`top_n` is {config.top_n}, but the sweep ranks only {len(sra)} heads", settings=("top_n",))
         top_n = config.top_n
     else:
         best = max(e["sra"] for e in ensemble)
@@ -330,3 +309,94 @@ def build_manifest(
 def probed_layers(model: nn.Module, layers: list[int] | None) -> list[int]:
     """The sorted layers a sweep covers (``--layers``), checked against the model (:func:`~kfh_probe.layers.check_layers`)."""
     return check_layers(layers, model_shape(model)["num_layers"])
+
+
+def run_sweep(
+    model: str | Path,
+    traces: str | Path,
+    config: SweepConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    model_name: str | None = None,
+    max_traces: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    work_dir: str | Path | None = None,
+    keep_parts: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = to_stderr,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict | None:
+    """Rank every head of ``model`` by Step Ranking Accuracy on the labeled ``traces`` (design page).
+
+    Traces are read, checked and tokenised before the model is loaded, so a bad file fails in seconds.
+    With ``out`` the manifest is written there atomically (sorted keys: equal manifests, equal bytes);
+    without it, only returned. Finished batches are kept in ``work_dir`` (default ``OUT.parts`` when
+    ``out`` is given; in memory only when neither is) under a key of everything that changes the
+    scores, so the same call after an interruption continues where it stopped; the folder is removed
+    once the manifest is written unless ``keep_parts``. Batch ``j`` runs on rank ``j % world_size``.
+
+    Args:
+        model: a Hugging Face model folder (or what ``kfh_probe.loading.load_model`` accepts).
+        traces: labeled trace JSONL (``kfh-probe label``); its labeller and step provenance go into
+            the manifest (``sweep.provenance``).
+        config: the sweep's settings (defaults of :class:`~kfh_probe.sweep.SweepConfig` when None).
+        model_name: the name recorded in the manifest (default: ``model`` as given).
+        max_traces: use at most this many usable traces, in file order.
+        dtype, device: how the weights are loaded (attention rows are float32 whatever the dtype).
+        log: where one-line progress reports go (None: nowhere); ``progress``: the tqdm bar.
+
+    Returns:
+        the manifest; None on a rank other than 0, once its share is saved in the work folder.
+
+    Raises:
+        kfh_probe.traces.TraceFileError: broken traces and ``config.skip_invalid`` is False.
+        kfh_probe.errors.InputError: no usable trace, layers the model lacks, or no trace with an essential/redundant pair.
+        KeyboardInterrupt: finished batches stay in the work folder.
+    """
+    config = SweepConfig() if config is None else config
+    folder = work_folder(work_dir, out, rank, world_size)
+    if out is not None:
+        check_output_path(out)  # fail before the work, not after it
+    log = log or (lambda message: None)
+    get_backend(config.backend)  # a missing backend package fails here, before any work
+    raw, skipped = read_traces(traces, config.marker, config.skip_invalid)
+    tokenizer = load_tokenizer(model)
+    prepared = prepare_traces(raw, tokenizer, config, source=str(traces))
+    skipped += prepared.skipped
+    used = slice(None, max_traces)
+    kept, tokenized, labels = prepared.traces[used], prepared.tokenized[used], prepared.labels[used]
+    if not tokenized:
+        raise InputError(f"no usable trace in {traces}")
+    origin = provenance(kept, tokenized, str(traces))
+    log(f"{len(tokenized)} traces ready ({len(skipped)} skipped); loading {model}")
+    loaded = load_model(model, dtype, device)
+    config = dataclasses.replace(config, layers=probed_layers(loaded, config.layers))
+    trace_sha = file_sha256(traces)
+    model_block = model_record(loaded, model_name or str(model))
+    run_key = {
+        "trace_file_sha256": trace_sha, "fingerprint": model_block["fingerprint"], "layers": config.layers,
+        "batch_size": config.batch_size, "marker": config.marker, "backend": config.backend, "dtype": dtype,
+        "max_traces": max_traces, "skip_invalid": config.skip_invalid,
+    }
+    store = None if folder is None else PartStore(folder, run_key, rank, world_size).open()
+    scores = collect_step_scores(loaded, tokenized, config, pad_token_id(tokenizer), progress, tokenizer, store, log)
+    if scores is None:
+        return None
+    probe_block = {
+        "trace_file": Path(traces).name,
+        "trace_file_sha256": trace_sha,
+        "traces_skipped": {"count": len(skipped), "reasons": [s.to_dict() for s in skipped]},
+        **origin,
+        "dtype": dtype,
+        "backend": config.backend,
+        "max_traces": max_traces,
+    }
+    step_lengths = [[end - start for start, end in t.step_spans] for t in tokenized]
+    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths)
+    if out is not None:
+        atomic_write_json(out, manifest)
+    if store is not None and not keep_parts:
+        store.remove()
+    return manifest

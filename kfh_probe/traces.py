@@ -88,7 +88,8 @@ class TraceFileError(InputError):
         shown = listed([f"{self.path}:{p.line} (id {p.id!r}): {p.reason}" for p in problems])
         super().__init__(
             f"{len(problems)} invalid trace record(s) in {self.path}: {shown}. "
-            "Fix them, or pass --skip-invalid to leave them out (counted, with the reasons)."
+            "Fix them, or use `skip_invalid` to leave them out (counted, with the reasons).",
+            settings=("skip_invalid",),
         )
 
 

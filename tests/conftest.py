@@ -66,6 +66,28 @@ def kfh_probe_cli(command: str, model_dir, traces, out, *extra: str) -> int:
     return main([command, "--model", str(model_dir), "--traces", str(traces), "--out", str(out), "--quiet", *extra])
 
 
+def check_ranks_write_what_one_writes(command: str, world_size: int, folder: Path, *args: str) -> None:
+    """Run ``kfh-probe COMMAND ARGS... --out F --quiet`` in this process, then as ``world_size`` processes at once
+    with ``RANK`` and ``WORLD_SIZE`` set as ``torchrun`` sets them (the last rank started first); check that every
+    rank exits 0, that the others say where their share is, and that both outputs have the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    from kfh_probe.cli import main
+
+    single, sharded = folder / f"single-{command}", folder / f"sharded-{command}"
+    assert main([command, *map(str, args), "--out", str(single), "--quiet"]) == 0
+    argv = [sys.executable, "-m", "kfh_probe.cli", command, *map(str, args), "--out", str(sharded), "--quiet"]
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"}
+    ranks = {r: subprocess.Popen(argv, env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+             for r in reversed(range(world_size))}
+    errors = {r: p.communicate(timeout=300)[1] for r, p in ranks.items()}
+    assert [ranks[r].returncode for r in range(world_size)] == [0] * world_size, errors
+    assert all(f"rank {r}: my share" in errors[r] for r in range(1, world_size)), errors
+    assert sharded.read_bytes() == single.read_bytes()
+
+
 def labeled(record: dict, labels: list[str]) -> dict:
     """``record`` with its default segmentation and the given labels."""
     from kfh_probe.segmentation import segment_reasoning
@@ -216,9 +238,9 @@ def write_rhythm_file(path: Path, model_dir) -> Path:
     """A rhythm file (header only: what the trainer reads) with fixed heads for the model in ``model_dir``."""
     from kfh_probe.loading import load_model
     from kfh_probe.manifest import model_record
-    from kfh_probe.rhythm import RhythmHeads, rhythm_header
+    from kfh_probe.preplan_anchor import LocalGlobalHeads, rhythm_header
 
-    heads = RhythmHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
+    heads = LocalGlobalHeads([(0, 0), (1, 3), (2, 1)], [(0, 2), (2, 3), (1, 1)])
     header = rhythm_header(heads, 10, (10, 50), model_record(load_model(model_dir), "tiny"))
     path.write_text(json.dumps(header) + "\n", encoding="utf-8")
     return path
@@ -266,7 +288,7 @@ def rhythm_reference(maps: torch.Tensor, start: int, heads, window=10, lo=10, hi
 
     Args:
         maps: ``eager_maps`` of one sequence, [L, H, T, T]; start: the first response position;
-        heads: a ``kfh_probe.rhythm.RhythmHeads``.
+        heads: a ``kfh_probe.preplan_anchor.LocalGlobalHeads``.
     Returns:
         (distance [L, H] float32, WAAD [T - start], FAI [T - start] with NaN where fewer than ``lo`` tokens follow).
     """

@@ -58,14 +58,14 @@ def test_layer_spec_is_parsed_or_refused_naming_the_argument(spec, expected):
     if expected is not None:
         assert parse_layers(spec) == expected
         return
-    with pytest.raises(KFHError, match=f"^--layers {spec!r}: "):
+    with pytest.raises(KFHError, match=f"^`layers` {spec!r}: "):
         parse_layers(spec)
 
 
 def test_layers_outside_the_model_are_refused_naming_them():
     assert check_layers(None, 3) == [0, 1, 2]
     assert check_layers([2, 0, 2], 3) == [0, 2]
-    with pytest.raises(KFHError, match=r"--layers: the model has no layer\(s\) \[3, 7\]; it has layers 0\.\.2"):
+    with pytest.raises(KFHError, match=r"`layers`: the model has no layer\(s\) \[3, 7\]; it has layers 0\.\.2"):
         check_layers([7, 1, 3], 3)
 
 
@@ -148,7 +148,7 @@ def test_a_folder_without_weights_is_named_not_a_transformers_traceback(tiny_mod
      "trace file not found: nope.jsonl"),
     ("kfh-probe label", ["label", "--traces", "TRACES", "--labeler", "judge", "--judge", "localhost=m", "--out", "o.jsonl"],
      "--judge 'localhost=m': expected URL=MODEL"),
-    ("kfh-probe rhythm", ["rhythm", "--out", "r.jsonl", "--window", "0"], "need --window >= 1"),
+    ("kfh-probe rhythm", ["rhythm", "--out", "r.jsonl", "--window", "0"], "--window must be >= 1; got 0"),
     ("attnpo-train run", ["run", "--set", "lr"], "--set expects key=value"),
     ("attnpo-train run", ["run", "--set", "no_such_key=1"], "overrides: unknown config key 'no_such_key'"),
     ("attnpo-train eval", ["eval", "--model", "m", "--n", "0"], "--n must be >= 1"),
@@ -209,9 +209,9 @@ def test_an_output_path_that_cannot_be_written_is_named(tiny_model_dir, labeled_
 
 
 def test_rhythm_refuses_a_folder_as_output_before_any_work(tiny_model_dir, raw_trace_file, tmp_path, capsys, monkeypatch):
-    import kfh_probe.rhythm
+    import kfh_probe.preplan_anchor_run
 
-    monkeypatch.setattr(kfh_probe.rhythm, "mean_distances", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(kfh_probe.preplan_anchor_run, "trace_distances", lambda *a, **k: pytest.fail("the work started"))
     code = kfh_main(["rhythm", "--model", str(tiny_model_dir), "--traces", str(raw_trace_file), "--out", str(tmp_path),
                      "--quiet"])
     assert code == 2

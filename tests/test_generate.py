@@ -9,7 +9,7 @@ from conftest import write_jsonl
 
 from kfh_probe.cli import main
 from kfh_probe.generate import (
-    GenerateConfig, ProblemFileError, generate_traces, plan_batches, read_problems, run_file,
+    GenerateConfig, ProblemFileError, generate_traces, generation_batches, read_problems, run_file,
 )
 from kfh_probe.traces import read_traces
 
@@ -64,12 +64,12 @@ def test_correct_only_needs_an_answer_on_every_row(tmp_path):
 
 def test_a_tokenizer_without_a_chat_template_asks_for_a_prompt_template(tmp_path, byte_tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "problem": "2+3?"}])
-    with pytest.raises(ProblemFileError, match="--prompt-template"):
+    with pytest.raises(ProblemFileError, match="prompt template"):
         read_problems(path, byte_tokenizer)
 
 
 def test_batches_cover_every_sample_in_file_order():
-    assert plan_batches(3, 2, 4) == [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1)]]
+    assert generation_batches(3, 2, 4) == [[(0, 0), (0, 1), (1, 0), (1, 1)], [(2, 0), (2, 1)]]
 
 
 SCRIPTED = {
@@ -116,7 +116,7 @@ def test_correct_only_keeps_the_graded_correct_responses(tmp_path):
 def test_an_existing_output_is_not_overwritten_silently(tmp_path):
     out = tmp_path / "t.jsonl"
     out.write_text("precious\n")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="`overwrite`"):
         generate_traces(_problems(tmp_path), _scripted, GenerateConfig(), out, {}, progress=False)
     assert out.read_text() == "precious\n"
 
@@ -167,7 +167,7 @@ def test_generate_command_writes_a_trace_file(tmp_path, tiny_model_dir, capsys):
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["Question: 1+1?\nAnswer:<think>"] * 2
     assert main(args) == 2  # a finished output is kept unless --overwrite
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "use --overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     assert main(args + ["--overwrite", "--temperature", "0"]) == 2
     assert ("setting 'samples' must be 1 when temperature is 0 (greedy decoding gives one response per problem); "

@@ -12,7 +12,7 @@ from kfh_probe.loading import ModelFolderError, cache_root, model_folder, model_
 def test_gguf_file_is_joined_to_its_folder(tmp_path):
     assert model_path(str(tmp_path), "m.gguf") == str(tmp_path / "m.gguf")
     assert model_path("any", None) == "any"
-    with pytest.raises(InputError, match="needs --model to be the folder"):
+    with pytest.raises(InputError, match="needs `model` to be the folder"):
         model_path(str(tmp_path / "nowhere"), "m.gguf")
 
 

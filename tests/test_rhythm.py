@@ -1,4 +1,4 @@
-"""The Preplan-and-Anchor signals (kfh_probe.rhythm) equal the same formulas on eager attention maps in float32,
+"""The Preplan-and-Anchor signals (kfh_probe.preplan_anchor) equal the same formulas on eager attention maps in float32,
 on the capture's architecture families and on the organism, in batches of traces of different lengths."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, eager_maps, kfh_probe_cli, rhythm_reference, tiny_model
+from conftest import (
+    FAMILIES, check_ranks_write_what_one_writes, eager_maps, interrupting, kfh_probe_cli, rhythm_reference, tiny_model,
+)
 
 from kfh_probe.errors import InputError
-from kfh_probe.rhythm import (
-    RhythmHeads, mean_distances, middle_third_layers, rhythm_signals, row_reductions, select_heads,
+from kfh_probe.preplan_anchor import (
+    LocalGlobalHeads, mean_distance, middle_third_layers, rhythm_signals, row_reductions, select_heads, trace_distances,
 )
 
 TOLERANCE = 1e-5
@@ -25,7 +27,7 @@ def _traces(seed: int = 0) -> tuple[list[list[int]], list[int]]:
 
 
 def _check_against_eager(model, sequences, starts, chunk):
-    distances = mean_distances(model, sequences, starts, pad_id=0, batch_size=2, chunk=chunk)
+    distances = mean_distance(list(trace_distances(model, sequences, starts, pad_id=0, chunk=chunk)), [[0, 1]])
     heads = select_heads(distances)
     signals = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=2, chunk=chunk)
     reference_distance = torch.zeros_like(distances)
@@ -73,12 +75,19 @@ def test_signals_equal_eager_attention_on_the_organism(organism):
 def test_results_do_not_depend_on_batch_or_chunk():
     model = tiny_model("qwen2")
     sequences, starts = _traces(1)
-    heads = RhythmHeads([(0, 1), (2, 3)], [(1, 0), (1, 2)])
+    heads = LocalGlobalHeads([(0, 1), (2, 3)], [(1, 0), (1, 2)])
     one = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=1, chunk=7)
     two = rhythm_signals(model, sequences, starts, heads, pad_id=0, batch_size=2, chunk=128)
     for a, b in zip(one, two):
         assert torch.allclose(a.waad, b.waad, atol=1e-6)
         assert torch.allclose(a.fai.nan_to_num(-1), b.fai.nan_to_num(-1), atol=1e-6)
+
+
+def test_mean_distance_is_the_mean_over_the_traces_whatever_the_batches():
+    per_trace = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.5]]), torch.tensor([[0.25, 4.0]])]
+    expected = torch.tensor([[4.25 / 3, 6.5 / 3]])
+    assert torch.allclose(mean_distance(per_trace, [[0, 1], [2]]), expected)
+    assert torch.allclose(mean_distance(per_trace, [[2], [1], [0]]), expected)
 
 
 def test_select_heads_takes_the_closest_and_farthest_30_percent_with_ties_by_position():
@@ -92,7 +101,7 @@ def test_select_heads_ranks_only_the_layers_given():
     distance = torch.tensor([[1.0, 5.0, 2.0], [5.0, 0.5, 9.0], [0.1, 9.5, 3.0]])
     heads = select_heads(distance, layers=[0, 2])  # 6 candidate heads: ceil(1.8) = 2 per set
     assert heads.local == [(2, 0), (0, 0)] and heads.global_ == [(2, 1), (0, 1)]
-    with pytest.raises(InputError, match="--head-layers: the model has no layer"):
+    with pytest.raises(InputError, match="`head_layers`: the model has no layer"):
         select_heads(distance, layers=[3])
 
 
@@ -149,7 +158,7 @@ def test_rhythm_command_writes_the_header_and_one_line_per_trace(tiny_model_dir,
     assert header["model"]["num_layers"] == 3 and "fingerprint" in header["model"]
     assert [r["id"] for r in records] == [t["id"] for t in R1_TRACES]
     model = load_model(tiny_model_dir)
-    heads = RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+    heads = LocalGlobalHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
     for trace, record in zip(R1_TRACES, records):
         ids, start = tokenize_response(tokenizer, trace["prompt"], trace["response"])
         assert ids[-1] == tokenizer.eos_token_id and record["response_start"] == start
@@ -166,27 +175,48 @@ def test_rhythm_command_writes_the_header_and_one_line_per_trace(tiny_model_dir,
     assert again.read_text() == out.read_text()
 
 
+@pytest.mark.parametrize("stage, function", [("distances", "trace_distances"), ("signals", "rhythm_signals")])
 def test_interrupted_rhythm_run_leaves_no_file_and_resumes_to_the_same_bytes(
-    tiny_model_dir, raw_trace_file, tmp_path, monkeypatch
+    stage, function, tiny_model_dir, raw_trace_file, tmp_path, monkeypatch
 ):
-    import kfh_probe.rhythm as rhythm_module
+    import kfh_probe.preplan_anchor_run as run_module  # where the run calls the head ranking and the signals
 
     reference = tmp_path / "reference.jsonl"
     assert _rhythm(tiny_model_dir, raw_trace_file, reference, "--batch-size", "1") == 0
-    from conftest import interrupting
-
-    real, calls = rhythm_module.rhythm_signals, []
-    monkeypatch.setattr(rhythm_module, "rhythm_signals", interrupting(real, calls, at=2))
+    real, calls = getattr(run_module, function), []
+    monkeypatch.setattr(run_module, function, interrupting(real, calls, at=2))
     out = tmp_path / "r.jsonl"
     out.write_text("previous")
     assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 130
     assert out.read_text() == "previous"
-    assert len(list((tmp_path / "r.jsonl.parts").glob("batch-*.pt"))) == 1
+    assert len(list((tmp_path / "r.jsonl.parts").glob(f"{stage}-*.pt"))) == 1
     calls.clear()
-    monkeypatch.setattr(rhythm_module, "rhythm_signals", interrupting(real, calls, at=None))
+    monkeypatch.setattr(run_module, function, interrupting(real, calls, at=None))
     assert _rhythm(tiny_model_dir, raw_trace_file, out, "--batch-size", "1") == 0
     assert len(calls) == 1  # only the unfinished trace was computed again
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_run_rhythm_on_two_ranks_returns_the_lines_of_one_rank(tiny_model_dir, raw_trace_file, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kfh_probe import RhythmConfig, run_rhythm
+
+    config = RhythmConfig(batch_size=1)
+    alone = run_rhythm(tiny_model_dir, raw_trace_file, config, progress=False, log=None)
+    with ThreadPoolExecutor(2) as pool:  # two ranks meeting in one work folder
+        ranks = [pool.submit(run_rhythm, tiny_model_dir, raw_trace_file, config, work_dir=tmp_path / "parts",
+                             progress=False, log=None, rank=r, world_size=2) for r in (1, 0)]
+        shared, other = ranks[1].result(), ranks[0].result()
+    assert other is None
+    assert shared == alone
+    assert not (tmp_path / "parts").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_rhythm_file_as_one(tiny_model_dir, raw_trace_file, tmp_path):
+    check_ranks_write_what_one_writes("rhythm", 2, tmp_path, "--model", tiny_model_dir, "--traces", raw_trace_file,
+                                      "--batch-size", "1")
 
 
 def test_rhythm_refuses_broken_traces_by_line_and_id_and_writes_nothing(tiny_model_dir, raw_trace_file, tmp_path, capsys):
@@ -203,5 +233,5 @@ def test_rhythm_refuses_broken_traces_by_line_and_id_and_writes_nothing(tiny_mod
     assert _rhythm(tiny_model_dir, raw_trace_file, out, "--heads-from", str(bad_heads)) == 2
     assert "not a kfh-rhythm version 1 header" in capsys.readouterr().err
     assert _rhythm(tiny_model_dir, raw_trace_file, out, "--fai-range", "50", "10") == 2
-    assert "0 < LO <= HI for --fai-range (got [50, 10])" in capsys.readouterr().err
+    assert "--fai-range must satisfy 0 < lo <= hi; got [50, 10]" in capsys.readouterr().err
     assert not out.exists()

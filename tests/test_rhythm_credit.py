@@ -15,7 +15,6 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt, PromptSource
 from attnpo_train.rhythm import (
     PaperRule,
-    RhythmProbe,
     amplify,
     paper_gamma,
     rhythm_advantages,
@@ -25,7 +24,7 @@ from attnpo_train.rhythm import (
     waad_change,
     waad_rise,
 )
-from kfh_probe.rhythm import RhythmSignals
+from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals
 
 NAN = float("nan")
 
@@ -90,7 +89,7 @@ def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy,
     from kfh_probe.loading import load_model
 
     model = load_model(tiny_model_dir)
-    probe = RhythmProbe.from_file(rhythm_file, model)
+    probe = PreplanAnchorHeads.from_file(rhythm_file, model)
     rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], R1_TRACES[0]["prompt"])
     advantages = torch.tensor([[0.5, 0.8, -1.3]])
     out, stats = rhythm_token_advantages(model, rollouts, advantages, probe, strategy, 0.4, 1.5, pad_id=0, batch_size=2)

@@ -13,7 +13,8 @@ from attnpo_train import loop
 from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
 from attnpo_train.credit import rollout_rewards
-from attnpo_train.rhythm import FusedRhythmCredit, PaperRule, RhythmProbe, rhythm_token_advantages
+from attnpo_train.rhythm import FusedRhythmCredit, PaperRule, rhythm_token_advantages
+from kfh_probe.preplan_anchor import PreplanAnchorHeads
 from conftest import max_difference
 from kfh_probe.organism import default_model_dir, default_rhythm_path
 
@@ -45,7 +46,7 @@ def test_fused_and_unfused_rhythm_credit_agree_on_the_organism(strategy, paper, 
     config = TrainConfig(method=strategy, group_size=4, micro_batch_size=3)
     correct, rewards = rollout_rewards(rollouts, prompts, config)
     advantages = group_advantages(rewards, config.estimator)
-    probe = RhythmProbe.from_file(default_rhythm_path(), model)
+    probe = PreplanAnchorHeads.from_file(default_rhythm_path(), model)
     unfused, fused = both_paths(model, rollouts, advantages, probe, strategy, paper, config, tokenizer.pad_token_id)
     difference = max_difference(unfused[0], fused[0])
     print(f"\n{strategy} ({'paper' if paper else 'project'} rule): max |fused - unfused| advantage {difference:.3g}")
@@ -77,7 +78,7 @@ def test_fused_rhythm_credit_records_only_the_rows_that_need_signals(byte_tokeni
     from kfh_probe.loading import load_model
 
     model = load_model(tiny_model_dir)
-    probe = RhythmProbe.from_file(write_rhythm_file(tmp_path / "rhythm.jsonl", tiny_model_dir), model)
+    probe = PreplanAnchorHeads.from_file(write_rhythm_file(tmp_path / "rhythm.jsonl", tiny_model_dir), model)
     prompt = byte_tokenizer("Q: 1+1?", add_special_tokens=False)["input_ids"]
     responses = [byte_tokenizer(text, add_special_tokens=False)["input_ids"]
                  for text in ("It is two, so the answer is 2.", "Two.", "The sum of one and one is two.")]

@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
-from conftest import R1_TRACES, interrupting, kfh_probe_cli, tiny_model, with_broken_record
+from conftest import (
+    R1_TRACES, check_ranks_write_what_one_writes, interrupting, kfh_probe_cli, tiny_model, with_broken_record,
+)
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.cli import main
@@ -95,7 +97,7 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
     out.write_text("previous manifest")
     assert _sweep(tiny_model_dir, labeled_trace_file, out, "--batch-size", "1") == 130
     assert out.read_text() == "previous manifest"
-    assert len(list((tmp_path / "m.json.parts").glob("batch-*.pt"))) == 1
+    assert len(list((tmp_path / "m.json.parts").glob("scores-*.pt"))) == 1
 
     calls.clear()
     monkeypatch.setattr(sweep_module, "step_scores", interrupting(real_step_scores, calls, at=None))
@@ -106,21 +108,8 @@ def test_interrupted_sweep_leaves_no_file_and_resumes_to_the_same_manifest(
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_manifest_as_one(tiny_model_dir, labeled_trace_file, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    single = tmp_path / "single.json"
-    assert _sweep(tiny_model_dir, labeled_trace_file, single, "--batch-size", "1") == 0
-    sharded = tmp_path / "sharded.json"
-    command = [sys.executable, "-m", "kfh_probe.cli", "sweep", "--model", str(tiny_model_dir), "--traces",
-               str(labeled_trace_file), "--out", str(sharded), "--batch-size", "1", "--quiet"]
-    ranks = [subprocess.Popen(command, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}, stderr=subprocess.PIPE, text=True)
-             for r in (1, 0)]
-    errors = [p.communicate(timeout=300)[1] for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], errors
-    assert "rank 1: my share" in errors[0]
-    assert sharded.read_bytes() == single.read_bytes()
+    check_ranks_write_what_one_writes("sweep", 2, tmp_path, "--model", tiny_model_dir, "--traces", labeled_trace_file,
+                                      "--batch-size", "1")
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -173,7 +162,7 @@ def test_manifest_refuses_another_model(tiny_model_dir, labeled_trace_file, tmp_
     same.to(torch.float32)
     with torch.no_grad():
         same.lm_head.weight[0, 0] += 1.0
-    with pytest.raises(ManifestMismatchError, match="--allow-finetuned"):
+    with pytest.raises(ManifestMismatchError, match="`allow_finetuned`"):
         check_model_matches(manifest, same)
     check_model_matches(manifest, same, allow_finetuned=True)
     other = tiny_model("qwen2", vocab_size=400, num_hidden_layers=2)

@@ -194,7 +194,8 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, num_iterat
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from attnpo_train.rhythm import RhythmProbe, paper_rule, rhythm_token_advantages
+    from attnpo_train.rhythm import paper_rule, rhythm_token_advantages
+    from kfh_probe.preplan_anchor import PreplanAnchorHeads
 
     args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm_file), num_iterations=num_iterations,
                     bf16=False, attnpo_rhythm_rule=rule)
@@ -216,7 +217,7 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, num_iterat
     correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
     advantages = group_advantages(rewards, "rloo")
     torch.testing.assert_close(advantages, torch.tensor(RLOO), atol=1e-6, rtol=0)  # the same TLMRE reward
-    probe = RhythmProbe.from_file(rhythm_file, trainer.model)
+    probe = PreplanAnchorHeads.from_file(rhythm_file, trainer.model)
     expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8,
                                               paper_rule(config))
     assert 0 < stats["amplified_frac"] < 1

@@ -9,7 +9,7 @@
 
 A backend is a class built once per model, ``backend = get_backend(name)(model, tokenizer)``; calling
 ``backend(input_ids, attention_mask, answer_mask, layers)`` returns an
-:class:`~kfh_probe.capture.AnswerAttention` with ``reduce="sum"`` values ``[batch, layers, heads, T]``.
+:class:`~kfh_probe.capture.AnswerAttention` with ``reduce="sum"`` values ``[batch, layer, head, key]``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class HFCapture:
         answer_mask: torch.Tensor,
         layers: list[int] | None = None,
     ) -> AnswerAttention:
-        """``[batch, T]`` inputs -> answer-row attention summed over the rows, ``[batch, layers, heads, T]``."""
+        """``[batch, position]`` inputs -> answer-row attention summed over the rows, ``[batch, layer, head, key]``."""
         return capture_answer_attention(self.model, input_ids, attention_mask, answer_mask, layers=layers)
 
 
@@ -86,6 +86,9 @@ def requested_layers(backend: str, num_layers: int, layers: list[int] | None) ->
     """The sorted layers to capture (all when ``layers`` is None), checked against the model.
 
     Raises:
-        InputError: naming the backend, when a layer does not exist.
+        InputError: naming the backend and the setting ``layers``, when a layer does not exist.
     """
-    return check_layers(layers, num_layers, f"backend {backend!r}, layers")
+    try:
+        return check_layers(layers, num_layers)
+    except InputError as err:
+        raise InputError(f"backend {backend!r}: {err}", settings=err.settings) from None

@@ -2,7 +2,7 @@
 
 ``TransformerBridge.boot_transformers(..., hf_model=model, tokenizer=tokenizer)`` wraps the loaded model
 offline (no download: the model and tokenizer are given). The bridge runs attention eagerly and fires
-``blocks.{layer}.attn.hook_pattern`` with the post-softmax pattern ``[batch, heads, T, T]``: this backend
+``blocks.{layer}.attn.hook_pattern`` with the post-softmax pattern ``[batch, head, query, key]``: this backend
 therefore builds every full ``T x T`` map (the cost of TransformerLens's pattern hook, accepted here),
 keeps only the answer rows at once inside the hook and sums them; the forward stops after the last
 requested layer (``stop_at_layer``).
@@ -79,20 +79,20 @@ class LensCapture:
         """One forward with a ``hook_pattern`` hook on each requested layer.
 
         Args:
-            input_ids: ``[batch, T]`` right-padded token ids.
-            attention_mask: ``[batch, T]``, 1 on real tokens.
-            answer_mask: ``[batch, T]`` bool, True on the answer rows.
+            input_ids: ``[batch, position]`` right-padded token ids.
+            attention_mask: ``[batch, position]``, 1 on real tokens.
+            answer_mask: ``[batch, position]`` bool, True on the answer rows.
             layers: layer indices (all when None).
 
         Returns:
-            ``reduce="sum"`` answer attention, values ``[batch, layers, heads, T]`` float32.
+            ``reduce="sum"`` answer attention, values ``[batch, layer, head, key]`` float32.
         """
         wanted = requested_layers(NAME, self.num_layers, layers)
         rows, row_valid = answer_rows(answer_mask.bool())
         results: dict[int, torch.Tensor] = {}
 
         def keep_answer_rows(pattern: torch.Tensor, hook, layer: int) -> None:
-            """``pattern [batch, heads, T, T]`` -> answer rows summed, ``[batch, heads, T]``."""
+            """``pattern [batch, head, query, key]`` -> answer rows summed, ``[batch, head, key]``."""
             index = rows.to(pattern.device)[:, None, :, None].expand(-1, pattern.shape[1], -1, pattern.shape[-1])
             picked = pattern.gather(2, index).float() * row_valid.to(pattern.device)[:, None, :, None]
             results[layer] = picked.sum(dim=2)

@@ -70,7 +70,8 @@ def _interface_calls(wrapped: TransformersModel) -> dict[int, tuple[str, str]]:
     if silent:
         raise UnsupportedModelError(
             f"backend {NAME!r}: {type(model).__name__} layer(s) {silent} have no call of the transformers attention "
-            "interface in their attention module's source, so nnsight cannot read their query and key; use --backend hf"
+            "interface in their attention module's source, so nnsight cannot read their query and key; use `backend` 'hf'",
+            settings=("backend",),
         )
     return calls
 
@@ -115,13 +116,13 @@ class NNsightCapture:
         """One traced forward.
 
         Args:
-            input_ids: ``[batch, T]`` right-padded token ids.
-            attention_mask: ``[batch, T]``, 1 on real tokens.
-            answer_mask: ``[batch, T]`` bool, True on the answer rows.
+            input_ids: ``[batch, position]`` right-padded token ids.
+            attention_mask: ``[batch, position]``, 1 on real tokens.
+            answer_mask: ``[batch, position]`` bool, True on the answer rows.
             layers: layer indices (all when None).
 
         Returns:
-            ``reduce="sum"`` answer attention, values ``[batch, layers, heads, T]`` float32.
+            ``reduce="sum"`` answer attention, values ``[batch, layer, head, key]`` float32.
         """
         wanted = requested_layers(NAME, self.num_layers, layers)
         rows, row_valid = answer_rows(answer_mask.bool())
@@ -135,7 +136,8 @@ class NNsightCapture:
                 if len(args) < 5:
                     raise UnsupportedModelError(
                         f"backend {NAME!r}: {path} calls its attention function with {len(args)} positional "
-                        "arguments, not (module, query, key, value, attention_mask); use --backend hf"
+                        "arguments, not (module, query, key, value, attention_mask); use `backend` 'hf'",
+                        settings=("backend",),
                     )
                 module, query, key, _, mask = args[:5]
                 probs = interface_call_rows(module, query, key, mask, kwargs, rows, row_valid)

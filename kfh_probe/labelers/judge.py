@@ -145,7 +145,7 @@ class JudgeLabeler:
     def __init__(self, judges: list[Judge], template: string.Template, mode: str = "all", workers: int = 4,
                  malformed_retries: int = 2, marker: str = "</think>", progress: bool = True):
         if not judges:
-            raise ValueError("give at least one judge (--judge URL=MODEL or --judge-local DIR)")
+            raise ValueError("JudgeLabeler needs at least one judge")
         if mode not in CONSENSUS:
             raise ValueError(f"consensus must be one of {CONSENSUS}, got {mode!r}")
         self.judges, self.template, self.mode = judges, template, mode

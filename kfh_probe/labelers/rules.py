@@ -23,7 +23,7 @@ class GivenLabeler:
         for i, trace in enumerate(traces):
             labels = [s.label for s in trace.steps or ()]
             if not any(labels):
-                result.fail(i, "no step has a label in the file (choose another --labeler)")
+                result.fail(i, "no step has a label in the file (choose another labeller)")
             else:
                 result.labels[i] = labels
         return result

@@ -22,12 +22,10 @@ the caller runs anyway (the trainer's update forward, ``attnpo_train.rhythm.Fuse
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .alignment import right_pad
 from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
@@ -41,7 +39,7 @@ CHUNK = 128
 
 
 @dataclass(frozen=True)
-class RhythmHeads:
+class LocalGlobalHeads:
     """The heads whose mean maps give WAAD (local) and FAI (global), as (layer, query head)."""
 
     local: list[tuple[int, int]]
@@ -58,8 +56,8 @@ class RhythmSignals:
 
     Attributes:
         response_start: token index of the first response token.
-        waad: ``[n]`` float32, one per response position.
-        fai: ``[n]`` float32, NaN where s + fai_range[0] > T - 1 (no future rows in range).
+        waad: ``[response_token]`` float32.
+        fai: ``[response_token]`` float32, NaN where s + fai_range[0] > T - 1 (no future rows in range).
     """
 
     response_start: int
@@ -67,12 +65,27 @@ class RhythmSignals:
     fai: torch.Tensor
 
     def stacked(self) -> torch.Tensor:
-        """``[2, n]``: WAAD, then FAI (for saving a batch of a resumable run)."""
+        """``[2, response_token]``: WAAD, then FAI (for saving a batch of a resumable run)."""
         return torch.stack([self.waad, self.fai])
 
     @classmethod
     def from_stacked(cls, response_start: int, stacked: torch.Tensor) -> "RhythmSignals":
         return cls(response_start, stacked[0], stacked[1])
+
+
+def check_head_fraction(fraction: float) -> None:
+    """Refuse a share of heads per set outside (0, 0.5], where the local and global sets could overlap."""
+    if not 0.0 < fraction <= 0.5:
+        raise InputError(f"`head_fraction` must be in (0, 0.5] so the two sets do not overlap; got {fraction}",
+                         settings=("head_fraction",))
+
+
+def check_windows(window: int, fai_range: tuple[int, int]) -> None:
+    """Refuse a W of WAAD below 1, or an FAI range ``(lo, hi)`` other than 0 < lo <= hi."""
+    if window < 1:
+        raise InputError(f"`window` must be >= 1; got {window}", settings=("window",))
+    if not 0 < fai_range[0] <= fai_range[1]:
+        raise InputError(f"`fai_range` must satisfy 0 < lo <= hi; got {list(fai_range)}", settings=("fai_range",))
 
 
 def middle_third_layers(num_layers: int, count: int = 5) -> list[int]:
@@ -87,11 +100,11 @@ def middle_third_layers(num_layers: int, count: int = 5) -> list[int]:
 
 def select_heads(
     mean_distance: torch.Tensor, fraction: float = HEAD_FRACTION, layers: list[int] | None = None
-) -> RhythmHeads:
+) -> LocalGlobalHeads:
     """Local and global heads from each head's mean backward distance.
 
     Args:
-        mean_distance: ``[L, H]``.
+        mean_distance: ``[layer, head]``.
         fraction: share of the candidate heads in each set (ceil(fraction n) of n candidates).
         layers: rank only these layers' heads (default: all L layers; the paper's RL runs use
             :func:`middle_third_layers`).
@@ -99,16 +112,15 @@ def select_heads(
         the ceil(fraction n) candidate heads with the smallest distance (local) and with the largest
         (global), each sorted by distance (closest / farthest first), ties by (layer, head) ascending.
     """
-    if not 0.0 < fraction <= 0.5:
-        raise InputError(f"head fraction must be in (0, 0.5] so the two sets do not overlap; got {fraction}")
+    check_head_fraction(fraction)
     num_layers, num_heads = mean_distance.shape
-    layers = check_layers(layers, num_layers, "--head-layers")
+    layers = check_layers(layers, num_layers, "head_layers")
     heads = [(layer, head) for layer in layers for head in range(num_heads)]
     count = math.ceil(fraction * len(heads))
     values = {h: float(mean_distance[h]) for h in heads}
     local = sorted(heads, key=lambda h: (values[h], h))[:count]
     global_ = sorted(heads, key=lambda h: (-values[h], h))[:count]
-    return RhythmHeads(local, global_)
+    return LocalGlobalHeads(local, global_)
 
 
 def row_reductions(
@@ -117,19 +129,19 @@ def row_reductions(
     """Distance, windowed distance and FAI band of attention rows.
 
     Args:
-        probs: ``[batch, heads, R, T]`` probabilities of the query rows ``rows`` (zero on masked keys).
-        rows: ``[batch, R]`` query positions.
+        probs: ``[batch, head, response_row, key]`` probabilities of the query rows ``rows`` (zero on masked keys).
+        rows: ``[batch, response_row]`` query positions.
     Returns:
-        distance ``[batch, heads, R]`` = sum_s a[t, s] (t - s);
-        waad ``[batch, heads, R]`` = sum_s a[t, s] min(t - s, window);
-        band ``[batch, heads, R, D]`` = a[t, t - d] for d = lo..hi (D = hi - lo + 1; 0 where t - d < 0).
+        distance ``[batch, head, response_row]`` = sum_s a[t, s] (t - s);
+        waad ``[batch, head, response_row]`` = sum_s a[t, s] min(t - s, window);
+        band ``[batch, head, response_row, offset]`` = a[t, t - d] for the offsets d = lo..hi (0 where t - d < 0).
     """
     distance = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows))
     return (distance, *window_and_band(probs, rows, window, fai_range))
 
 
 def _gaps(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``[batch, R, T]`` t - s, 0 for keys after the row (masked keys have a = 0 anyway)."""
+    """``[batch, response_row, key]`` t - s, 0 for keys after the row (masked keys have a = 0 anyway)."""
     keys = torch.arange(probs.shape[-1], device=probs.device)
     return (rows[:, :, None] - keys).clamp(min=0).float()
 
@@ -137,18 +149,18 @@ def _gaps(probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def window_and_band(
     probs: torch.Tensor, rows: torch.Tensor, window: int = WINDOW, fai_range: tuple[int, int] = FAI_RANGE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windowed distance ``[batch, heads, R]`` and the FAI band ``[batch, heads, R, D]`` of ``row_reductions``
-    (what the signals need; the head ranking also needs the distance)."""
+    """The windowed distance ``[batch, head, response_row]`` and the FAI band ``[batch, head, response_row, offset]``
+    of ``row_reductions`` (what the signals need; the head ranking also needs the distance)."""
     waad = torch.einsum("bhrt,brt->bhr", probs, _gaps(probs, rows).clamp(max=window))
     offsets = torch.arange(fai_range[0], fai_range[1] + 1, device=probs.device)
-    index = rows[:, :, None] - offsets  # [batch, R, D]
+    index = rows[:, :, None] - offsets  # [batch, response_row, offset]
     inside = index >= 0
     picked = probs.gather(3, index.clamp(min=0)[:, None].expand(-1, probs.shape[1], -1, -1))
     return waad, picked * inside[:, None]
 
 
 def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query positions ``[batch, R]`` of every response token (padded with 0) and their validity."""
+    """Query positions ``[batch, response_row]`` of every response token (padded with 0) and their validity."""
     width = max(max(n - s for s, n in zip(starts, lengths)), 1)
     offsets = torch.arange(width)
     counts = torch.tensor([n - s for s, n in zip(starts, lengths)])
@@ -158,7 +170,8 @@ def _response_rows(starts: list[int], lengths: list[int], device) -> tuple[torch
 
 
 def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads=None):
-    """``reduce(probs [batch, heads, r, T], rows [batch, r], valid [batch, r])`` over row chunks, concatenated on dim 2
+    """``reduce(probs [batch, head, response_row, key], rows [batch, response_row], valid [batch, response_row])`` over
+    chunks of response rows, concatenated on dim 2
     (``heads``: only these query heads, in this order; None: all)."""
     parts = []
     for start in range(0, rows.shape[1], chunk):
@@ -169,43 +182,39 @@ def _chunked(module, query, key, mask, kwargs, rows, valid, chunk, reduce, heads
 
 
 @torch.no_grad()
-def mean_distances(
-    model: nn.Module,
-    sequences: list[list[int]],
-    response_starts: list[int],
-    pad_id: int,
-    batch_size: int = 8,
-    chunk: int = CHUNK,
-    progress: bool = False,
+def trace_distances(
+    model: nn.Module, sequences: list[list[int]], response_starts: list[int], pad_id: int, chunk: int = CHUNK
 ) -> torch.Tensor:
-    """Mean backward distance of every head over the given traces (module docstring).
+    """Each head's backward distance averaged over each trace's response rows (module docstring), from one
+    right-padded forward of the batch.
 
     Args:
         sequences: token ids (prompt + response) of each trace.
         response_starts: index of the first response token of each.
     Returns:
-        ``[L, H]`` float32.
+        ``[batch, layer, head]`` float32 on the CPU.
     """
-    shape = model_shape(model)
     device = next(model.parameters()).device
-    total = torch.zeros(shape["num_layers"], shape["num_heads"], dtype=torch.float64)
-    bar = tqdm(total=len(sequences), unit="trace", desc="head distances", disable=not progress, file=sys.stderr)
-    for first in range(0, len(sequences), batch_size):
-        seqs, starts = sequences[first : first + batch_size], response_starts[first : first + batch_size]
-        ids, mask = right_pad(seqs, pad_id)
-        rows, valid = _response_rows(starts, [len(s) for s in seqs], device)
-        counts = valid.sum(dim=1).clamp(min=1).float()
+    ids, mask = right_pad(sequences, pad_id)
+    rows, valid = _response_rows(response_starts, [len(s) for s in sequences], device)
+    counts = valid.sum(dim=1).clamp(min=1).float()
 
-        def compute(module, query, key, attn_mask, kwargs) -> torch.Tensor:
-            distance = _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk,
-                                lambda p, r, v: row_reductions(p, r)[0])
-            return distance.sum(dim=2) / counts[:, None]  # [batch, heads]: mean over response rows
+    def compute(module, query, key, attn_mask, kwargs) -> torch.Tensor:
+        distance = _chunked(module, query, key, attn_mask, kwargs, rows, valid, chunk,
+                            lambda p, r, v: row_reductions(p, r)[0])
+        return distance.sum(dim=2) / counts[:, None]  # [batch, head]: mean over response rows
 
-        results = capture_layer_calls(model, ids.to(device), mask.to(device), compute)
-        total += torch.stack([results[layer] for layer in sorted(results)], dim=1).double().sum(dim=0).cpu()
-        bar.update(len(seqs))
-    bar.close()
-    return (total / max(len(sequences), 1)).float()
+    results = capture_layer_calls(model, ids.to(device), mask.to(device), compute)
+    return torch.stack([results[layer] for layer in sorted(results)], dim=1).cpu()
+
+
+def mean_distance(per_trace: list[torch.Tensor], batches: list[list[int]]) -> torch.Tensor:
+    """``[layer, head]`` float32: the mean over the traces of their ``[layer, head]`` distances
+    (:func:`trace_distances`), summed in float64 one batch at a time, in the order of ``batches``."""
+    total = torch.zeros(per_trace[0].shape, dtype=torch.float64)
+    for chunk in batches:
+        total += torch.stack([per_trace[i] for i in chunk]).double().sum(dim=0)
+    return (total / len(per_trace)).float()
 
 
 class SignalRecorder:
@@ -229,7 +238,7 @@ class SignalRecorder:
 
     def __init__(
         self,
-        heads: RhythmHeads,
+        heads: LocalGlobalHeads,
         starts: list[int | None],
         ends: list[int],
         window: int = WINDOW,
@@ -237,18 +246,14 @@ class SignalRecorder:
         chunk: int = CHUNK,
         offsets: list[int] | None = None,
     ) -> None:
-        lo, hi = fai_range
-        if not 0 < lo <= hi:
-            raise InputError(f"fai_range must satisfy 0 < lo <= hi; got {fai_range}")
-        if window < 1:
-            raise InputError(f"window must be >= 1; got {window}")
+        check_windows(window, fai_range)
         self.heads, self.starts, self.ends = heads, starts, ends
         self.offsets = offsets if offsets is not None else [0] * len(starts)
         self.window, self.fai_range, self.chunk = window, fai_range, chunk
         self._local = {layer: [h for l, h in heads.local if l == layer] for layer in heads.layers}
         self._global = {layer: [h for l, h in heads.global_ if l == layer] for layer in heads.layers}
         self._done: dict[int, int] = {}  # layer -> batch rows recorded
-        self._sums: dict[int, torch.Tensor] = {}  # batch row -> [n, 1 + D] summed over the layers so far
+        self._sums: dict[int, torch.Tensor] = {}  # batch row -> [response_token, 1 + offset], summed over layers
 
     def __call__(self, module, query, key, attention_mask, kwargs) -> None:
         layer = module.layer_idx
@@ -277,7 +282,7 @@ class SignalRecorder:
                 return torch.cat([waad[:, local].sum(dim=1)[:, None, :, None], band[:, glob].sum(dim=1)[:, None]], dim=3)
 
             summed = _chunked(module, query, key, attention_mask, kwargs, rows, valid, self.chunk, reduce, wanted)[:, 0]
-            for j, b in enumerate(kept):  # [R, 1 + D] of row b, its n response rows first
+            for j, b in enumerate(kept):  # [response_row, 1 + offset] of row b, its response rows first
                 value = summed[j, : self.ends[b] - self.starts[b]].float().cpu()
                 self._sums[b] = value if b not in self._sums else self._sums[b] + value
 
@@ -316,7 +321,7 @@ def rhythm_signals(
     model: nn.Module,
     sequences: list[list[int]],
     response_starts: list[int],
-    heads: RhythmHeads,
+    heads: LocalGlobalHeads,
     pad_id: int,
     batch_size: int = 8,
     window: int = WINDOW,
@@ -353,7 +358,7 @@ FORMAT = "kfh-rhythm"
 VERSION = 1
 
 
-def rhythm_header(heads: RhythmHeads, window: int, fai_range: tuple[int, int], model_block: dict) -> dict:
+def rhythm_header(heads: LocalGlobalHeads, window: int, fai_range: tuple[int, int], model_block: dict) -> dict:
     """The header line of a rhythm file."""
     return {
         "format": FORMAT, "version": VERSION,
@@ -411,5 +416,21 @@ def read_rhythm_header(path, model_shape_block: dict | None = None) -> dict:
     return header
 
 
-def heads_from_header(header: dict) -> RhythmHeads:
-    return RhythmHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+def heads_from_header(header: dict) -> LocalGlobalHeads:
+    return LocalGlobalHeads([tuple(h) for h in header["local_heads"]], [tuple(h) for h in header["global_heads"]])
+
+
+@dataclass(frozen=True)
+class PreplanAnchorHeads:
+    """The local and global heads and the windows their signals are read through: a rhythm file's header,
+    which the trainer's Preplan-and-Anchor credit reads (``window`` is W of WAAD, ``fai_range`` FAI's rows)."""
+
+    heads: LocalGlobalHeads
+    window: int
+    fai_range: tuple[int, int]
+
+    @classmethod
+    def from_file(cls, path, model: nn.Module) -> "PreplanAnchorHeads":
+        """Read a ``kfh-probe rhythm`` file's header, checked against ``model``'s shape (:func:`read_rhythm_header`)."""
+        header = read_rhythm_header(path, model_shape(model))
+        return cls(heads_from_header(header), int(header["window"]), (int(header["fai_range"][0]), int(header["fai_range"][1])))
