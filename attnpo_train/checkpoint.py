@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from attnpo_train.config import TrainConfig
-from kfh_probe.errors import InputError
-from kfh_probe.io import atomic_write_json, atomic_write_jsonl
+from kfh_probe import InputError, atomic_write_json, atomic_write_jsonl
 
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring")
 """Config fields a resumed run may change; any other difference is refused (``fused_scoring`` changes

@@ -14,13 +14,9 @@ from typing import Any
 
 import yaml
 
-from kfh_probe.errors import InputError
-from kfh_probe.grading import GRADERS
+from kfh_probe import GRADERS, InputError
 
-METHODS = ("rloo", "tlmre", "attnpo", "preplan", "anchor", "coupled")
-RHYTHM_METHODS = ("preplan", "anchor", "coupled")
 RHYTHM_RULES = ("project", "paper")
-CREDITS = ("attention", "shuffled", "oracle")
 ESTIMATORS = ("rloo", "grpo")
 
 
@@ -30,7 +26,7 @@ class TrainConfig:
 
     # --- algorithm -----------------------------------------------------------------------------
     method: str = "attnpo"
-    """"rloo": 0/1 correctness reward (no length penalty; the group baseline is ``estimator``'s, RLOO by
+    """The credit strategy (``attnpo_train.strategies``; any registered name). Built in: "rloo": 0/1 correctness reward (no length penalty; the group baseline is ``estimator``'s, RLOO by
     default); "tlmre": length-penalised reward; "attnpo": tlmre + stepwise advantage rescaling
     (section 6); "preplan", "anchor", "coupled": tlmre + the Preplan-and-Anchor credit strategies
     (docs/method.md): the advantage of the top ``rhythm_top`` share of tokens by WAAD rise, FAI, or their
@@ -75,7 +71,7 @@ class TrainConfig:
     """Which token rule the rhythm methods follow: "project" (the default above, docs/method.md section 8)
     or "paper" (the paper's: preplan by |WAAD_t - WAAD_{t+1}|, coupled credit back-allocated from locally
     dominated anchors to their introductory token, negative advantages scaled too;
-    ``attnpo_train.rhythm.PaperRule``)."""
+    ``attnpo_train.strategies.preplan_anchor.PaperRule``)."""
     rhythm_alpha: float = 0.5
     """"paper" rule, "coupled": share of a locally dominated anchor's bonus handed to its introductory token, in [0, 1]."""
     rhythm_k: int = 3
@@ -93,10 +89,6 @@ class TrainConfig:
     update instead (kept for checking: the two give the same per-token advantages up to float rounding)."""
 
     # --- policy loss ---------------------------------------------------------------------------
-    clip_eps: float = 0.2
-    """PPO clip range, in (0, 1) (0.2 in the reference)."""
-    dual_clip: float = 3.0
-    """Dual-clip constant c > 1: for A < 0 the per-token loss is capped at -c A (3 in the reference)."""
     kl_coef: float = 0.0
     """Coefficient of the k3 KL penalty against the initial policy (0 in the reference: no KL)."""
 
@@ -140,11 +132,12 @@ class TrainConfig:
     """Accept a manifest whose model fingerprint differs (the policy is a fine-tune of the probed model)."""
 
     def __post_init__(self) -> None:
-        _check_choice("method", self.method, METHODS)
+        from attnpo_train.strategies import strategy_class  # the strategies read this module
+
+        controls = strategy_class(self.method).controls
         _check_choice("estimator", self.estimator, ESTIMATORS)
-        _check_choice("credit", self.credit, CREDITS)
-        _check(self.credit == "attention" or self.method == "attnpo", "credit", self.credit,
-               "'attention' unless method is 'attnpo' (the controls replace AttnPO's step scores)")
+        _check(self.credit in controls, "credit", self.credit,
+               f"one of {', '.join(controls)} for method {self.method!r} (the controls replace AttnPO's step scores)")
         _check(self.group_size >= 2, "group_size", self.group_size, ">= 2 (a group baseline needs two rollouts)")
         _check(0.0 <= self.alpha_len <= 1.0, "alpha_len", self.alpha_len, "in [0, 1]")
         _check(self.alpha >= 0.0, "alpha", self.alpha, ">= 0")
@@ -159,8 +152,6 @@ class TrainConfig:
         _check(self.rhythm_k >= 1, "rhythm_k", self.rhythm_k, ">= 1")
         _check(len(self.marker) > 0, "marker", self.marker, "a non-empty string")
         _check_choice("grader", self.grader, ("auto", *GRADERS))
-        _check(0.0 < self.clip_eps < 1.0, "clip_eps", self.clip_eps, "in (0, 1)")
-        _check(self.dual_clip > 1.0, "dual_clip", self.dual_clip, "> 1")
         _check(self.kl_coef >= 0.0, "kl_coef", self.kl_coef, ">= 0")
         _check(self.lr > 0.0, "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0.0, "weight_decay", self.weight_decay, ">= 0")
