@@ -9,7 +9,8 @@ file; one CPU thread, so the float arithmetic is the same from run to run) and e
     python benchmarks/compare_metrics.py --compare /work/metrics_before   # on the code after it
 
 ``--compare`` prints one line per arm (same, or the first differing fields) and exits 1 when any arm
-differs; equality is exact (the JSON numbers as written).
+differs; equality is exact (the JSON numbers as written). ``--dropped F ...`` names fields the change removes
+on purpose: each must have been logged before and must be absent after; every other field must be equal.
 """
 
 from __future__ import annotations
@@ -62,13 +63,18 @@ def run_arm(name: str, out: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in TIMING_FIELDS} for line in lines]
 
 
-def differences(before: list[dict], after: list[dict]) -> list[str]:
-    """Human-readable differences between two runs' metrics lines (empty: identical)."""
+def differences(before: list[dict], after: list[dict], dropped: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between two runs' metrics lines (empty: identical but for ``dropped``, fields
+    that were logged before and must not be after)."""
     if len(before) != len(after):
         return [f"{len(before)} lines before, {len(after)} after"]
     found = []
     for step, (a, b) in enumerate(zip(before, after), start=1):
-        for key in sorted(a.keys() | b.keys()):
+        for key in dropped:
+            if key not in a or key in b:
+                found.append(f"step {step}: '{key}' was {'not ' if key not in a else ''}logged before and is "
+                             f"{'still' if key in b else 'not'} logged after")
+        for key in sorted((a.keys() | b.keys()) - set(dropped)):
             if key not in b:
                 found.append(f"step {step}: '{key}' no longer logged")
             elif key not in a:
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--save", type=Path, metavar="DIR", help="write DIR/<arm>.json for every arm")
     action.add_argument("--compare", type=Path, metavar="DIR", help="compare every arm with DIR/<arm>.json")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run (default all)")
+    parser.add_argument("--dropped", nargs="+", default=[], metavar="FIELD",
+                        help="with --compare: fields logged before that the change removes on purpose")
     args = parser.parse_args(argv)
 
     import torch
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: saved {len(metrics)} steps", flush=True)
                 continue
             saved = json.loads((args.compare / f"{name}.json").read_text())
-            found = differences(saved, metrics)
+            found = differences(saved, metrics, tuple(args.dropped))
             failed += bool(found)
             print(f"{name}: {'same' if not found else 'DIFFERS: ' + '; '.join(found[:6])} "
                   f"({len(metrics)} steps, {len(metrics[0]) if metrics else 0} fields)", flush=True)
