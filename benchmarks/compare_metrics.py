@@ -28,23 +28,22 @@ COMMON = {"steps": "3", "prompts_per_step": "2", "group_size": "4", "max_new_tok
           "lr": "2e-3", "seed": "3", "micro_batch_size": "3", "checkpoint_every": "10"}
 """Settings of every arm: 3 steps of 2 organism prompts x 4 rollouts; micro-batches of 3 split the groups."""
 
+READING_ARMS: dict[str, dict[str, str]] = {
+    "attnpo": {"method": "attnpo"},
+    "attnpo_shuffled": {"method": "attnpo", "credit": "shuffled"},
+    "attnpo_oracle": {"method": "attnpo", "credit": "oracle"},
+    "preplan": {"method": "preplan"},
+    "anchor": {"method": "anchor"},
+    "coupled": {"method": "coupled"},
+}
+"""The arms whose strategy reads attention: each runs fused and, as "<arm>_unfused", with separate forwards."""
 ARMS: dict[str, dict[str, str]] = {
     "rloo": {"method": "rloo", "max_new_tokens": "170"},  # some responses cut: 0/1 rewards that differ
     "rloo_kl": {"method": "rloo", "max_new_tokens": "170", "kl_coef": "0.1", "estimator": "grpo"},
     "tlmre": {"method": "tlmre"},
-    "attnpo": {"method": "attnpo"},
-    "attnpo_shuffled": {"method": "attnpo", "credit": "shuffled"},
-    "attnpo_oracle": {"method": "attnpo", "credit": "oracle"},
-    "attnpo_unfused": {"method": "attnpo", "fused_scoring": "false"},
-    "attnpo_shuffled_unfused": {"method": "attnpo", "credit": "shuffled", "fused_scoring": "false"},
-    "attnpo_oracle_unfused": {"method": "attnpo", "credit": "oracle", "fused_scoring": "false"},
-    "preplan": {"method": "preplan"},
-    "anchor": {"method": "anchor"},
-    "coupled": {"method": "coupled"},
+    **READING_ARMS,
     "coupled_paper": {"method": "coupled", "rhythm_rule": "paper"},
-    "preplan_unfused": {"method": "preplan", "fused_scoring": "false"},
-    "anchor_unfused": {"method": "anchor", "fused_scoring": "false"},
-    "coupled_unfused": {"method": "coupled", "fused_scoring": "false"},
+    **{f"{name}_unfused": {**settings, "fused_scoring": "false"} for name, settings in READING_ARMS.items()},
 }
 """Arm name -> the settings it adds to ``COMMON`` (passed as ``--set key=value``)."""
 

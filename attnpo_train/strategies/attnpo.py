@@ -32,18 +32,8 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.strategies.base import NO_RESCALING, CreditBatch, CreditStrategy, StrategyFile, register
 from attnpo_train.truth import credit_precision
 from kfh_probe import (
-    AnswerRowRecorder,
-    InputError,
-    Rollouts,
-    SegmenterConfig,
-    align_generated,
-    answer_rows,
-    check_model_matches,
-    default_manifest_path,
-    load_manifest,
-    manifest_segmenter,
-    step_scores,
-    top_heads,
+    AnswerRowRecorder, InputError, Rollouts, SegmenterConfig, align_generated, answer_rows, check_model_matches,
+    default_manifest_path, load_manifest, manifest_segmenter, step_scores, top_heads,
 )
 
 CREDITS = ("attention", "shuffled", "oracle")

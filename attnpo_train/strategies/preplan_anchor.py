@@ -30,13 +30,7 @@ from torch import nn
 from attnpo_train.config import TrainConfig
 from attnpo_train.strategies.base import CreditBatch, CreditStrategy, StrategyFile, register
 from kfh_probe import (
-    RhythmHeads,
-    RhythmSignals,
-    Rollouts,
-    SignalRecorder,
-    default_rhythm_path,
-    heads_from_header,
-    model_shape,
+    RhythmHeads, RhythmSignals, Rollouts, SignalRecorder, default_rhythm_path, heads_from_header, model_shape,
     read_rhythm_header,
 )
 
