@@ -5,8 +5,8 @@ below for a few steps through ``attnpo-train run`` (the organism model, its task
 file; one CPU thread, so the float arithmetic is the same from run to run) and either saves every arm's
 ``metrics.jsonl`` or compares it with a saved copy, line by line and field by field, timing fields aside::
 
-    python benchmarks/compare_metrics.py --save /work/metrics_before      # on the code before the change
-    python benchmarks/compare_metrics.py --compare /work/metrics_before   # on the code after it
+    python benchmarks/compare_metrics.py --save ../metrics_before      # on the code before the change
+    python benchmarks/compare_metrics.py --compare ../metrics_before   # on the code after it
 
 ``--compare`` prints one line per arm (same, or the first differing fields) and exits 1 when any arm
 differs; equality is exact (the JSON numbers as written). ``--dropped F ...`` names fields the change removes
