@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from attnpo_train.config import TrainConfig
-from kfh_probe.errors import InputError
-from kfh_probe.io import atomic_write_json, atomic_write_jsonl
+from kfh_probe import InputError, atomic_write_json, atomic_write_jsonl
 
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring")
 """Config fields a resumed run may change; any other difference is refused (``fused_scoring`` changes
@@ -174,7 +173,7 @@ def save_final(model: nn.Module, tokenizer, out: str | Path, organism_task: str 
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if organism_task is not None:
-        from kfh_probe.organism import write_task_file
+        from kfh_probe import write_task_file
 
         write_task_file(tmp, organism_task)
     with deferred_interrupt():

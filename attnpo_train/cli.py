@@ -18,10 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from attnpo_train.config import METHODS
 from attnpo_train.evaluate import efficiency, evaluate
-from kfh_probe.errors import InputError, KFHError, report_error
-from kfh_probe.organism import DEFAULT_ORGANISM, ORGANISMS
+from attnpo_train.strategies import methods, strategy_class
+from kfh_probe import DEFAULT_ORGANISM, ORGANISMS, InputError, KFHError, report_error
 
 ORGANISM_EVAL_SEED = 7_000_001
 """Seed of the organism problems ``eval`` draws when no --data is given (apart from the build seeds)."""
@@ -32,18 +31,6 @@ _EFFICIENCY_HELP = (
     "the paper's two headline numbers with equal weight (1 point of accuracy = 1%% of length); "
     "0 for the base itself, > 0 better on balance"
 )
-
-
-def _organism_manifest(organism: str) -> Path:
-    from kfh_probe.organism import default_manifest_path
-
-    path = default_manifest_path(organism)
-    if not path.is_file():
-        raise InputError(
-            f"the organism's KFH manifest is missing ({path}): pass --manifest M "
-            "(make one with `kfh-probe sweep --out M`)"
-        )
-    return path
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -64,8 +51,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run_config(args: argparse.Namespace):
-    """The run's TrainConfig with the embedded organism filled in where no path was given."""
-    from attnpo_train.config import RHYTHM_METHODS, load_config
+    """The run's TrainConfig with the embedded organism and its files filled in where no path was given."""
+    from attnpo_train.config import load_config
 
     if args.config is not None and not Path(args.config).is_file():
         raise InputError(f"--config: no such file {args.config}")
@@ -76,16 +63,13 @@ def _run_config(args: argparse.Namespace):
         raise InputError("--organism names an embedded model; give it or --model, not both")
     organism = args.organism or DEFAULT_ORGANISM
     if is_organism:
-        from kfh_probe.organism import built_model_dir
+        from kfh_probe import built_model_dir
 
         updates["model"] = str(built_model_dir(organism))
-    if config.method == "attnpo" and config.manifest is None:
-        if not is_organism:
-            raise InputError("method 'attnpo' needs the KFH manifest of --model: pass --manifest M (make one with `kfh-probe sweep`)")
-        updates["manifest"] = str(_organism_manifest(organism))
-    if config.method in RHYTHM_METHODS and config.rhythm is None and not is_organism:
-        raise InputError(f"method {config.method!r} needs the rhythm heads of --model: pass --set rhythm=R.jsonl "
-                         "(make one with `kfh-probe rhythm --model DIR --traces F --out R.jsonl`)")
+    for need in strategy_class(config.method).files:
+        if getattr(config, need.setting) is None and not is_organism:
+            raise InputError(f"method {config.method!r} needs the {need.what} of --model: {need.how}")
+        updates[need.setting] = need.path(dataclasses.replace(config, **updates))
     if config.data is None and not is_organism:
         raise InputError("--model was given without --data: pass the training prompts with --data F (JSONL with prompt, answer)")
     return dataclasses.replace(config, **updates)
@@ -119,8 +103,7 @@ def _eval_prompts(args: argparse.Namespace):
     from attnpo_train.data import Prompt, load_prompts
 
     if args.data is None:
-        from kfh_probe.organism import task_of
-        from kfh_probe.organism.task import TASKS, generate_problems
+        from kfh_probe import TASKS, generate_problems, task_of
 
         problems = generate_problems(args.n or 100, ORGANISM_EVAL_SEED, TASKS[task_of(args.model)])
         return [Prompt(f"organism-eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
@@ -130,8 +113,7 @@ def _eval_prompts(args: argparse.Namespace):
 
 def _evaluations(path: str, prompts, args: argparse.Namespace) -> dict:
     """Greedy, and avg@K when --samples is given, of the model folder ``path``."""
-    from kfh_probe.grading import resolve_grader
-    from kfh_probe.loading import load_model, load_tokenizer
+    from kfh_probe import load_model, load_tokenizer, resolve_grader
 
     model, tokenizer = load_model(path, "float32", args.device), load_tokenizer(path)
     grader = resolve_grader(args.grader, organism=args.data is None)
@@ -186,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kfh_probe.loading import GGUF_FILE_HELP
+    from kfh_probe import GGUF_FILE_HELP
 
     parser = argparse.ArgumentParser(prog="attnpo-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="train a policy (checkpoints, resume, metrics.jsonl, final model in OUT/final)",
-        description="Train with RLOO (0/1 reward), TLMRE or AttnPO. Settings: the YAML of --config, then --set key=value, "
+        description="Train with a credit strategy (--method: RLOO's 0/1 reward, TLMRE, AttnPO, the Preplan-and-Anchor "
+        "strategies, or any registered one). Settings: the YAML of --config, then --set key=value, "
         "then the named flags. Without --model the embedded model organism is trained on its own task, with "
         "its shipped KFH manifest.",
     )
@@ -206,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="KFH manifest (required for attnpo unless the organism is trained)")
     run.add_argument("--data", help="JSONL of {prompt, answer, id?} (default: the organism's task generator)")
     run.add_argument("--out", help="output folder (default: runs/attnpo)")
-    run.add_argument("--method", choices=METHODS)
+    run.add_argument("--method", choices=methods(), help="the credit strategy (attnpo_train.strategies)")
     run.add_argument("--steps", type=int)
     run.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
@@ -247,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``attnpo-train`` command; a :class:`~kfh_probe.errors.KFHError` ends it with one line and exit code 2."""
-    from kfh_probe.loading import model_path
+    from kfh_probe import model_path
 
     args = build_parser().parse_args(argv)
     try:

@@ -16,19 +16,30 @@ from typing import Any
 
 import yaml
 
-from kfh_probe import InputError, Interval, NonEmpty, OneOf, Relation, SettingError, check_settings, coerce_setting, setting
-from kfh_probe.grading import GRADERS
+from kfh_probe import GRADERS, InputError, Interval, NonEmpty, OneOf, Relation, SettingError, check_settings, coerce_setting, setting
 
-METHODS = ("rloo", "tlmre", "attnpo", "preplan", "anchor", "coupled")
-RHYTHM_METHODS = ("preplan", "anchor", "coupled")
 RHYTHM_RULES = ("project", "paper")
-CREDITS = ("attention", "shuffled", "oracle")
 ESTIMATORS = ("rloo", "grpo")
 
 POSITIVE = Interval(0, None, closed="neither")
 NON_NEGATIVE = Interval(0, None)
 AT_LEAST_ONE = Interval(1, None)
 UNIT = Interval(0, 1)
+
+
+def _registered_methods() -> tuple[str, ...]:
+    """The method names the strategy registry knows, read when a config is checked."""
+    from attnpo_train.strategies import methods  # the strategies import this module
+
+    return methods()
+
+
+def _method_controls(method: str) -> tuple[str, ...]:
+    """The ``credit`` values ``method``'s strategy accepts (``("attention",)`` for a name it does not know,
+    which the ``method`` check reports)."""
+    from attnpo_train.strategies import methods, strategy_class
+
+    return strategy_class(method).controls if method in methods() else ("attention",)
 
 
 @dataclass
@@ -38,13 +49,13 @@ class TrainConfig:
     # --- algorithm -----------------------------------------------------------------------------
     method: str = setting(
         "attnpo",
-        '"rloo": 0/1 correctness reward (no length penalty; the group baseline is `estimator`\'s, RLOO by '
+        'The credit strategy (attnpo_train.strategies; any registered name). Built in: "rloo": 0/1 correctness reward (no length penalty; the group baseline is `estimator`\'s, RLOO by '
         'default); "tlmre": length-penalised reward; "attnpo": tlmre + stepwise advantage rescaling '
         '(section 6); "preplan", "anchor", "coupled": tlmre + the Preplan-and-Anchor credit strategies '
         "(docs/method.md): the advantage of the top `rhythm_top` share of tokens by WAAD rise, FAI, or their "
         'coupling is multiplied by `rhythm_gain` where it is non-negative (`rhythm_rule` "project"; "paper" '
         "follows the paper's rule instead).",
-        OneOf(METHODS),
+        OneOf(_registered_methods),
     )
     estimator: str = setting(
         "rloo", 'Group baseline: "rloo" (leave-one-out, the reference) or "grpo" (mean/std normalisation).',
@@ -81,14 +92,15 @@ class TrainConfig:
         'controls, for the embedded organism: "shuffled" permutes each response\'s scores among its own steps '
         '(same formula and fraction attenuated, no attention information); "oracle" scores steps by their '
         "ground-truth labels (redundant 0, essential above the baseline), the ceiling of this rescaling.",
-        OneOf(CREDITS),
-        Relation(lambda credit, config: credit == "attention" or config.method == "attnpo",
-                 "'attention' unless method is 'attnpo' (the controls replace AttnPO's step scores)"),
+        Relation(lambda credit, config: credit in _method_controls(config.method),
+                 "one of the method's controls ('attention'; 'attnpo' also 'shuffled' and 'oracle', which replace "
+                 "its step scores)"),
     )
     rhythm: str | None = setting(
         None,
         "kfh-probe rhythm file whose header gives the local and global heads, W and the FAI range of the "
-        "rhythm methods; null uses the organism's (kfh_probe/data/organism_rhythm.jsonl).",
+        "rhythm methods; null uses the organism's (kfh_probe/data/organism_rhythm.jsonl, organism_v5_rhythm.jsonl "
+        "for a v5 folder).",
     )
     rhythm_top: float = setting(
         0.4, "Share of a response's tokens the rhythm methods credit (top by the signal).",
@@ -99,7 +111,7 @@ class TrainConfig:
         "project",
         'Which token rule the rhythm methods follow: "project" (docs/method.md section 8) or "paper" (the '
         "paper's: preplan by |WAAD_t - WAAD_{t+1}|, coupled credit back-allocated from locally dominated "
-        "anchors to their introductory token, negative advantages scaled too; attnpo_train.rhythm.PaperRule).",
+        "anchors to their introductory token, negative advantages scaled too; attnpo_train.strategies.preplan_anchor.PaperRule).",
         OneOf(RHYTHM_RULES),
     )
     rhythm_alpha: float = setting(
@@ -126,11 +138,6 @@ class TrainConfig:
     )
 
     # --- policy loss ---------------------------------------------------------------------------
-    clip_eps: float = setting(0.2, "PPO clip range (0.2 in the reference).", Interval(0, 1, closed="neither"))
-    dual_clip: float = setting(
-        3.0, "Dual-clip constant c: for A < 0 the per-token loss is capped at -c A (3 in the reference).",
-        Interval(1, None, closed="neither"),
-    )
     kl_coef: float = setting(
         0.0, "Coefficient of the k3 KL penalty against the initial policy (0 in the reference: no KL).", NON_NEGATIVE
     )

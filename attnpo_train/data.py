@@ -7,8 +7,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kfh_probe.errors import InputError, listed
-from kfh_probe.io import jsonl_records
+from kfh_probe import InputError, jsonl_records, listed
 
 
 class DataError(InputError):
@@ -70,7 +69,7 @@ class PromptSource:
     def draw(self, rng: random.Random, k: int) -> list[Prompt]:
         """``k`` prompts, a pure function of ``rng``'s state (which it advances)."""
         if self.prompts is None:
-            from kfh_probe.organism.task import TASKS, generate_problem
+            from kfh_probe import TASKS, generate_problem
 
             problems = [generate_problem(rng, TASKS[self.task]) for _ in range(k)]
             return [Prompt(f"organism-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]

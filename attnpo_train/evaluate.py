@@ -28,8 +28,7 @@ from torch import nn
 
 from attnpo_train.data import Prompt
 from attnpo_train.truth import mean_accounting, step_accounting
-from kfh_probe.grading import is_correct
-from kfh_probe.sampling import generate_rollouts
+from kfh_probe import generate_rollouts, is_correct
 
 AES_WEIGHTS = {"gain": 3.0, "loss": 5.0}
 """O1-Pruner's AES weights: accuracy gains count 3x, losses 5x (relative to the base's accuracy)."""

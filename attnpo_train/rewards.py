@@ -4,15 +4,17 @@ Method page (docs/method.md), section 5; paper: "AttnPO" (arXiv 2602.09953). The
 TLMRE form the authors' code uses: a correct response earns 1 minus a length penalty that depends on
 where its length sits among the group's correct responses; an incorrect response earns 0.
 
-Whether a response is correct is the probe's rule (``kfh_probe.grading``: the last ``\\boxed{}`` after
+Whether a response is correct is the probe's rule (``kfh_probe.is_correct``: the last ``\\boxed{}`` after
 the marker, compared with the ``"math-verify"`` or ``"exact"`` grader), so probe and trainer grade alike.
+``rollout_correctness`` and ``tlmre_rewards`` apply the two rules to a training step's rollouts.
 """
 
 from collections.abc import Sequence
 
 import torch
 
-from kfh_probe.grading import is_correct
+from attnpo_train.config import TrainConfig
+from kfh_probe import Rollouts, is_correct, resolve_grader
 
 
 def correctness(
@@ -71,3 +73,21 @@ def length_penalised_rewards(
     penalty = alpha_len * torch.sigmoid((correct_lengths - mu) / (sigma + 1e-8))
     rewards[is_correct] = 1.0 - penalty
     return rewards
+
+
+def rollout_correctness(rollouts: Rollouts, answers: Sequence[str], config: TrainConfig) -> torch.Tensor:
+    """[P, G] float32 0/1 correctness of a step's rollouts: the boxed answer after ``config.marker`` matches the
+    prompt's reference ``answers[p]`` (``config.grader``; "auto": exact on the organism's task) and the response
+    ended with EOS (one cut at ``max_new_tokens`` is incorrect)."""
+    g = rollouts.group_size
+    grader = resolve_grader(config.grader, organism=config.data is None)
+    finished = torch.tensor(rollouts.finished, dtype=torch.float32).view(len(answers), g)
+    return torch.stack(
+        [correctness(rollouts.texts[i * g : (i + 1) * g], a, config.marker, grader) for i, a in enumerate(answers)]
+    ) * finished
+
+
+def tlmre_rewards(correct: torch.Tensor, rollouts: Rollouts, alpha_len: float) -> torch.Tensor:
+    """[P, G] float32 ``length_penalised_rewards`` of every group of a step's rollouts (``correct`` [P, G])."""
+    lengths = rollouts.response_lengths.view(correct.shape)
+    return torch.stack([length_penalised_rewards(correct[i], lengths[i], alpha_len) for i in range(len(correct))])

@@ -12,13 +12,14 @@ generation in colocate or server mode) and swap two classes::
 What the subclass changes, and nothing else:
 
 - ``_generate_and_score_completions`` calls TRL's, then replaces its sequence advantages ``[completion]``
-  with per-token advantages ``[completion, completion_token]`` computed by the single-machine trainer's
-  functions: the rewards (correctness and the TLMRE length penalty), the group advantages, then
-  AttnPO's step rescaling or a Preplan-and-Anchor credit. The same completions and weights give the
-  single-machine trainer's advantages.
-- The heads' attention is read during TRL's no-grad old-logps forward when TRL runs one
-  (``old_logps_forward``), else during a no-grad forward of its own, stopped after the deepest head's
-  layer. Both give the same advantages up to float rounding, except under mixed precision, where
+  with per-token advantages ``[completion, completion_token]`` from the single-machine trainer's credit
+  strategy (``attnpo_train.strategies``, one registry lookup by ``attnpo_method``): correctness, the
+  strategy's rewards (TLMRE by default), the group advantages, then the strategy's ``prepare``, its reading
+  of the attention and its ``token_advantages``. The same completions and weights give the single-machine
+  trainer's advantages.
+- The strategy reads the attention during TRL's no-grad old-logps forward when TRL runs one
+  (``old_logps_forward``), else in no-grad forwards of its own (``read_separately``), stopped after its
+  deepest layer. Both give the same advantages up to float rounding, except under mixed precision, where
   TRL's forward runs under autocast (``docs/trl/README.md`` has the table).
 - ``_generate`` is wrapped only to keep the unpadded prompt and completion ids it returns, whatever
   produced them (HF generate, continuous batching, vLLM).
@@ -26,8 +27,8 @@ What the subclass changes, and nothing else:
   reward that drives the advantages is logged as ``attnpo/reward``.
 
 Distributed data: a prompt group of ``num_generations`` completions may span ranks. Every rank gathers
-the ids and answers of the whole generation batch, computes rewards and group advantages of all of it,
-reads the attention of its own completions (the expensive forward is split across ranks), gathers the
+the ids and answers of the whole generation batch, computes rewards and group advantages of all of it
+and prepares the strategy with it, reads the attention of its own completions (the expensive forward is split across ranks), gathers the
 results, computes the per-token advantages of the whole batch and keeps its slice. All ranks hold the
 same numbers, so the logged ``attnpo/*`` metrics are those of the global batch.
 
@@ -42,7 +43,6 @@ import dataclasses
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,28 +52,13 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from attnpo_train.advantages import group_advantages
-from attnpo_train.config import RHYTHM_METHODS, TrainConfig
-from attnpo_train.credit import (
-    StepRating,
-    answer_row_recorder,
-    rate_steps,
-    rescale_rollouts,
-    rollout_rewards,
-    scored_rating,
-)
-from attnpo_train.rhythm import needs_signals, paper_rule, rhythm_advantages, rollout_signals
-from attnpo_train.data import Prompt
-from attnpo_train.rewards import correctness
-from kfh_probe.capture import attention_calls, attention_modules
+from attnpo_train.config import TrainConfig
+from attnpo_train.rewards import correctness, rollout_correctness
+from attnpo_train.strategies import CreditBatch, read_separately, strategy_class
 from kfh_probe import (
-    OneOf, Relation, SettingError, check_model_matches, check_settings, help_of, load_manifest, manifest_segmenter,
-    pad_token_id, top_heads,
+    InputError, ManifestMismatchError, Relation, Rollouts, SettingError, attention_modules, check_settings,
+    decode_responses, help_of, pad_token_id, resolve_grader,
 )
-from kfh_probe.errors import InputError
-from kfh_probe.grading import resolve_grader
-from kfh_probe.manifest import ManifestMismatchError
-from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals, SignalRecorder
-from kfh_probe.sampling import Rollouts, decode_responses
 
 ANSWER_COLUMN = "answer"
 """Dataset column with each prompt's reference final answer."""
@@ -88,15 +73,17 @@ TRAIN_SETTINGS = (
 own fields stand for the others: ``num_generations`` is the group size, ``learning_rate``, ``max_steps``,
 ``temperature``, ``max_completion_length``, ``epsilon`` (the clip) and ``beta`` (the KL coefficient)."""
 ADAPTER_CONSTRAINTS = {
-    "method": (OneOf(("attnpo", *RHYTHM_METHODS)),),
-    "manifest": (Relation(lambda manifest, config: manifest is not None or config.method != "attnpo",
-                          "given when attnpo_method is 'attnpo' (the KFH manifest of the policy's base model)"),),
-    "rhythm": (Relation(lambda rhythm, config: rhythm is not None or config.method not in RHYTHM_METHODS,
-                        f"given when attnpo_method is one of {', '.join(RHYTHM_METHODS)} (a kfh-probe rhythm file "
-                        "of the policy's base model)"),),
+    name: (Relation(lambda path, config, name=name: path is not None or not _reads(config.method, name),
+                    f"given when attnpo_method's strategy reads it (the {what} of the policy's base model)"),)
+    for name, what in (("manifest", "KFH manifest"), ("rhythm", "kfh-probe rhythm file"))
 }
-"""What the adapter asks of those settings beyond ``TrainConfig``'s constraints: the per-token strategies
-only, and the heads' file named (the organism's default files are the single-machine trainer's)."""
+"""What the adapter asks of those settings beyond ``TrainConfig``'s constraints: every file the strategy
+reads named (the organism's default files are the single-machine trainer's)."""
+
+
+def _reads(method: str, setting: str) -> bool:
+    """Whether ``method``'s strategy reads the file named by ``setting`` (``CreditStrategy.files``)."""
+    return any(need.setting == setting for need in strategy_class(method).files)
 
 
 def _train_settings(cls: type) -> type:
@@ -120,8 +107,8 @@ class AttnPOConfig(GRPOConfig):
     Each AttnPO field is the ``attnpo_train.config.TrainConfig`` setting named without the ``attnpo_`` prefix
     (``TRAIN_SETTINGS``), with its type, default, help and constraints (the prefix keeps them apart from
     ``GRPOConfig.beta``, the KL coefficient, and ``GRPOConfig.delta``, the two-sided clip). The adapter
-    also needs ``attnpo_method`` to be "attnpo" (with ``attnpo_manifest``) or a Preplan-and-Anchor method
-    (with ``attnpo_rhythm``), and the group size is ``num_generations``. Grader "auto" is math-verify here: the
+    also needs every file of ``attnpo_method``'s strategy named (``attnpo_manifest`` for "attnpo",
+    ``attnpo_rhythm`` for a Preplan-and-Anchor method), and the group size is ``num_generations``. Grader "auto" is math-verify here: the
     prompts come from a dataset. TRL's defaults already match the method page's policy loss: PPO clip
     ``epsilon=0.2``, token-mean ``loss_type="dapo"``, no KL (``beta=0.0``), no entropy bonus; TRL has no
     dual clip, which only acts off-policy (``num_iterations > 1`` or asynchronous generation).
@@ -160,9 +147,10 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         eval_dataset, processing_class, callbacks, optimizers, peft_config: as in ``GRPOTrainer``.
     Raises:
         kfh_probe.manifest.ManifestError: an unreadable or invalid manifest.
-        kfh_probe.manifest.ManifestMismatchError: a manifest made for another model.
+        kfh_probe.ManifestMismatchError: a manifest made for another model.
         kfh_probe.capture.UnsupportedModelError: an architecture whose attention cannot be captured.
-        kfh_probe.errors.InputError: a dataset without an ``answer`` column, more heads asked for than ranked.
+        kfh_probe.InputError: a dataset without an ``answer`` column, more heads asked for than ranked, a rhythm
+            file of another model.
         NotImplementedError: FSDP (use DeepSpeed ZeRO).
     """
 
@@ -183,10 +171,8 @@ class AttnPOGRPOTrainer(GRPOTrainer):
             columns = getattr(dataset, "column_names", None)
             if isinstance(columns, list) and ANSWER_COLUMN not in columns:
                 raise InputError(f"{name} needs an '{ANSWER_COLUMN}' column (reference answers); it has {columns}")
-        # refuse a bad file before loading any weights
-        manifest = load_manifest(args.attnpo_manifest) if args.attnpo_method == "attnpo" else None
-        self._attnpo_heads = [] if manifest is None else top_heads(manifest, args.attnpo_top_n_heads)
-        self._attnpo_segmenter = None if manifest is None else manifest_segmenter(manifest, Path(args.attnpo_manifest).name)
+        config = args.to_train_config(args.num_generations)
+        self._attnpo_strategy = strategy_class(config.method)(config)  # refuses a bad file before loading weights
         super().__init__(
             model=model,
             reward_funcs=[self.attnpo_correct],
@@ -200,27 +186,26 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         )
         if self._dist.is_fsdp:
             raise NotImplementedError(
-                "AttnPOGRPOTrainer does not support FSDP yet (the per-rank KFH forward would need FSDP's collective "
-                "parameter gathering in lockstep); use DeepSpeed ZeRO-2 or ZeRO-3"
+                "AttnPOGRPOTrainer does not support FSDP yet (the per-rank attention forward would need FSDP's "
+                "collective parameter gathering in lockstep); use DeepSpeed ZeRO-2 or ZeRO-3"
             )
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         attention_modules(policy)  # UnsupportedModelError, by name, for attention the probe cannot capture
-        self._attnpo_rhythm = None if manifest is not None else PreplanAnchorHeads.from_file(args.attnpo_rhythm, policy)
         try:
-            if manifest is not None:
-                check_model_matches(manifest, policy, args.attnpo_allow_finetuned, gather_params=self._dist.gather_params)
+            self._attnpo_strategy.attach(policy, self._tokenizer, gather_params=self._dist.gather_params)
         except ManifestMismatchError as err:
             raise ManifestMismatchError(f"{err} (AttnPOConfig: attnpo_allow_finetuned=True)") from None
         self._attnpo_pad_id = pad_token_id(self._tokenizer)
         self._attnpo_generated: tuple[list[list[int]], list[list[int]]] | None = None
         self._attnpo_answers: list[Any] | None = None  # this rank's answers while a batch is generated and scored
-        # ratings (attnpo) or rhythm signals read off TRL's old-logps forward
-        self._attnpo_captured: list[StepRating | None] | list[RhythmSignals] | None = None
+        self._attnpo_rows: range | None = None  # this rank's rows of the prepared global batch
+        self._attnpo_rewards: torch.Tensor | None = None  # [P, G] rewards of the prepared global batch
+        self._attnpo_observed = False  # whether the strategy watched TRL's old-logps forward of the batch
 
     def attnpo_correct(self, completion_ids: list[list[int]], answer: list[Any], **_: Any) -> list[float]:
         """TRL reward function: 1.0 when a completion ended with EOS and its boxed answer after the marker
         matches the reference (``attnpo_train.rewards.correctness``), else 0.0. Feeds only TRL's own
-        ``reward`` metrics; the advantages come from ``attnpo_advantages``."""
+        ``reward`` metrics; the advantages come from the credit strategy."""
         _, texts, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
         config = self.args.to_train_config(self.num_generations)
         marker, grader = config.marker, config.grader
@@ -241,84 +226,80 @@ class AttnPOGRPOTrainer(GRPOTrainer):
 
     def old_logps_forward(self) -> bool:
         """Whether TRL runs a no-grad policy forward for ``old_per_token_logps`` (TRL 1.x's own condition);
-        then the step scores are read off it, else they take a forward of their own."""
+        then the strategy reads the attention off it, else it takes forwards of its own."""
         generate_every = self.args.steps_per_generation * self.num_iterations
         return self.args.gradient_accumulation_steps % generate_every != 0 or (
             self.use_vllm and self.vllm_importance_sampling_correction
         )
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """TRL's, recording the heads' attention of this rank's completions when it is the no-grad old-logps
-        forward of ``_generate_and_score_completions``: the top-N heads' answer rows of the correct
-        completions (AttnPO), or WAAD and FAI of every completion (the rhythm methods). A policy in training
-        mode with attention dropout is not recorded; the separate eval-mode forward reads it instead."""
+        """TRL's, watched by the credit strategy when it is the no-grad ``old_per_token_logps`` forward of
+        ``_generate_and_score_completions`` (the first no-grad call on the policy there, made only when
+        ``old_logps_forward()``, on every rank alike). The batch is prepared first (``attnpo_prepare``,
+        collective). Not watched: a strategy that reads no attention, and a policy in training mode with
+        attention dropout (the strategy then takes its own eval-mode forwards)."""
         policy = _base_model(self.accelerator.unwrap_model(self.model))
         dropout = self.model.training and getattr(policy.config, "attention_dropout", 0.0)
-        if ((not self._attnpo_heads and self._attnpo_rhythm is None) or self._attnpo_answers is None
-                or self._attnpo_generated is None or self._attnpo_captured is not None or torch.is_grad_enabled()
-                or model is not self.model or not self.old_logps_forward() or dropout):
+        if (not self._attnpo_strategy.layers or self._attnpo_answers is None or self._attnpo_generated is None
+                or self._attnpo_observed or torch.is_grad_enabled() or model is not self.model
+                or not self.old_logps_forward() or dropout):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
-        prompt_ids, completion_ids = self._attnpo_generated
-        trimmed, _, finished = decode_responses(self._tokenizer, completion_ids, set(self.eos_token_ids))
+        rows = self.attnpo_prepare()
         width = input_ids.shape[1] - logits_to_keep  # prompts are left-padded to this width
-        offsets = [width - len(ids) for ids in prompt_ids]
-        if self._attnpo_rhythm is not None:  # the signals of every completion: which ones need them is not known yet
-            probe = self._attnpo_rhythm
-            recorder = SignalRecorder(probe.heads, [width] * len(trimmed), [width + len(r) for r in trimmed],
-                                      probe.window, probe.fai_range, offsets=offsets)
-            with attention_calls(policy, probe.heads.layers, recorder):
-                result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                                    *args, **kwargs)
-            recorder.check_reported(policy)
-            self._attnpo_captured = recorder.signals()
-            return result
-        correct = torch.tensor(self.attnpo_correct(completion_ids, self._attnpo_answers))
-        local = Rollouts(1, prompt_ids, trimmed, [""] * len(trimmed), finished)
-        config = self.args.to_train_config(self.num_generations)
-        ratings = rate_steps(None, self._tokenizer, local, correct, self._attnpo_heads, config, self._attnpo_pad_id,
-                             score=False, segmenter=self._attnpo_segmenter)
-        heads: dict[int, list[int]] = {}
-        for layer, head in self._attnpo_heads:
-            heads.setdefault(layer, []).append(head)
-        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, trimmed)]
-        recorder = answer_row_recorder(ratings, lengths, offsets, input_ids.shape, heads, input_ids.device)
-        with attention_calls(policy, sorted(heads), recorder):
+        offsets = [width - len(ids) for ids in self._attnpo_generated[0]]
+        with self._attnpo_strategy.observe(policy, list(rows), input_ids, offsets):
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                                 *args, **kwargs)
-        if any(r is not None for r in ratings):
-            recorder.check_reported(policy)
-            picked = torch.stack([recorder.results[l][:, heads[l].index(h)] for l, h in self._attnpo_heads], dim=1)
-            ratings = [None if r is None else scored_rating(r, picked[b, :, offsets[b] : offsets[b] + lengths[b]],
-                                                            len(prompt_ids[b])) for b, r in enumerate(ratings)]
-        self._attnpo_captured = ratings
+        self._attnpo_observed = True
         return result
 
+    def attnpo_prepare(self) -> range:
+        """Rewards and group advantages of the whole generation batch, and the strategy prepared with them,
+        once per batch (collective: every rank must call it); returns this rank's rows of the global batch.
+
+        The global batch is the ranks' rows in rank order, each prompt's G completions consecutive (G is
+        ``num_generations``, or ``num_generations_eval`` in evaluation)."""
+        if self._attnpo_rows is not None:
+            return self._attnpo_rows
+        prompt_ids, completion_ids = self._attnpo_generated
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        all_prompt_ids = gather_object(prompt_ids)
+        all_completion_ids = gather_object(completion_ids)
+        all_answers = gather_object([str(a) for a in self._attnpo_answers])
+        if len(all_completion_ids) % group_size:
+            raise RuntimeError(f"{len(all_completion_ids)} completions do not form groups of {group_size}")
+        rollouts = Rollouts(group_size, all_prompt_ids,
+                            *decode_responses(self._tokenizer, all_completion_ids, set(self.eos_token_ids)))
+        strategy = self._attnpo_strategy
+        correct = rollout_correctness(rollouts, all_answers[::group_size], strategy.config)
+        self._attnpo_rewards = strategy.rewards(correct, rollouts)
+        advantages = group_advantages(self._attnpo_rewards, strategy.config.estimator)
+        strategy.prepare(CreditBatch(rollouts, correct, advantages, self.state.global_step))
+        start = self.accelerator.process_index * len(completion_ids)
+        self._attnpo_rows = range(start, start + len(completion_ids))
+        return self._attnpo_rows
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's generation and scoring, then ``advantages`` [B] -> AttnPO per-token advantages [B, T_completion]."""
+        """TRL's generation and scoring, then ``advantages`` [batch] -> per-token advantages [batch, completion_token]."""
         self._attnpo_generated = None
         self._attnpo_answers = [row[ANSWER_COLUMN] for row in inputs]
-        self._attnpo_captured = None
+        self._attnpo_rows = None
+        self._attnpo_observed = False
         try:
             output = super()._generate_and_score_completions(inputs)
+            if self._attnpo_generated is None:
+                raise RuntimeError("TRL's _generate_and_score_completions did not call _generate; unsupported TRL version")
+            if not len(self._attnpo_generated[0]) == len(self._attnpo_generated[1]) == len(inputs):
+                raise RuntimeError(
+                    f"expected one completion per input row; got {len(inputs)} rows, {len(self._attnpo_generated[0])} "
+                    f"prompts, {len(self._attnpo_generated[1])} completions (tools and rollout functions are not supported)"
+                )
+            token_advantages, metrics = self.attnpo_advantages()
         finally:
             self._attnpo_answers = None
-        captured, self._attnpo_captured = self._attnpo_captured, None
-        if self._attnpo_generated is None:
-            raise RuntimeError("TRL's _generate_and_score_completions did not call _generate; unsupported TRL version")
-        prompt_ids, completion_ids = self._attnpo_generated
-        self._attnpo_generated = None
-        if not len(prompt_ids) == len(completion_ids) == len(inputs):
-            raise RuntimeError(
-                f"expected one completion per input row; got {len(inputs)} rows, {len(prompt_ids)} prompts, "
-                f"{len(completion_ids)} completions (tools and rollout functions are not supported)"
-            )
+            self._attnpo_generated = None
         mode = "train" if self.model.training else "eval"
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        token_advantages, sequence_advantages, metrics = self.attnpo_advantages(
-            prompt_ids, completion_ids, [row[ANSWER_COLUMN] for row in inputs], group_size, self.state.global_step,
-            captured,
-        )
         width = output["completion_ids"].shape[1]
         advantages = torch.zeros((len(token_advantages), width), dtype=torch.float32)
         for b, values in enumerate(token_advantages):
@@ -326,90 +307,41 @@ class AttnPOGRPOTrainer(GRPOTrainer):
         output["advantages"] = advantages.to(output["completion_ids"].device)
         for name, value in metrics.items():
             self._metrics[mode][f"attnpo/{name}"].append(value)
+        sequence_advantages = self._attnpo_strategy.batch.advantages.reshape(-1).tolist()
         logged = self._logs["advantages"]  # the completions table shows the advantages that are used
         for _ in range(min(len(sequence_advantages), len(logged))):
             logged.pop()
         logged.extend(sequence_advantages)
         return output
 
-    def attnpo_advantages(
-        self,
-        prompt_ids: list[list[int]],
-        completion_ids: list[list[int]],
-        answers: list[Any],
-        group_size: int,
-        step: int,
-        captured: list[StepRating | None] | list[RhythmSignals] | None = None,
-    ) -> tuple[list[torch.Tensor], list[float], dict[str, float]]:
-        """AttnPO (or rhythm-strategy) per-token advantages of this rank's completions; every rank must call it
-        (collective). For the rhythm methods each rank computes the WAAD/FAI of its own positive-advantage
-        completions (``rollout_signals``) and the signals are gathered before ``rhythm_advantages``.
+    def attnpo_advantages(self) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The credit strategy's per-token advantages of this rank's completions; every rank must call it
+        (collective). Each rank reads the attention of its own completions (off TRL's old-logps forward, or in
+        forwards of its own), the readings are gathered, and every rank hands out the whole batch's advantages.
 
-        Args:
-            prompt_ids, completion_ids, answers: this rank's B rows, unpadded, in TRL's order (the global
-                batch is the ranks' rows in rank order, each prompt's G completions consecutive).
-            group_size: G.
-            step: completed optimizer steps (the attenuation schedule's step).
-            captured: this rank's B ratings (rhythm methods: signals) read off TRL's old-logps forward; None runs
-                the scoring forward.
         Returns:
-            (B float32 tensors [len(completion_ids[b])], the outcome advantages A_i of the whole batch
-             (for TRL's completions table), metrics of the whole batch: "reward", "accuracy",
-             "advantage_abs_mean", then "rescaled_responses", "frac_attenuated", "mean_gamma" (attnpo) or
-             "amplified_frac" (rhythm methods)).
+            (this rank's B float32 tensors [completion_len_b], metrics of the whole batch: "reward", "accuracy",
+             "advantage_abs_mean", then the strategy's ``metrics``).
         """
-        config = self.args.to_train_config(group_size)
-        all_prompt_ids = gather_object(prompt_ids)
-        all_completion_ids = gather_object(completion_ids)
-        all_answers = gather_object([str(a) for a in answers])
-        if len(all_completion_ids) % group_size:
-            raise RuntimeError(f"{len(all_completion_ids)} completions do not form groups of {group_size}")
-        trimmed, texts, finished = decode_responses(self._tokenizer, all_completion_ids, set(self.eos_token_ids))
-        rollouts = Rollouts(group_size, all_prompt_ids, trimmed, texts, finished)
-        prompts = [Prompt(str(i), "", all_answers[i * group_size]) for i in range(len(trimmed) // group_size)]
-        correct, rewards = rollout_rewards(rollouts, prompts, config)
-        advantages = group_advantages(rewards, config.estimator)
-
-        start = self.accelerator.process_index * len(completion_ids)
-        local = slice(start, start + len(completion_ids))
-        local_rollouts = Rollouts(group_size, all_prompt_ids[local], trimmed[local], texts[local], finished[local])
-        metrics = {
-            "reward": float(rewards.mean()),
-            "accuracy": float(correct.mean()),
-            "advantage_abs_mean": float(advantages.abs().mean()),
-        }
-        if config.method in RHYTHM_METHODS:
-            # this rank's rows that need signals, then every rank's signals by global rollout index
-            paper = paper_rule(config)
-            needed = [i for i, a in enumerate(advantages.reshape(-1)[local].tolist()) if needs_signals(a, paper)]
-            if captured is not None:
-                mine = {i: captured[i] for i in needed}
-            elif needed:
-                with self._scoring_model() as model:
-                    mine = rollout_signals(model, local_rollouts, needed, self._attnpo_rhythm, self._attnpo_pad_id,
-                                           config.micro_batch_size)
-            else:
-                mine = {}
-            signals = dict(gather_object([(start + i, s) for i, s in mine.items()]))
-            token_advantages, stats = rhythm_advantages(
-                advantages, rollouts, signals, config.method, config.rhythm_top, config.rhythm_gain, paper
-            )
-            return token_advantages[local], advantages.reshape(-1).tolist(), {**metrics, "amplified_frac": stats["amplified_frac"]}
-        ratings = captured
-        if ratings is None:
+        strategy = self._attnpo_strategy
+        rows = self.attnpo_prepare()
+        if strategy.layers and not self._attnpo_observed:
             with self._scoring_model() as model:
-                ratings = rate_steps(
-                    model, self._tokenizer, local_rollouts, correct.reshape(-1)[local], self._attnpo_heads, config,
-                    self._attnpo_pad_id, segmenter=self._attnpo_segmenter,
-                )
-        ratings = gather_object(ratings)
-        token_advantages, stats = rescale_rollouts(rollouts, correct, advantages, ratings, step, config)
-        metrics.update({k: stats[k] for k in ("rescaled_responses", "frac_attenuated", "mean_gamma")})
-        return token_advantages[local], advantages.reshape(-1).tolist(), metrics
+                read_separately(strategy, model, self._attnpo_pad_id, strategy.config.micro_batch_size, rows)
+        strategy.readings.update(gather_object([(i, strategy.readings[i]) for i in rows if i in strategy.readings]))
+        batch = strategy.batch
+        token_advantages = strategy.token_advantages(list(range(len(batch.rollouts.response_ids))))
+        metrics = {
+            "reward": float(self._attnpo_rewards.mean()),
+            "accuracy": float(batch.correct.mean()),
+            "advantage_abs_mean": float(batch.advantages.abs().mean()),
+            **strategy.metrics(),
+        }
+        return token_advantages[rows.start : rows.stop], metrics
 
     @contextlib.contextmanager
     def _scoring_model(self) -> Iterator[nn.Module]:
-        """The current policy as a plain module in eval mode, for the no-grad KFH forward: unwrapped with
+        """The current policy as a plain module in eval mode, for the strategy's no-grad forwards: unwrapped with
         TRL's ``unwrap_model_for_generation``, ZeRO-3 shards always gathered (per-rank forwards of different
         lengths cannot share ZeRO-3's per-layer gathering), gradient checkpointing off for the block."""
         with unwrap_model_for_generation(

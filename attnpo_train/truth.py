@@ -10,12 +10,13 @@ cannot read: a prompt that is not an organism prompt, or a response without exac
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 import torch
 
-from kfh_probe.organism.labeler import REDUNDANT_KINDS, TraceFormatError, label_trace, step_accounting
+from kfh_probe import REDUNDANT_KINDS, Rollouts, TraceFormatError, label_trace, step_accounting
 
-__all__ = ["ACCOUNT_KEYS", "credit_precision", "mean_accounting", "rated_step_truth", "step_accounting"]
+__all__ = ["ACCOUNT_KEYS", "GroundTruth", "credit_precision", "mean_accounting", "rated_step_truth", "step_accounting"]
 
 ACCOUNT_KEYS = ("essential_steps", "redundant_steps", *REDUNDANT_KINDS, "missing_essential", "skipped_reread")
 """The per-response step counts that training metrics and evaluation report (means over responses)."""
@@ -29,6 +30,42 @@ def mean_accounting(accounts: list[dict[str, int] | None]) -> dict[str, float] |
         return None
     means = {key: statistics.fmean(a[key] for a in readable) for key in ACCOUNT_KEYS}
     return {**means, "labelled_fraction": len(readable) / len(accounts)}
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What the organism's labeler reads in one training step's responses.
+
+    Attributes:
+        prompt_texts: P*G prompt texts, one per rollout.
+        accounting: ``mean_accounting`` of the responses (at least one is readable).
+    """
+
+    prompt_texts: list[str]
+    accounting: dict[str, float]
+
+    @classmethod
+    def read(cls, prompt_texts: list[str], rollouts: Rollouts) -> "GroundTruth | None":
+        """The ground truth of ``rollouts``, or None when the labeler can read none of the responses."""
+        accounting = mean_accounting([step_accounting(p, r) for p, r in zip(prompt_texts, rollouts.texts)])
+        return None if accounting is None else cls(prompt_texts, accounting)
+
+    def rated_steps(self, tokenizer, rollouts: Rollouts, spans: list[list[tuple[int, int]] | None]) -> list[list[bool] | None]:
+        """``rated_step_truth`` of every rollout's rated steps (None where it has none or is unreadable).
+
+        Args:
+            spans: per rollout, its rated steps as token spans [start, end) relative to the response, or None.
+        """
+        truth: list[list[bool] | None] = []
+        for i, steps in enumerate(spans):
+            if steps is None:
+                truth.append(None)
+                continue
+            ids = rollouts.response_ids[i]
+            ranges = [(len(tokenizer.decode(ids[:a], skip_special_tokens=False)),
+                       len(tokenizer.decode(ids[:b], skip_special_tokens=False))) for a, b in steps]
+            truth.append(rated_step_truth(self.prompt_texts[i], rollouts.texts[i], ranges))
+        return truth
 
 
 def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, int]]) -> list[bool] | None:
@@ -53,26 +90,6 @@ def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, in
             essential_ranges.append((pos, pos + len(step["text"])))
         pos += len(step["text"])
     return [any(a < end and start < b for a, b in essential_ranges) for start, end in step_ranges]
-
-
-def ratings_truth(tokenizer, rollouts, ratings: list, prompt_texts: list[str]) -> list[list[bool] | None]:
-    """``rated_step_truth`` of every rated rollout (None where a rollout has no rating or is unreadable).
-
-    Args:
-        rollouts: a step's ``kfh_probe.sampling.Rollouts``.
-        ratings: P*G entries from ``attnpo_train.credit.rate_steps`` (token spans relative to the response).
-        prompt_texts: P*G prompt texts.
-    """
-    truth: list[list[bool] | None] = []
-    for i, rating in enumerate(ratings):
-        if rating is None:
-            truth.append(None)
-            continue
-        ids = rollouts.response_ids[i]
-        ranges = [(len(tokenizer.decode(ids[:a], skip_special_tokens=False)),
-                   len(tokenizer.decode(ids[:b], skip_special_tokens=False))) for a, b in rating.spans]
-        truth.append(rated_step_truth(prompt_texts[i], rollouts.texts[i], ranges))
-    return truth
 
 
 def credit_precision(

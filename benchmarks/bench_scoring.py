@@ -5,15 +5,15 @@ Three updates of the same rollouts, from the group advantages to the gradient le
 (``attnpo_train.loop.accumulate_policy_gradient``), timed in turns, each round in a rotated order, so
 that load on the machine hits all three alike:
 
-  tlmre:    uniform per-token advantages, then the update;
-  unfused:  AttnPO with the separate no-grad scoring forward (``attnpo_token_advantages``, as with
-            ``fused_scoring: false``), then the update;
-  fused:    AttnPO with the scores read off the update's own forward (``FusedStepCredit``, the default).
+  tlmre:    uniform per-token advantages (the "tlmre" strategy), then the update;
+  unfused:  the credit strategy reading the attention in separate no-grad forwards (``read_separately``, as
+            with ``fused_scoring: false``), then the update;
+  fused:    the credit strategy reading it off the update's own forward (the default).
 
-With ``--credit preplan|anchor|coupled`` the unfused and fused updates are the rhythm strategy's instead:
-``rhythm_token_advantages`` (separate no-grad forward over the rollouts with a positive advantage) and
-``FusedRhythmCredit`` (WAAD and FAI read off the update's own forward). The organism uses its shipped
-rhythm file; the r1shape model 15 local and 15 global heads (30% of its 48) from a fixed random ranking.
+The credit strategy is AttnPO's, or with ``--credit preplan|anchor|coupled`` a rhythm strategy's (WAAD and FAI
+of the rollouts with a positive advantage). The organism uses its shipped manifest and rhythm file; the
+r1shape model the heads (1, 2), (2, 9), (3, 2) and 15 local and 15 global heads (30% of its 48) from a fixed
+random ranking, written to temporary files.
 
 Two models:
 
@@ -39,20 +39,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
-from attnpo_train.credit import FusedStepCredit, attnpo_token_advantages, rollout_rewards, uniform_token_advantages
 from attnpo_train.data import Prompt
 from attnpo_train.loop import accumulate_policy_gradient
-from attnpo_train.rhythm import FusedRhythmCredit, rhythm_token_advantages
+from attnpo_train.rewards import rollout_correctness
+from attnpo_train.strategies import CreditBatch, read_separately, strategy_class
+from attnpo_train.truth import GroundTruth
 from kfh_probe.loading import load_model, load_tokenizer
-from kfh_probe.manifest import load_manifest, top_heads
-from kfh_probe.organism import default_manifest_path, default_model_dir, default_rhythm_path, default_traces_path
-from kfh_probe.preplan_anchor import PreplanAnchorHeads, select_heads
+from kfh_probe.manifest import model_record
+from kfh_probe.organism import default_model_dir, default_traces_path
+from kfh_probe.preplan_anchor import rhythm_header, select_heads
 from kfh_probe.sampling import Rollouts, generate_rollouts
 
 R1_HEADS = [(1, 2), (2, 9), (3, 2)]
@@ -64,9 +67,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def strategies(config: TrainConfig, model, tokenizer) -> dict:
+    """The "tlmre" strategy and ``config.method``'s, attached to ``model``."""
+    out = {}
+    for kind, method in (("tlmre", "tlmre"), ("credit", config.method)):
+        out[kind] = strategy_class(method)(TrainConfig(**{**vars(config), "method": method}), ground_truth=True)
+        out[kind].attach(model, tokenizer)
+    return out
+
+
 def organism_case(device: str, seed: int, repeats: int, credit: str) -> dict:
-    """The organism, its top-N heads and rhythm probe, 8 x 8 rollouts sampled from its task, and the median
-    seconds sampling them took (the same seeded rollouts ``repeats`` times)."""
+    """The organism with its strategies (its manifest's top-N heads, its rhythm file), 8 x 8 rollouts sampled from
+    its task, and the median seconds sampling them took (the same seeded rollouts ``repeats`` times)."""
     from kfh_probe.organism.task import generate_problems
 
     path = default_model_dir()
@@ -81,11 +93,9 @@ def organism_case(device: str, seed: int, repeats: int, credit: str) -> dict:
         rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], config.group_size, 320, 1.0)
         _sync(device)
         seconds.append(time.perf_counter() - start)
-    heads = top_heads(load_manifest(default_manifest_path()), None)
     texts = [prompts[i // config.group_size].text for i in range(len(rollouts.texts))]
-    return dict(model=model, tokenizer=tokenizer, prompts=prompts, rollouts=rollouts, heads=heads, config=config,
-                prompt_texts=texts, rollout_s=statistics.median(seconds),
-                rhythm=PreplanAnchorHeads.from_file(default_rhythm_path(), model))
+    return dict(model=model, tokenizer=tokenizer, prompts=prompts, rollouts=rollouts, config=config,
+                prompt_texts=texts, rollout_s=statistics.median(seconds), **strategies(config, model, tokenizer))
 
 
 def _r1_model(device: str, vocab: int):
@@ -103,8 +113,24 @@ def _r1_model(device: str, vocab: int):
     return model.eval()
 
 
-def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: str) -> dict:
-    """G responses of about ``tokens`` tokens to one organism prompt, for the R1-shaped random model."""
+def r1shape_files(model, folder: Path) -> dict[str, str]:
+    """A manifest ranking ``R1_HEADS`` first and a rhythm file of 30% of the heads for the R1-shaped model."""
+    record = model_record(model, "r1shape")
+    order = R1_HEADS + [(l, h) for l in range(4) for h in range(12) if (l, h) not in R1_HEADS]
+    heads = [{"layer": l, "head": h, "sra": 0.9 - 0.001 * i, "ci95": [0.0, 1.0], "traces": 2}
+             for i, (l, h) in enumerate(order)]
+    manifest = {"format": "kfh-manifest", "version": 1, "model": record, "probe": {}, "heads": heads,
+                "top_n": len(R1_HEADS), "ensemble": [{"k": 1, "sra": 0.9}]}
+    ranking = torch.randperm(4 * 12, generator=torch.Generator().manual_seed(0)).float().view(4, 12)
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    (folder / "rhythm.jsonl").write_text(json.dumps(rhythm_header(select_heads(ranking), 10, (10, 50), record)) + "\n",
+                                         encoding="utf-8")
+    return {"manifest": str(folder / "manifest.json"), "rhythm": str(folder / "rhythm.jsonl")}
+
+
+def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: str, folder: Path) -> dict:
+    """G responses of about ``tokens`` tokens to one organism prompt, for the R1-shaped random model (its strategy
+    files written to ``folder``)."""
     tokenizer = load_tokenizer(default_model_dir())
     with open(default_traces_path(), encoding="utf-8") as handle:
         records = [json.loads(line) for line, _ in zip(handle, range(4 * group_size))]
@@ -125,12 +151,12 @@ def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: 
         responses.append(ids)
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     rollouts = Rollouts(group_size, [list(prompt_ids)] * group_size, responses, texts, [True] * group_size)
-    config = TrainConfig(method=credit, group_size=group_size, horizon=0, micro_batch_size=1)
-    ranking = torch.randperm(4 * 12, generator=torch.Generator().manual_seed(0)).float().view(4, 12)
-    rhythm = PreplanAnchorHeads(select_heads(ranking), 10, (10, 50))
-    return dict(model=_r1_model(device, vocab), tokenizer=tokenizer, prompts=[Prompt("p", records[0]["prompt"],
-                records[0]["answer"])], rollouts=rollouts, heads=R1_HEADS, config=config, prompt_texts=None,
-                rollout_s=None, rhythm=rhythm)
+    model = _r1_model(device, vocab)
+    config = TrainConfig(method=credit, group_size=group_size, horizon=0, micro_batch_size=1,
+                         **r1shape_files(model, folder))
+    return dict(model=model, tokenizer=tokenizer, prompts=[Prompt("p", records[0]["prompt"], records[0]["answer"])],
+                rollouts=rollouts, config=config, prompt_texts=None, rollout_s=None,
+                **strategies(config, model, tokenizer))
 
 
 def updates(case: dict, device: str, first: int = 0) -> dict:
@@ -138,37 +164,27 @@ def updates(case: dict, device: str, first: int = 0) -> dict:
     seconds before the update)}."""
     model, tokenizer, rollouts, config = case["model"], case["tokenizer"], case["rollouts"], case["config"]
     pad_id = tokenizer.pad_token_id
-    correct, rewards = rollout_rewards(rollouts, case["prompts"], config)
-    advantages = group_advantages(rewards, config.estimator)
+    correct = rollout_correctness(rollouts, [p.answer for p in case["prompts"]], config)
+    advantages = group_advantages(case["credit"].rewards(correct, rollouts), config.estimator)
     out = {}
     kinds = ("tlmre", "unfused", "fused")
     for kind in kinds[first:] + kinds[:first]:  # rounds rotate the order, so drifting load hits all alike
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        strategy = case["tlmre" if kind == "tlmre" else "credit"]
         _sync(device)
         start = time.perf_counter()
-        if kind == "tlmre":
-            values = uniform_token_advantages(advantages, rollouts)
-        elif kind == "unfused" and config.method != "attnpo":
-            values, _ = rhythm_token_advantages(model, rollouts, advantages, case["rhythm"], config.method,
-                                                config.rhythm_top, config.rhythm_gain, pad_id, config.micro_batch_size)
-        elif kind == "unfused":
-            values, _ = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages, case["heads"], 0,
-                                                config, pad_id, case["prompt_texts"])
-        elif config.method != "attnpo":
-            values = FusedRhythmCredit(rollouts, advantages, case["rhythm"], config.method, config.rhythm_top,
-                                       config.rhythm_gain)
-        else:
-            values = FusedStepCredit(tokenizer, rollouts, correct, advantages, case["heads"], 0, config,
-                                     case["prompt_texts"])
+        texts = None if kind == "tlmre" else case["prompt_texts"]
+        truth = None if texts is None else GroundTruth.read(texts, rollouts)
+        strategy.prepare(CreditBatch(rollouts, correct, advantages, 0, truth))
+        if kind == "unfused":
+            read_separately(strategy, model, pad_id, config.micro_batch_size)
         before_update = time.perf_counter() - start
-        accumulate_policy_gradient(model, None, rollouts, values, config, pad_id)
+        accumulate_policy_gradient(model, None, rollouts, strategy, config, pad_id)
         _sync(device)
         seconds = time.perf_counter() - start
-        scoring = {"tlmre": 0.0, "unfused": before_update, "fused": before_update}[kind]
-        if kind == "fused":
-            scoring += values.seconds
-            values = values.handed_out
+        scoring = 0.0 if kind == "tlmre" else before_update + strategy.seconds
+        values = [strategy.handed_out[i] for i in range(len(rollouts.response_ids))]
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
         out[kind] = (seconds, scoring, values, peak, before_update)
         model.zero_grad(set_to_none=True)
@@ -194,9 +210,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
+    folder = tempfile.TemporaryDirectory()
     for name in args.models:
         case = organism_case(args.device, args.seed, args.repeats, args.credit) if name == "organism" else \
-            r1shape_case(args.device, args.tokens, args.group_size, args.vocab, args.credit)
+            r1shape_case(args.device, args.tokens, args.group_size, args.vocab, args.credit, Path(folder.name))
         updates(case, args.device)  # warm-up
         rounds = [updates(case, args.device, r % 3) for r in range(args.repeats)]
         time_s = {k: statistics.median(r[k][0] for r in rounds) for k in ("tlmre", "unfused", "fused")}
@@ -225,7 +242,7 @@ def main() -> None:
         print(f"  time_scoring_s: unfused {scoring_s['unfused']:.4f} | fused {scoring_s['fused']:.4f} "
               f"({scoring_s['fused'] / time_s['tlmre']:.2%} of the TLMRE update; {fused_before:.4f} of it before "
               f"the update: {'which rollouts need signals' if args.credit != 'attnpo' else 'alignment'}"
-              f"{' and ground truth' if case['prompt_texts'] and args.credit == 'attnpo' else ''})")
+              f"{' and ground truth' if case['prompt_texts'] else ''})")
         if "scoring_share_of_step" in row:
             share = row["scoring_share_of_step"]
             print(f"  rollout s {case['rollout_s']:.3f}; scoring share of a step: unfused {share['unfused']:.2%} | "

@@ -17,8 +17,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from attnpo_train.data import load_prompts
-from kfh_probe.loading import model_folder
 from attnpo_train.trl import AttnPOConfig, AttnPOGRPOTrainer
+from kfh_probe import model_folder
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """kfh_probe: find the attention heads whose answer rows single out a reasoning trace's essential steps.
 
-The public API (the CLI, the notebooks, ``label-report`` and ``attnpo_train`` use these names only;
+The public API (the CLI, the notebooks, ``label-report`` and ``attnpo_train`` use these names only, a test
+checks ``attnpo_train``'s imports;
 they are imported on first use, so ``import kfh_probe`` stays cheap):
 
 - the sweep: :func:`run_sweep` (labeled traces and a model in, the manifest out), :class:`SweepConfig`,
@@ -20,10 +21,30 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
   causal check (:class:`CausalConfig`, :func:`prepare_causal_traces`, :func:`run_causal`,
   :func:`format_causal_table`);
 - errors: :class:`KFHError`, the base of every expected failure (bad input, unsupported model, files that
-  do not belong together), and :class:`InputError`, a bad argument or input file;
+  do not belong together), :class:`InputError`, a bad argument or input file, :class:`ManifestMismatchError`
+  (a manifest made for another model); :func:`listed` and :func:`report_error` format them.
+
 - settings declared at their dataclass field (``kfh_probe.settings``): :func:`setting`, the constraints
   :class:`Interval`, :class:`OneOf`, :class:`NonEmpty`, :class:`Relation`, :func:`check_settings` (raises
   :class:`SettingError`), :func:`coerce_setting` and :func:`help_of`.
+
+What the trainer (``attnpo_train``) builds on besides those:
+
+- sampling and grading: :class:`Rollouts` (a step's prompts and responses as token ids),
+  :func:`generate_rollouts` (the sampler), :func:`decode_responses`, :func:`is_correct`,
+  :func:`resolve_grader`, ``GRADERS``;
+- reading attention during a forward: :func:`attention_calls` (an observer on the attention calls of chosen
+  layers of a forward the caller runs), :func:`capture_layer_calls` (the same on a no-grad forward of its
+  own), :func:`attention_modules`, :func:`model_shape`, :class:`AnswerRowRecorder` and :func:`answer_rows`
+  (answer-row attention), :func:`step_scores`, :class:`TokenizedTrace`;
+- Preplan-and-Anchor signals: :class:`LocalGlobalHeads`, :class:`PreplanAnchorHeads`, :class:`RhythmSignals`,
+  :class:`SignalRecorder`, :func:`read_rhythm_header`, :func:`heads_from_header`;
+- files and models: :func:`atomic_write_json`, :func:`atomic_write_jsonl`, :func:`jsonl_records`,
+  :func:`model_folder`, :func:`model_path`, ``GGUF_FILE_HELP``;
+- the embedded organism: :func:`built_model_dir`, :func:`default_manifest_path`, :func:`default_rhythm_path`,
+  ``ORGANISMS``, ``DEFAULT_ORGANISM``, :func:`task_of`, :func:`write_task_file`, ``TASKS``,
+  :func:`generate_problem`, :func:`generate_problems`, and its labeler's ground truth: :func:`parse_prompt`,
+  :func:`label_trace`, :func:`step_accounting`, ``REDUNDANT_KINDS``, :class:`TraceFormatError`.
 """
 
 from __future__ import annotations
@@ -74,6 +95,51 @@ _PUBLIC = {
     "check_settings": "settings",
     "coerce_setting": "settings",
     "help_of": "settings",
+    "ManifestMismatchError": "manifest",
+    "listed": "errors",
+    "report_error": "errors",
+    # what the trainer builds on
+    "Rollouts": "sampling",
+    "generate_rollouts": "sampling",
+    "decode_responses": "sampling",
+    "is_correct": "grading",
+    "resolve_grader": "grading",
+    "GRADERS": "grading",
+    "attention_calls": "capture",
+    "capture_layer_calls": "capture",
+    "attention_modules": "capture",
+    "model_shape": "capture",
+    "AnswerRowRecorder": "capture",
+    "answer_rows": "capture",
+    "step_scores": "scoring",
+    "TokenizedTrace": "alignment",
+    "LocalGlobalHeads": "preplan_anchor",
+    "PreplanAnchorHeads": "preplan_anchor",
+    "RhythmSignals": "preplan_anchor",
+    "SignalRecorder": "preplan_anchor",
+    "read_rhythm_header": "preplan_anchor",
+    "heads_from_header": "preplan_anchor",
+    "atomic_write_json": "io",
+    "atomic_write_jsonl": "io",
+    "jsonl_records": "io",
+    "model_folder": "loading",
+    "model_path": "loading",
+    "GGUF_FILE_HELP": "loading",
+    "built_model_dir": "organism",
+    "default_manifest_path": "organism",
+    "default_rhythm_path": "organism",
+    "ORGANISMS": "organism",
+    "DEFAULT_ORGANISM": "organism",
+    "task_of": "organism",
+    "write_task_file": "organism",
+    "TASKS": "organism.task",
+    "generate_problem": "organism.task",
+    "generate_problems": "organism.task",
+    "parse_prompt": "organism.labeler",
+    "label_trace": "organism.labeler",
+    "step_accounting": "organism.labeler",
+    "REDUNDANT_KINDS": "organism.labeler",
+    "TraceFormatError": "organism.labeler",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -18,7 +18,7 @@ before the forward when the class says so, after it when a requested layer never
 
 The wrapping itself is public as :func:`attention_calls`: any callable can watch the attention calls
 of chosen layers during a forward the caller runs (the trainer uses it to rate steps inside the
-policy-gradient forward it runs anyway, ``attnpo_train.credit.FusedStepCredit``).
+policy-gradient forward it runs anyway, ``attnpo_train.strategies``).
 """
 
 from __future__ import annotations

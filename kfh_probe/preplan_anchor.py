@@ -16,7 +16,7 @@ Everything is a reduction over keys of the exact attention rows the model comput
 T x T map. WAAD and FAI are linear in the map, so the mean over heads is taken after the reduction.
 FAI needs only the band a[t, t - d] for d in [10, 50] of each row. The reduction is an observer of the
 attention calls (``SignalRecorder``), so it runs in a forward of its own (``rhythm_signals``) or in one
-the caller runs anyway (the trainer's update forward, ``attnpo_train.rhythm.FusedRhythmCredit``).
+the caller runs anyway (the trainer's update forward, ``attnpo_train.strategies.preplan_anchor``).
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ class SignalRecorder:
     (``interface_call_rows``; at most ``kept x heads x chunk x T`` probabilities at a time, never T x T).
     The rows without a ``start`` cost nothing. A batch run as consecutive row chunks of one padded tensor
     (as TRL computes log-probs) is recorded whole. ``rhythm_signals`` (a no-grad forward of its own) and
-    the trainer's fused update forward (``attnpo_train.rhythm.FusedRhythmCredit``) use this same code.
+    the trainer's update forward (``attnpo_train.strategies.preplan_anchor``) use this same code.
 
     Args:
         heads: the local and global heads.

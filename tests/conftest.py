@@ -208,22 +208,25 @@ def data_file(tmp_path):
     return write_jsonl(tmp_path / "data.jsonl", [{"id": r["id"], "prompt": r["prompt"], "answer": r["answer"]} for r in R1_TRACES])
 
 
-def write_manifest(path: Path, model_dir, **model_changes) -> None:
-    """A valid KFH manifest for the model in ``model_dir`` (heads ranked by an arbitrary fixed order: deepest layer
-    first, then by head; top 3), with ``model_changes`` applied to its model record."""
+def write_manifest(path: Path, model_dir, top: list[tuple[int, int]] | None = None, **model_changes) -> Path:
+    """A valid KFH manifest for the model in ``model_dir`` (or the model itself), with ``model_changes`` applied to
+    its model record. Its heads are ranked by an arbitrary fixed order, deepest layer first, then by head, with
+    the heads ``top`` first; its top_n is 3 (or ``len(top)``)."""
     from kfh_probe.loading import load_model
     from kfh_probe.manifest import model_record
 
-    model = load_model(model_dir)
+    model = load_model(model_dir) if isinstance(model_dir, (str, Path)) else model_dir
     record = {**model_record(model, "tiny"), **model_changes}
     layers, heads = record["num_layers"], record["num_heads"]  # the heads of the model the manifest describes
     order = sorted(((l, h) for l in range(layers) for h in range(heads)), key=lambda lh: (-lh[0], lh[1]))
+    order = list(top or []) + [lh for lh in order if lh not in (top or [])]
     ranked = [
         {"layer": l, "head": h, "sra": 0.9 - 0.01 * i, "ci95": [0.0, 1.0], "traces": 2} for i, (l, h) in enumerate(order)
     ]
     manifest = {"format": "kfh-manifest", "version": 1, "model": record, "probe": {}, "heads": ranked,
-                "top_n": 3, "ensemble": [{"k": 1, "sra": 0.9}]}
+                "top_n": len(top) if top else 3, "ensemble": [{"k": 1, "sra": 0.9}]}
     path.write_text(json.dumps(manifest), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -365,3 +368,26 @@ def organism_rollouts():
     torch.manual_seed(0)
     rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], 4, 320, 1.0)
     return model, tokenizer, prompts, rollouts, top_heads(load_manifest(default_manifest_path()), None)
+
+
+def attnpo_strategy(model, tokenizer, manifest: Path | None = None, ground_truth: bool = False, **settings):
+    """An AttnPO strategy attached to ``model`` (``TrainConfig(method="attnpo", **settings)``), with the heads of
+    ``manifest`` (None: the organism's)."""
+    from attnpo_train.config import TrainConfig
+    from attnpo_train.strategies.attnpo import AttnPO
+
+    config = TrainConfig(method="attnpo", manifest=None if manifest is None else str(manifest), **settings)
+    strategy = AttnPO(config, ground_truth)
+    strategy.attach(model, tokenizer)
+    return strategy
+
+
+def separate_advantages(strategy, model, batch, pad_id: int, batch_size: int = 8):
+    """(per-token advantages of every rollout, the strategy's metrics) with the attention read in separate no-grad
+    forwards (``read_separately``), as ``fused_scoring: false`` does."""
+    from attnpo_train.strategies import read_separately
+
+    strategy.prepare(batch)
+    read_separately(strategy, model, pad_id, batch_size)
+    values = strategy.token_advantages(list(range(len(batch.rollouts.response_ids))))
+    return values, strategy.metrics()

@@ -12,7 +12,7 @@ def test_defaults_match_the_method_page():
     cfg = TrainConfig()
     assert (cfg.method, cfg.estimator, cfg.group_size) == ("attnpo", "rloo", 8)
     assert (cfg.alpha_len, cfg.alpha, cfg.beta, cfg.delta, cfg.horizon) == (0.2, 2.0, 2.0, 0.0, 1000)
-    assert (cfg.clip_eps, cfg.dual_clip, cfg.kl_coef) == (0.2, 3.0, 0.0)
+    assert cfg.kl_coef == 0.0
     assert cfg.pos_attenuation and cfg.neg_attenuation and cfg.use_difficulty
     assert cfg.marker == "</think>" and cfg.top_n_heads is None and not cfg.allow_finetuned
 
@@ -66,8 +66,8 @@ def test_yaml_must_be_a_mapping(tmp_path):
         ({"delta": 1.5}, "delta"),
         ({"method": "ppo"}, "method"),
         ({"estimator": "gae"}, "estimator"),
-        ({"dual_clip": 1.0}, "dual_clip"),
-        ({"clip_eps": 0.0}, "clip_eps"),
+        ({"kl_coef": -0.1}, "kl_coef"),
+        ({"method": "tlmre", "credit": "shuffled"}, "credit"),
         ({"alpha_len": -0.1}, "alpha_len"),
         ({"top_n_heads": 0}, "top_n_heads"),
         ({"temperature": 0}, "temperature"),
@@ -86,15 +86,14 @@ def test_ranges_are_validated(override, message):
     [
         ({"delta": 1.5}, "setting 'delta' must be in [0, 1]; got 1.5"),
         ({"rhythm_top": 0.0}, "setting 'rhythm_top' must be in (0, 1]; got 0.0"),
-        ({"clip_eps": 1.0}, "setting 'clip_eps' must be in (0, 1); got 1.0"),
         ({"lr": 0.0}, "setting 'lr' must be > 0; got 0.0"),
         ({"top_n_heads": 0}, "setting 'top_n_heads' must be >= 1 or null; got 0"),
         ({"estimator": "gae"}, "setting 'estimator' must be one of rloo, grpo; got 'gae'"),
         ({"grader": "judge"}, "setting 'grader' must be one of auto, math-verify, exact; got 'judge'"),
         ({"marker": ""}, "setting 'marker' must be a non-empty string; got ''"),
         ({"method": "tlmre", "credit": "oracle"},
-         "setting 'credit' must be 'attention' unless method is 'attnpo' (the controls replace AttnPO's step "
-         "scores); got 'oracle'"),
+         "setting 'credit' must be one of the method's controls ('attention'; 'attnpo' also 'shuffled' and "
+         "'oracle', which replace its step scores); got 'oracle'"),
         ({"steps": None}, "setting 'steps' must be of type int, not null; got None"),
     ],
 )
@@ -102,6 +101,14 @@ def test_a_broken_constraint_names_the_setting_what_it_must_be_and_the_value(ove
     with pytest.raises(SettingError) as caught:
         TrainConfig(**override)
     assert str(caught.value) == message
+
+
+def test_there_are_no_clip_settings_since_one_optimiser_step_per_rollout_batch_never_clips():
+    # the reference (NieSYsc20/AttnPO) updates once per rollout batch, as the loop does: the PPO ratio is 1
+    with pytest.raises(ValueError, match="unknown config key 'clip_eps'"):
+        load_config(None, {"clip_eps": 0.2})
+    with pytest.raises(ValueError, match="unknown config key 'dual_clip'"):
+        load_config(None, {"dual_clip": 3.0})
 
 
 def test_range_error_names_the_file(tmp_path):

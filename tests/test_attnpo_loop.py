@@ -14,10 +14,14 @@ from attnpo_train import loop
 from attnpo_train.advantages import group_advantages
 from attnpo_train.checkpoint import ResumeError, latest_checkpoint
 from attnpo_train.config import TrainConfig
-from attnpo_train.credit import attnpo_token_advantages, phrase_counts, rollout_rewards
 from attnpo_train.data import DataError, Prompt, PromptSource, load_prompts
+from attnpo_train.diagnostics import phrase_counts
+from attnpo_train.rewards import rollout_correctness
+from attnpo_train.strategies import CreditBatch, strategy_class
 from kfh_probe.sampling import generate_rollouts
-from conftest import R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, small_config, write_manifest
+from conftest import (
+    R1_TRACES, SHORT_55, WRONG_54, attnpo_strategy, crafted_rollouts, separate_advantages, small_config, write_manifest,
+)
 
 TIMING = set(loop.TIMING_FIELDS)
 
@@ -65,7 +69,7 @@ def test_two_steps_of_each_method(method, tiny_model_dir, manifest_file, data_fi
     assert all(torch.equal(trained[k], v) for k, v in inputs.model.state_dict().items())
 
 
-def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, byte_tokenizer):
+def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, byte_tokenizer, tmp_path):
     """Per-token advantages of the loop equal gamma_k * A computed here from the eager attention maps."""
     from transformers import AutoModelForCausalLM
 
@@ -75,14 +79,14 @@ def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, 
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     prompt = R1_TRACES[0]["prompt"]
     rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], WRONG_54], prompt)
-    config = TrainConfig(method="attnpo", horizon=0, group_size=2)
-    prompts = [Prompt("p", prompt, "55")]
-    correct, rewards = rollout_rewards(rollouts, prompts, config)
+    heads = [(2, 1), (1, 3), (2, 0)]
+    strategy = attnpo_strategy(model, byte_tokenizer, write_manifest(tmp_path / "m.json", model, heads), horizon=0,
+                               group_size=2)
+    correct = rollout_correctness(rollouts, ["55"], strategy.config)
     assert correct.tolist() == [[1.0, 0.0]]
     advantages = torch.tensor([[0.9, -0.9]])
-    heads = [(2, 1), (1, 3), (2, 0)]
 
-    out, stats = attnpo_token_advantages(model, byte_tokenizer, rollouts, correct, advantages, heads, 0, config, 0)
+    out, stats = separate_advantages(strategy, model, CreditBatch(rollouts, correct, advantages, 0), 0)
 
     trace = align_generated(byte_tokenizer, rollouts.prompt_ids[0], rollouts.response_ids[0])
     ids = torch.tensor([trace.input_ids])
@@ -100,8 +104,8 @@ def test_attnpo_advantages_match_an_eager_attention_computation(tiny_model_dir, 
         expected[start - plen : end - plen] = 0.9 * gamma
     torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out[1], torch.full((len(rollouts.response_ids[1]),), -0.9))
-    assert stats["rescaled_responses"] == 1 and stats["steps"] == len(trace.step_spans) >= 2
-    assert stats["attenuated_steps"] == attenuated
+    assert stats["rescaled_responses"] == 1 and len(trace.step_spans) >= 2
+    assert stats["frac_attenuated"] == attenuated / len(trace.step_spans)
 
 
 def test_attnpo_step_rescales_correct_rollouts(tiny_model_dir, manifest_file, data_file, tmp_path, byte_tokenizer,
@@ -114,9 +118,10 @@ def test_attnpo_step_rescales_correct_rollouts(tiny_model_dir, manifest_file, da
     config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "out", method="attnpo", steps=1,
                           prompts_per_step=1, group_size=2, horizon=0)
     inputs = loop.prepare_run(config)
-    correct, rewards = rollout_rewards(fake, [Prompt("p", prompt, "55")], config)
-    expected, stats = attnpo_token_advantages(inputs.model, byte_tokenizer, fake, correct, group_advantages(rewards),
-                                              inputs.heads, 0, config, inputs.pad_id)
+    correct = rollout_correctness(fake, ["55"], config)
+    batch = CreditBatch(fake, correct, group_advantages(inputs.strategy.rewards(correct, fake)), 0)
+    expected, stats = separate_advantages(attnpo_strategy(inputs.model, byte_tokenizer, manifest_file, horizon=0),
+                                          inputs.model, batch, inputs.pad_id)
     metrics = loop.train(inputs, config, progress=False)
     m = metrics[0]
     assert m["accuracy"] == 1.0 and m["rescaled_responses"] == 2.0
@@ -238,7 +243,7 @@ def test_manifest_refusals_happen_before_training(tiny_model_dir, data_file, tmp
     with pytest.raises(ManifestMismatchError, match="fingerprint mismatch"):
         loop.prepare_run(config)
     inputs = loop.prepare_run(dataclasses.replace(config, allow_finetuned=True))
-    assert inputs.heads == [(2, 0), (2, 1), (2, 2)]
+    assert inputs.strategy.heads == [(2, 0), (2, 1), (2, 2)]
     assert not (tmp_path / "out").exists()
 
 
@@ -255,12 +260,13 @@ def test_rewards_count_unfinished_responses_as_incorrect(byte_tokenizer):
     prompt = R1_TRACES[0]["prompt"]
     rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], prompt)
     rollouts.finished[1] = False
-    prompts = [Prompt("p", prompt, "55")]
-    correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="tlmre", group_size=3))
+    correct = rollout_correctness(rollouts, ["55"], TrainConfig(group_size=3))
     assert correct.tolist() == [[1.0, 0.0, 0.0]]
-    assert rewards[0].tolist() == pytest.approx([0.9, 0.0, 0.0])
-    correct, rewards = rollout_rewards(rollouts, prompts, TrainConfig(method="rloo", group_size=3))
-    assert rewards.tolist() == correct.tolist() == [[1.0, 0.0, 0.0]]
+    # the method's strategy picks the reward: TLMRE's length-penalised one, or the correctness itself for "rloo"
+    tlmre = strategy_class("tlmre")(TrainConfig(method="tlmre")).rewards(correct, rollouts)
+    assert tlmre[0].tolist() == pytest.approx([0.9, 0.0, 0.0])
+    rloo = strategy_class("rloo")(TrainConfig(method="rloo")).rewards(correct, rollouts)
+    assert rloo.tolist() == correct.tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_generate_rollouts_trims_at_eos_and_keeps_prompt_ids(tiny_model_dir, byte_tokenizer):

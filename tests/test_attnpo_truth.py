@@ -11,7 +11,7 @@ import torch
 
 from attnpo_train.cli import main
 from attnpo_train.config import TrainConfig
-from attnpo_train.credit import StepRating, control_ratings, rescale_rollouts
+from attnpo_train.strategies.attnpo import AlignedSteps, StepRating, oracle_ratings, rescale_rollouts, shuffled_orders
 from attnpo_train.data import Prompt
 from attnpo_train.evaluate import aes, efficiency, evaluate
 from attnpo_train.truth import credit_precision, mean_accounting, rated_step_truth
@@ -29,10 +29,12 @@ def fake_rollouts(n: int, prompt_len: int = 10, response_len: int = 30) -> Rollo
 
 def test_shuffled_scores_keep_each_multiset_and_the_fraction_attenuated():
     rng = torch.Generator().manual_seed(0)
-    ratings = [StepRating([(0, 5), (5, 10), (10, 15), (15, 20)], torch.rand(4, generator=rng) * 0.2, 5) for _ in range(4)]
+    aligned = [AlignedSteps([(0, 5), (5, 10), (10, 15), (15, 20)], 5) for _ in range(4)]
+    ratings = [StepRating(a.spans, torch.rand(4, generator=rng) * 0.2, 5) for a in aligned]
     rollouts = fake_rollouts(4)
-    shuffled = control_ratings(ratings, "shuffled", None, rollouts, seed=3)
-    assert control_ratings(ratings, "shuffled", None, rollouts, seed=3)[0].scores.tolist() == shuffled[0].scores.tolist()
+    orders = shuffled_orders(aligned, seed=3)  # drawn from the step counts alone, before any score exists
+    assert [o.tolist() for o in shuffled_orders(aligned, seed=3)] == [o.tolist() for o in orders]
+    shuffled = [StepRating(r.spans, r.scores[order], r.answer_len) for r, order in zip(ratings, orders)]  # as AttnPO
     assert any(a.scores.tolist() != b.scores.tolist() for a, b in zip(ratings, shuffled))
     for a, b in zip(ratings, shuffled):
         assert sorted(a.scores.tolist()) == sorted(b.scores.tolist()) and a.spans == b.spans
@@ -42,15 +44,14 @@ def test_shuffled_scores_keep_each_multiset_and_the_fraction_attenuated():
     _, before = rescale_rollouts(rollouts, correct, advantages, ratings, 0, config)
     _, after = rescale_rollouts(rollouts, correct, advantages, shuffled, 0, config)
     assert before["attenuated_steps"] == after["attenuated_steps"] > 0
-    assert control_ratings(ratings, "attention", None, rollouts, seed=3) is ratings
 
 
 def test_oracle_gammas_attenuate_exactly_the_redundant_steps_and_shield_exactly_the_essential_ones():
     spans = [(0, 5), (5, 10), (10, 20)]
-    ratings = [StepRating(spans, torch.zeros(3), 4), StepRating(spans, torch.zeros(3), 4), None]
+    aligned = [AlignedSteps(spans, 4), AlignedSteps(spans, 4), None]
     truth = [[True, False, True], [False, True, False], None]
     rollouts = fake_rollouts(3, prompt_len=10, response_len=30)
-    oracle = control_ratings(ratings, "oracle", truth, rollouts, seed=0)
+    oracle = oracle_ratings(aligned, truth, rollouts)
     uniform = 4 / 40  # |F| / |o|
     assert oracle[0].scores.tolist() == pytest.approx([2 * uniform, 0.0, 2 * uniform])
     assert oracle[2] is None
@@ -63,7 +64,7 @@ def test_oracle_gammas_attenuate_exactly_the_redundant_steps_and_shield_exactly_
     assert stats["gammas"][1].tolist() == [1.0, 0.0, 1.0]  # the essential step is shielded
     assert out[0][5:10].tolist() == pytest.approx([0.4 * (1 - p**2)] * 5)
     with pytest.raises(ValueError, match="ground-truth"):
-        control_ratings(ratings, "oracle", None, rollouts, seed=0)
+        oracle_ratings(aligned, None, rollouts)
 
 
 def test_credit_precision_counts_attenuated_redundant_and_shielded_essential_steps():

@@ -138,4 +138,4 @@ def test_version_1_manifests_stay_readable_by_show_compare_validate_plot_and_the
     assert main(["plot", str(V1_MANIFEST), "--out", str(tmp_path / "no.png"), "--redundant-after"]) == 2
     assert "no per-head 'sra_redundant_after'" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
     inputs = prepare_run(TrainConfig(model=str(default_model_dir()), manifest=str(V1_MANIFEST), method="attnpo", out=str(tmp_path)))
-    assert inputs.heads == [(1, 4), (1, 5), (1, 2), (1, 7), (2, 3)]
+    assert inputs.strategy.heads == [(1, 4), (1, 5), (1, 2), (1, 7), (2, 3)]

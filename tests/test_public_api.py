@@ -15,7 +15,7 @@ from conftest import R1_TRACES, labeled, tiny_model
 import kfh_probe
 from attnpo_train import loop
 from attnpo_train.config import TrainConfig
-from attnpo_train.credit import rate_steps
+from attnpo_train.strategies.attnpo import align_steps
 from kfh_probe.sampling import Rollouts
 from kfh_probe import (
     SegmenterConfig, StepScorer, SweepConfig, align_generated, load_manifest, manifest_segmenter, run_sweep,
@@ -190,18 +190,17 @@ def test_manifest_provenance_is_checked_and_old_manifests_stay_valid():
 # --- the trainers -------------------------------------------------------------------------------------
 
 
-def test_rate_steps_cuts_responses_with_the_segmenter_it_is_given(byte_tokenizer):
-    model = tiny_model("qwen2", vocab_size=len(byte_tokenizer)).eval()
+def test_align_steps_cuts_responses_with_the_segmenter_it_is_given(byte_tokenizer):
     prompt = byte_tokenizer(R1_TRACES[0]["prompt"], add_special_tokens=False)["input_ids"]
     response = byte_tokenizer(R1_TRACES[0]["response"], add_special_tokens=False)["input_ids"] + [byte_tokenizer.eos_token_id]
     rollouts = Rollouts(1, [prompt], [response], [R1_TRACES[0]["response"]], [True])
     blank_line = SegmenterConfig(mode="blank-line", min_chars=0)
     spans = {}
     for name, segmenter in (("default", None), ("blank-line", blank_line)):
-        rating = rate_steps(model, byte_tokenizer, rollouts, torch.ones(1), HEADS, TrainConfig(), 0, segmenter=segmenter)[0]
+        aligned = align_steps(byte_tokenizer, rollouts, torch.ones(1), "</think>", segmenter)[0]
         trace = align_generated(byte_tokenizer, prompt, response, "</think>", segmenter)
-        assert rating.spans == [(a - len(prompt), b - len(prompt)) for a, b in trace.step_spans]
-        spans[name] = rating.spans
+        assert aligned.spans == [(a - len(prompt), b - len(prompt)) for a, b in trace.step_spans]
+        spans[name] = aligned.spans
     assert spans["default"] != spans["blank-line"]
 
 
@@ -218,7 +217,7 @@ def test_trainer_uses_the_manifests_segmenter_and_warns_when_steps_came_from_the
               progress=False, log=None)
     config = TrainConfig(model=str(tiny_model_dir), manifest=str(from_file), data=str(prompts_file), out=str(tmp_path / "o"))
     with pytest.warns(UserWarning, match="file-steps.json ranked its heads on steps that came with the trace file"):
-        assert loop.prepare_run(config).segmenter == SegmenterConfig()
+        assert loop.prepare_run(config).strategy.segmenter == SegmenterConfig()
 
     raw, labeled_file, cut = _write(tmp_path / "raw.jsonl", R1_TRACES), tmp_path / "cut.jsonl", tmp_path / "cut.json"
     assert main(["label", "--traces", str(raw), "--labeler", "post-answer", "--min-chars", "40", "--out", str(labeled_file)]) == 0
@@ -226,7 +225,7 @@ def test_trainer_uses_the_manifests_segmenter_and_warns_when_steps_came_from_the
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inputs = loop.prepare_run(TrainConfig(**{**vars(config), "manifest": str(cut)}))
-    assert inputs.segmenter == SegmenterConfig(min_chars=40)
+    assert inputs.strategy.segmenter == SegmenterConfig(min_chars=40)
 
 
 def test_trl_trainer_warns_when_the_manifests_steps_came_from_the_file(tiny_model_dir, labeled_trace_file, tmp_path,

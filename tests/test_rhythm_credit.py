@@ -1,4 +1,4 @@
-"""The Preplan-and-Anchor credit strategies (attnpo_train.rhythm): hand-computed masks and amplification, the
+"""The Preplan-and-Anchor credit strategies (attnpo_train.strategies.preplan_anchor): hand-computed masks and amplification, the
 loop's advantages against the signals of eager attention, two training steps of each method."""
 
 from __future__ import annotations
@@ -8,23 +8,25 @@ import math
 
 import pytest
 import torch
-from conftest import R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, eager_maps, rhythm_reference, small_config
+from conftest import (
+    R1_TRACES, SHORT_55, WRONG_54, crafted_rollouts, eager_maps, rhythm_reference, separate_advantages, small_config,
+)
 
 from attnpo_train import loop
 from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt, PromptSource
-from attnpo_train.rhythm import (
+from attnpo_train.strategies import CreditBatch, strategy_class
+from attnpo_train.strategies.preplan_anchor import (
     PaperRule,
     amplify,
     paper_gamma,
     rhythm_advantages,
-    rhythm_token_advantages,
     token_mask,
     top_share,
     waad_change,
     waad_rise,
 )
-from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals
+from kfh_probe.preplan_anchor import RhythmSignals
 
 NAN = float("nan")
 
@@ -89,13 +91,16 @@ def test_loop_advantages_equal_the_strategy_on_eager_attention_signals(strategy,
     from kfh_probe.loading import load_model
 
     model = load_model(tiny_model_dir)
-    probe = PreplanAnchorHeads.from_file(rhythm_file, model)
+    credit = strategy_class(strategy)(TrainConfig(method=strategy, rhythm=str(rhythm_file)))
+    credit.attach(model, byte_tokenizer)
     rollouts = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], R1_TRACES[0]["prompt"])
     advantages = torch.tensor([[0.5, 0.8, -1.3]])
-    out, stats = rhythm_token_advantages(model, rollouts, advantages, probe, strategy, 0.4, 1.5, pad_id=0, batch_size=2)
+    out, metrics = separate_advantages(credit, model, CreditBatch(rollouts, torch.ones(1, 3), advantages, 0), 0, 2)
+    _, stats = rhythm_advantages(advantages, rollouts, credit.readings, strategy, 0.4, 1.5)
+    assert metrics["amplified_frac"] == stats["amplified_frac"]
     for i in range(2):
         sequence = rollouts.prompt_ids[i] + rollouts.response_ids[i]
-        _, waad, fai = rhythm_reference(eager_maps(model, sequence), len(rollouts.prompt_ids[i]), probe.heads)
+        _, waad, fai = rhythm_reference(eager_maps(model, sequence), len(rollouts.prompt_ids[i]), credit.probe.heads)
         mask = token_mask(strategy, waad, fai)
         assert torch.equal(stats["masks"][i], mask)
         assert torch.allclose(out[i], amplify(float(advantages[0, i]), mask))
@@ -108,7 +113,7 @@ def test_two_steps_of_each_rhythm_method_log_the_strategys_credit_and_loss(metho
                                                                           rhythm_file, byte_tokenizer, monkeypatch):
     """Two loop steps on a crafted group (long correct, short correct, wrong): TLMRE rewards by hand, and the first
     step's amplified share and loss (-sum of the token advantages / tokens: on-policy, the ratio is 1) are those of
-    ``rhythm_token_advantages`` on the untrained model."""
+    the strategy's separate forward on the untrained model."""
     prompt = R1_TRACES[0]["prompt"]
     fake = crafted_rollouts(byte_tokenizer, [R1_TRACES[0]["response"], SHORT_55, WRONG_54], prompt)
     monkeypatch.setattr(loop, "generate_rollouts", lambda *args, **kwargs: fake)
@@ -118,8 +123,10 @@ def test_two_steps_of_each_rhythm_method_log_the_strategys_credit_and_loss(metho
     inputs = loop.prepare_run(config)
     long, short = 1 - 0.2 / (1 + math.exp(-1)), 1 - 0.2 / (1 + math.exp(1))  # z = +1, -1 for the two lengths
     advantages = torch.tensor([[long - short / 2, short - long / 2, -(long + short) / 2]])  # RLOO
-    expected, stats = rhythm_token_advantages(inputs.model, fake, advantages, inputs.rhythm, method, 0.4, 1.5,
-                                              inputs.pad_id, config.micro_batch_size)
+    separate = strategy_class(method)(config)
+    separate.attach(inputs.model, byte_tokenizer)
+    expected, stats = separate_advantages(separate, inputs.model, CreditBatch(fake, torch.ones(1, 3), advantages, 0),
+                                          inputs.pad_id, config.micro_batch_size)
     metrics = loop.train(inputs, config, progress=False)
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["reward_mean"] == pytest.approx((long + short) / 3) and m["accuracy"] == pytest.approx(2 / 3)

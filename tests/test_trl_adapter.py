@@ -1,6 +1,6 @@
 """Checks of attnpo_train.trl: the TRL path's rewards and outcome advantages equal the TLMRE and RLOO formulas worked
 by hand, its per-token advantages equal the lightweight trainer's (in one process, and with prompt groups split
-across two processes), TRL's loss on them equals the lightweight trainer's PPO loss (value and gradient), and
+across two processes), TRL's loss on them equals the lightweight trainer's loss (value and gradient), and
 two-process `accelerate launch` runs of the example script log AttnPO metrics that agree with TRL's own reward
 and completions table."""
 
@@ -23,13 +23,15 @@ pytest.importorskip("trl", reason="TRL is not installed (pip install 'kfh-attnpo
 
 from attnpo_train.advantages import group_advantages  # noqa: E402
 from attnpo_train.config import TrainConfig  # noqa: E402
-from attnpo_train.credit import attnpo_token_advantages, rollout_rewards  # noqa: E402
-from attnpo_train.data import Prompt  # noqa: E402
-from attnpo_train.loss import ppo_clip_loss  # noqa: E402
+from attnpo_train.loss import policy_gradient_loss  # noqa: E402
+from attnpo_train.rewards import rollout_correctness  # noqa: E402
+from attnpo_train.strategies import CreditBatch, methods, strategy_class  # noqa: E402
 from attnpo_train.trl import TRAIN_SETTINGS, AttnPOConfig, AttnPOGRPOTrainer  # noqa: E402
 from kfh_probe import SettingError, help_of  # noqa: E402
 from kfh_probe.sampling import Rollouts, decode_responses  # noqa: E402
-from conftest import R1_TRACES, SHORT_55, WRONG_54, write_jsonl, write_manifest  # noqa: E402
+from conftest import (  # noqa: E402
+    R1_TRACES, SHORT_55, WRONG_54, attnpo_strategy, separate_advantages, write_jsonl, write_manifest,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = R1_TRACES[0]["prompt"]
@@ -80,12 +82,11 @@ def test_config_converts_to_the_lightweight_trainers(tmp_path, manifest_file):
     [
         ({"attnpo_delta": 1.5}, "setting 'attnpo_delta' must be in [0, 1]; got 1.5"),
         ({"attnpo_manifest": None},
-         "setting 'attnpo_manifest' must be given when attnpo_method is 'attnpo' (the KFH manifest of the policy's "
-         "base model); got None"),
+         "setting 'attnpo_manifest' must be given when attnpo_method's strategy reads it (the KFH manifest of the "
+         "policy's base model); got None"),
         ({"attnpo_manifest": None, "attnpo_method": "anchor"},
-         "setting 'attnpo_rhythm' must be given when attnpo_method is one of preplan, anchor, coupled (a kfh-probe "
-         "rhythm file of the policy's base model); got None"),
-        ({"attnpo_method": "tlmre"}, "setting 'attnpo_method' must be one of attnpo, preplan, anchor, coupled; got 'tlmre'"),
+         "setting 'attnpo_rhythm' must be given when attnpo_method's strategy reads it (the kfh-probe rhythm file "
+         "of the policy's base model); got None"),
         ({"num_generations_eval": 1},
          "setting 'num_generations_eval' must be >= 2 or null (AttnPO's group baseline needs two completions); got 1"),
     ],
@@ -94,6 +95,13 @@ def test_config_errors_name_the_trl_setting(changes, message, tmp_path, manifest
     with pytest.raises(SettingError) as caught:
         trl_args(tmp_path, manifest_file, **changes)
     assert str(caught.value) == message
+
+
+def test_trl_takes_any_registered_strategy_and_asks_only_for_its_files(tmp_path, manifest_file):
+    with pytest.raises(SettingError) as caught:
+        trl_args(tmp_path, manifest_file, attnpo_method="ppo")  # not a registered strategy
+    assert str(caught.value) == f"setting 'attnpo_method' must be one of {', '.join(methods())}; got 'ppo'"
+    assert trl_args(tmp_path, None, attnpo_method="tlmre").to_train_config(4).method == "tlmre"  # reads no file
 
 
 @pytest.mark.parametrize("num_iterations", [1, 2])
@@ -127,16 +135,15 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
     for b in range(len(RESPONSES)):
         assert output["prompt_ids"][b][output["prompt_mask"][b].bool()].tolist() == prompt_ids
     rollouts = Rollouts(4, [list(prompt_ids)] * 8, *decode_responses(byte_tokenizer, completions, {eos}))
-    config = TrainConfig(method="attnpo", group_size=4, horizon=0)
-    correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
+    strategy = attnpo_strategy(trainer.model.eval(), byte_tokenizer, manifest_file, group_size=4, horizon=0)
+    assert strategy.heads == [(2, 0), (2, 1), (2, 2)]  # the manifest's top 3
+    correct = rollout_correctness(rollouts, ["55", "55"], strategy.config)
+    rewards = strategy.rewards(correct, rollouts)
     assert correct.tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
     torch.testing.assert_close(rewards, torch.tensor(REWARDS), atol=1e-6, rtol=0)
     advantages = group_advantages(rewards, "rloo")
     torch.testing.assert_close(advantages, torch.tensor(RLOO), atol=1e-6, rtol=0)
-    heads = [(2, 0), (2, 1), (2, 2)]  # the manifest's top 3
-    expected, stats = attnpo_token_advantages(
-        trainer.model.eval(), byte_tokenizer, rollouts, correct, advantages, heads, 0, config, eos
-    )
+    expected, stats = separate_advantages(strategy, trainer.model, CreditBatch(rollouts, correct, advantages, 0), eos)
     assert stats["rescaled_responses"] == 6 and 0 < stats["frac_attenuated"] < 1
 
     got = output["advantages"]
@@ -154,8 +161,8 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
     assert metrics["attnpo/reward"] == [pytest.approx(3 * 1.8 / 8)] and metrics["attnpo/accuracy"] == [0.75]
     assert list(trainer._logs["advantages"]) == pytest.approx(sum(RLOO, []), abs=1e-6)
 
-    # TRL's loss on these advantages is the lightweight trainer's PPO loss: at the first update the policy is the
-    # sampling policy (ratio 1), so both are -sum_t A_t / (completion tokens), with the same gradient
+    # TRL's loss on these advantages is the lightweight trainer's: at the first update the policy is the sampling
+    # policy (ratio 1), so both are -sum_t A_t / (completion tokens), with the same gradient
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # what TRL's training loop sets before compute_loss
     loss = trainer.compute_loss(trainer.model, output)
@@ -166,24 +173,23 @@ def test_trl_advantages_equal_the_lightweight_trainers(num_iterations, tmp_path,
     loss.backward()
     trl_grads = [p.grad.clone() for p in trainer.model.parameters()]
     trainer.model.zero_grad()
-    reference, _ = ppo_clip_loss(*policy_logprobs(trainer.model, prompt_ids, completions), got, mask.float())
+    reference, _ = policy_gradient_loss(policy_logprobs(trainer.model, prompt_ids, completions), got, mask.float())
     torch.testing.assert_close(reference, loss.detach(), atol=1e-6, rtol=1e-5)
     reference.backward()
     for trl_grad, p in zip(trl_grads, trainer.model.parameters()):
         torch.testing.assert_close(trl_grad, p.grad, atol=1e-6, rtol=1e-4)
 
 
-def policy_logprobs(model, prompt_ids: list[int], completions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities [B, T] of each completion's tokens under ``model``, one unpadded forward per completion
-    (zero beyond a completion's end), and the same detached (the sampling policy's, before any update)."""
+def policy_logprobs(model, prompt_ids: list[int], completions: list[list[int]]) -> torch.Tensor:
+    """Log-probabilities [completion, token] of each completion's tokens under ``model``, one unpadded forward per
+    completion (zero beyond a completion's end)."""
     width = max(map(len, completions))
     rows = []
     for completion in completions:
         logits = model(input_ids=torch.tensor([prompt_ids + completion])).logits[0, len(prompt_ids) - 1 : -1]
         picked = logits.float().log_softmax(-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
         rows.append(torch.nn.functional.pad(picked, (0, width - len(completion))))
-    logprobs = torch.stack(rows)
-    return logprobs, logprobs.detach()
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("method,num_iterations,rule", [("preplan", 1, "project"), ("coupled", 1, "project"),
@@ -193,9 +199,6 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, num_iterat
     """With TRL's defaults from a forward of their own, with num_iterations 2 read off TRL's old-logps forward."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-
-    from attnpo_train.rhythm import paper_rule, rhythm_token_advantages
-    from kfh_probe.preplan_anchor import PreplanAnchorHeads
 
     args = trl_args(tmp_path, None, attnpo_method=method, attnpo_rhythm=str(rhythm_file), num_iterations=num_iterations,
                     bf16=False, attnpo_rhythm_rule=rule)
@@ -213,13 +216,12 @@ def test_trl_rhythm_advantages_equal_the_lightweight_trainers(method, num_iterat
 
     prompt_ids = byte_tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     rollouts = Rollouts(4, [list(prompt_ids)] * 8, *decode_responses(byte_tokenizer, completions, {eos}))
-    config = TrainConfig(method=method, group_size=4, rhythm_rule=rule)
-    correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 2, config)
-    advantages = group_advantages(rewards, "rloo")
+    strategy = strategy_class(method)(TrainConfig(method=method, rhythm=str(rhythm_file), rhythm_rule=rule))
+    strategy.attach(trainer.model.eval(), byte_tokenizer)
+    correct = rollout_correctness(rollouts, ["55", "55"], strategy.config)
+    advantages = group_advantages(strategy.rewards(correct, rollouts), "rloo")
     torch.testing.assert_close(advantages, torch.tensor(RLOO), atol=1e-6, rtol=0)  # the same TLMRE reward
-    probe = PreplanAnchorHeads.from_file(rhythm_file, trainer.model)
-    expected, stats = rhythm_token_advantages(trainer.model.eval(), rollouts, advantages, probe, method, 0.4, 1.5, eos, 8,
-                                              paper_rule(config))
+    expected, stats = separate_advantages(strategy, trainer.model, CreditBatch(rollouts, correct, advantages, 0), eos)
     assert 0 < stats["amplified_frac"] < 1
     for b, values in enumerate(expected):  # TRL's left-padded old-logps batch against right-padded ones: rounding
         tolerance = 1e-6 if num_iterations == 2 else 0.0
@@ -378,16 +380,16 @@ def test_groups_split_across_two_processes_get_the_lightweight_advantages(tmp_pa
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     assert got["prompt_ids"] == [prompt_ids] * 12
     rollouts = Rollouts(4, [list(prompt_ids)] * 12, *decode_responses(tokenizer, completions, {eos}))
-    config = TrainConfig(method="attnpo", group_size=4, horizon=0)
-    correct, rewards = rollout_rewards(rollouts, [Prompt("p", PROMPT, "55")] * 3, config)
+    strategy = attnpo_strategy(model, tokenizer, manifest_file, group_size=4, horizon=0)
+    correct = rollout_correctness(rollouts, ["55"] * 3, strategy.config)
+    rewards = strategy.rewards(correct, rollouts)
     assert correct.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
     # the third group's correct lengths are short, long, long: z = -sqrt(2), 1/sqrt(2), 1/sqrt(2)
     low, high = 1 - 0.2 / (1 + math.exp(math.sqrt(2))), 1 - 0.2 / (1 + math.exp(-1 / math.sqrt(2)))
     torch.testing.assert_close(rewards, torch.tensor([*REWARDS, [low, high, high, 0.0]]), atol=1e-6, rtol=0)
     advantages = group_advantages(rewards, "rloo")
-    expected, stats = attnpo_token_advantages(model, tokenizer, rollouts, correct, advantages,
-                                                   [(2, 0), (2, 1), (2, 2)], 0, config, eos)
-    assert stats["attenuated_steps"] > 0
+    expected, stats = separate_advantages(strategy, model, CreditBatch(rollouts, correct, advantages, 0), eos)
+    assert stats["frac_attenuated"] > 0
     assert len(got["advantages"]) == 12
     for b, values in enumerate(expected):  # other processes, other thread counts: equal up to float rounding
         torch.testing.assert_close(torch.tensor(got["advantages"][b]), values, rtol=1e-5, atol=1e-6)

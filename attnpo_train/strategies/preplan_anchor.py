@@ -1,5 +1,5 @@
-"""Preplan-and-Anchor credit (arXiv 2510.13554; docs/method.md section 8): the outcome advantage of a
-response, spread over its tokens, is amplified on the tokens the attention rhythm marks as critical.
+"""The Preplan-and-Anchor credit strategies (arXiv 2510.13554; docs/method.md section 8): the outcome advantage
+of a response, spread over its tokens, is amplified on the tokens the attention rhythm marks as critical.
 
 The project's rule (the default):
 
@@ -13,27 +13,23 @@ defined) is selected; where the response's advantage is non-negative their advan
 left as it is. The paper's own rule (``PaperRule``: preplan by |WAAD_t - WAAD_{t+1}|, coupled credit
 back-allocated from locally dominated anchors, both signs scaled) is the option.
 
-``token_mask``, ``token_gamma`` and ``rhythm_advantages`` are pure (hand-checked in the tests). The
-signals come from the current policy, either read off the update's own forward one micro-batch at a time
-(``FusedRhythmCredit``, the default) or in a separate no-grad forward before the update
-(``rhythm_token_advantages``); both reduce the attention calls with ``kfh_probe.preplan_anchor.SignalRecorder``.
-The single-machine loop and the TRL adapter call the same functions.
+``token_mask``, ``token_gamma`` and ``rhythm_advantages`` are pure (hand-checked in the tests). The strategies
+(``PreplanAnchor``) read WAAD and FAI of the current policy with ``kfh_probe.SignalRecorder`` (detached
+float32, chunks of query rows, never T x T), for the responses whose advantage ``needs_signals``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from kfh_probe.capture import attention_calls
-from kfh_probe.preplan_anchor import PreplanAnchorHeads, RhythmSignals, SignalRecorder, rhythm_signals
-from kfh_probe.sampling import Rollouts
+from attnpo_train.config import TrainConfig
+from attnpo_train.strategies.base import CreditBatch, CreditStrategy, StrategyFile, register
+from kfh_probe import PreplanAnchorHeads, RhythmSignals, Rollouts, SignalRecorder, default_rhythm_path
 
 STRATEGIES = ("preplan", "anchor", "coupled")
 
@@ -99,7 +95,7 @@ class PaperRule:
     k: int = 3
 
 
-def paper_rule(config) -> PaperRule | None:
+def paper_rule(config: TrainConfig) -> PaperRule | None:
     """The ``PaperRule`` of a ``TrainConfig`` whose ``rhythm_rule`` is "paper", else None (the project's rule)."""
     return PaperRule(config.rhythm_alpha, config.rhythm_k) if config.rhythm_rule == "paper" else None
 
@@ -157,16 +153,6 @@ def needs_signals(advantage: float, paper: PaperRule | None) -> bool:
     return advantage != 0 if paper is not None else advantage > 0
 
 
-def rollout_signals(
-    model: nn.Module, rollouts: Rollouts, indices: list[int], probe: PreplanAnchorHeads, pad_id: int, batch_size: int
-) -> dict[int, RhythmSignals]:
-    """WAAD and FAI of the responses ``indices`` under ``model`` (the current policy), by rollout index."""
-    sequences = [rollouts.prompt_ids[i] + rollouts.response_ids[i] for i in indices]
-    starts = [len(rollouts.prompt_ids[i]) for i in indices]
-    signals = rhythm_signals(model, sequences, starts, probe.heads, pad_id, batch_size, probe.window, probe.fai_range)
-    return dict(zip(indices, signals))
-
-
 def rhythm_advantages(
     advantages: torch.Tensor, rollouts: Rollouts, signals: dict[int, RhythmSignals], strategy: str, top: float,
     gain: float, paper: PaperRule | None = None, indices: list[int] | None = None,
@@ -174,7 +160,7 @@ def rhythm_advantages(
     """Per-token advantages of one step's rollouts from their signals; pure.
 
     A response's advantages depend on its own outcome advantage and signals only, so any subset of the
-    rollouts can be computed on its own (``indices``; the fused path does one update micro-batch at a time).
+    rollouts can be computed on its own (``indices``; the update does one micro-batch at a time).
 
     Args:
         advantages: [P, G] outcome advantages.
@@ -212,90 +198,76 @@ def rhythm_advantages(
                      "credited_tokens": total, "masks": masks}
 
 
-def rhythm_token_advantages(
-    model: nn.Module, rollouts: Rollouts, advantages: torch.Tensor, probe: PreplanAnchorHeads, strategy: str, top: float,
-    gain: float, pad_id: int, batch_size: int, paper: PaperRule | None = None,
-) -> tuple[list[torch.Tensor], dict]:
-    """``rollout_signals`` of the rollouts that ``needs_signals`` (one no-grad forward per batch), then
-    ``rhythm_advantages`` (the unfused path, ``TrainConfig.fused_scoring`` false)."""
-    needed = [i for i, a in enumerate(advantages.reshape(-1).tolist()) if needs_signals(a, paper)]
-    signals = rollout_signals(model, rollouts, needed, probe, pad_id, batch_size) if needed else {}
-    return rhythm_advantages(advantages, rollouts, signals, strategy, top, gain, paper)
-
-
-class FusedRhythmCredit:
-    """The rhythm strategies' per-token advantages computed inside the update's forward (an ``UpdateCredit``,
-    ``attnpo_train.credit``; ``TrainConfig.fused_scoring``).
-
-    The update is on-policy, so the forward of each update micro-batch runs the policy that sampled the
-    rollouts: its attention calls are those ``rhythm_token_advantages``' separate forward would see. During
-    that forward ``observe`` reduces them (``kfh_probe.preplan_anchor.SignalRecorder``: detached float32, chunks of
-    query rows, never T x T) to the WAAD and FAI of the micro-batch's rollouts that ``needs_signals``; the
-    amplification needs them before that micro-batch's loss, which ``token_advantages`` (called between
-    the forward and the loss) provides with ``rhythm_advantages`` on the micro-batch. The result equals
-    ``rhythm_token_advantages`` up to float rounding of the two forwards (tests).
+class PreplanAnchor(CreditStrategy):
+    """A Preplan-and-Anchor strategy: TLMRE rewards, the advantage of the critical tokens amplified (``rule``).
 
     Attributes:
-        seconds: time spent recording and in ``token_advantages`` so far (what the strategy adds to a
-            TLMRE update; on a GPU host time, kernels run asynchronously).
-        handed_out: per rollout, the per-token advantages ``token_advantages`` returned (None before).
+        probe: the rhythm heads, W and FAI range, from the rhythm file (``TrainConfig.rhythm``; the organism's
+            when None), read by ``attach``.
     """
 
-    def __init__(self, rollouts: Rollouts, advantages: torch.Tensor, probe: PreplanAnchorHeads, strategy: str, top: float,
-                 gain: float, paper: PaperRule | None = None) -> None:
-        flat = advantages.reshape(-1).tolist()
-        self._needed = {i for i, a in enumerate(flat) if needs_signals(a, paper)}
-        self._rollouts, self._advantages, self._probe = rollouts, advantages, probe
-        self._rule = (strategy, top, gain, paper)
-        self._signals: dict[int, RhythmSignals] = {}
+    rule: ClassVar[str]
+    """"preplan", "anchor" or "coupled" (``token_mask``)."""
+    files = (StrategyFile("rhythm", "rhythm heads",
+                          "pass --set rhythm=R.jsonl (make one with `kfh-probe rhythm --model DIR --traces F --out R.jsonl`)",
+                          default_rhythm_path),)
+
+    def __init__(self, config: TrainConfig, ground_truth: bool = False) -> None:
+        super().__init__(config, ground_truth)
+        self.paper = paper_rule(config)
+        self.probe: PreplanAnchorHeads | None = None
+
+    def attach(self, model: nn.Module, tokenizer, gather_params=None) -> None:
+        """Read the rhythm file's header, checked against the policy's shape (InputError naming the file)."""
+        super().attach(model, tokenizer, gather_params)
+        self.probe = PreplanAnchorHeads.from_file(self.files[0].path(self.config), model)
+        self.layers = self.probe.heads.layers
+
+    def prepare(self, batch: CreditBatch) -> None:
+        super().prepare(batch)
+        self.wanted = {i for i, a in enumerate(batch.advantages.reshape(-1).tolist()) if needs_signals(a, self.paper)}
         self._counts = [0, 0]  # amplified, credited tokens
-        self.handed_out: list[torch.Tensor | None] = [None] * len(flat)
-        self.seconds = 0.0
 
-    @contextlib.contextmanager
-    def observe(self, model: nn.Module, indices: list[int], input_ids: torch.Tensor) -> Iterator[None]:
-        """During the block's forward (``input_ids`` [B, T]: prompt + response of ``indices[b]`` from column 0),
-        record the signals of the rollouts among ``indices`` that need them. Raises ValueError under attention
-        dropout in training mode (noisy signals) and ``UnsupportedModelError`` when a heads' layer did not call
-        the attention interface."""
-        if not any(i in self._needed for i in indices):
-            yield
-            return
-        if model.training and getattr(model.config, "attention_dropout", 0.0):
-            raise ValueError("attention dropout is active (model.train()); rhythm signals need the eval-mode attention")
-        prompts, responses = self._rollouts.prompt_ids, self._rollouts.response_ids
-        recorder = SignalRecorder(
-            self._probe.heads, [len(prompts[i]) if i in self._needed else None for i in indices],
-            [len(prompts[i]) + len(responses[i]) for i in indices], self._probe.window, self._probe.fai_range,
-        )
+    def recorder(self, indices, shape, offsets, device) -> SignalRecorder:
+        """Reduces the rhythm heads' attention calls to WAAD and FAI of the rows ``wants``."""
+        prompts, responses = self.batch.rollouts.prompt_ids, self.batch.rollouts.response_ids
+        starts = [offsets[b] + len(prompts[i]) if self.wants(i) else None for b, i in enumerate(indices)]
+        ends = [offsets[b] + len(prompts[i]) + len(responses[i]) for b, i in enumerate(indices)]
+        return SignalRecorder(self.probe.heads, starts, ends, self.probe.window, self.probe.fai_range, offsets=offsets)
 
-        def timed(*args) -> None:
-            begin = time.perf_counter()
-            recorder(*args)
-            self.seconds += time.perf_counter() - begin
+    def read(self, indices, offsets, recorder: SignalRecorder) -> dict[int, RhythmSignals]:
+        return {i: signals for i, signals in zip(indices, recorder.signals()) if signals is not None}
 
-        with attention_calls(model, self._probe.heads.layers, timed):
-            yield
-        start = time.perf_counter()
-        recorder.check_reported(model)
-        for i, signals in zip(indices, recorder.signals()):
-            if signals is not None:
-                self._signals[i] = signals
-        self.seconds += time.perf_counter() - start
-
-    def token_advantages(self, indices: list[int]) -> list[torch.Tensor]:
-        """Per-token advantages of ``indices`` (after their ``observe`` block), B float32 tensors [response_len_i]."""
-        start = time.perf_counter()
-        values, stats = rhythm_advantages(self._advantages, self._rollouts, self._signals, *self._rule, indices=indices)
+    def advantages(self, indices: list[int]) -> list[torch.Tensor]:
+        config = self.config
+        values, stats = rhythm_advantages(self.batch.advantages, self.batch.rollouts, self.readings, self.rule,
+                                          config.rhythm_top, config.rhythm_gain, self.paper, indices=indices)
         self._counts[0] += stats["amplified"]
         self._counts[1] += stats["credited_tokens"]
-        for i, row in zip(indices, values):
-            self.handed_out[i] = row
-            self._signals.pop(i, None)
-        self.seconds += time.perf_counter() - start
         return values
 
-    def stats(self) -> dict:
-        """After every micro-batch: "amplified_frac" of the whole step, as ``rhythm_advantages`` gives it."""
+    def metrics(self) -> dict[str, float | None]:
+        """The step's "amplified_frac", as ``rhythm_advantages`` gives it over all its rollouts."""
         amplified, total = self._counts
-        return {"amplified_frac": amplified / total if total else 0.0}
+        return {**super().metrics(), "amplified_frac": amplified / total if total else 0.0}
+
+
+@register("preplan")
+class Preplan(PreplanAnchor):
+    """Amplify the tokens with the sharpest WAAD rises."""
+
+    rule = "preplan"
+
+
+@register("anchor")
+class Anchor(PreplanAnchor):
+    """Amplify the tokens with the largest FAI."""
+
+    rule = "anchor"
+
+
+@register("coupled")
+class Coupled(PreplanAnchor):
+    """Amplify the anchors next to a preplan token, and those preplan tokens."""
+
+    rule = "coupled"
