@@ -10,7 +10,8 @@ file; one CPU thread, so the float arithmetic is the same from run to run) and e
 
 ``--compare`` prints one line per arm (same, or the first differing fields) and exits 1 when any arm
 differs; equality is exact (the JSON numbers as written). ``--dropped F ...`` names fields the change removes
-on purpose: each must have been logged before and must be absent after; every other field must be equal.
+on purpose: each must have been logged before and must be absent after; ``--added F ...`` fields it adds on
+purpose: absent before, logged after; every other field must be equal.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def run_arm(name: str, out: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in TIMING_FIELDS} for line in lines]
 
 
-def differences(before: list[dict], after: list[dict], dropped: tuple[str, ...] = ()) -> list[str]:
+def differences(before: list[dict], after: list[dict], dropped: tuple[str, ...] = (),
+                added: tuple[str, ...] = ()) -> list[str]:
     """Human-readable differences between two runs' metrics lines (empty: identical but for ``dropped``, fields
-    that were logged before and must not be after)."""
+    that were logged before and must not be after, and ``added``, fields that must be logged after only)."""
     if len(before) != len(after):
         return [f"{len(before)} lines before, {len(after)} after"]
     found = []
@@ -73,7 +75,11 @@ def differences(before: list[dict], after: list[dict], dropped: tuple[str, ...] 
             if key not in a or key in b:
                 found.append(f"step {step}: '{key}' was {'not ' if key not in a else ''}logged before and is "
                              f"{'still' if key in b else 'not'} logged after")
-        for key in sorted((a.keys() | b.keys()) - set(dropped)):
+        for key in added:
+            if key in a or key not in b:
+                found.append(f"step {step}: '{key}' was {'' if key in a else 'not '}logged before and is "
+                             f"{'' if key in b else 'not '}logged after")
+        for key in sorted((a.keys() | b.keys()) - set(dropped) - set(added)):
             if key not in b:
                 found.append(f"step {step}: '{key}' no longer logged")
             elif key not in a:
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run (default all)")
     parser.add_argument("--dropped", nargs="+", default=[], metavar="FIELD",
                         help="with --compare: fields logged before that the change removes on purpose")
+    parser.add_argument("--added", nargs="+", default=[], metavar="FIELD",
+                        help="with --compare: fields the change adds on purpose (not logged before)")
     args = parser.parse_args(argv)
 
     import torch
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: saved {len(metrics)} steps", flush=True)
                 continue
             saved = json.loads((args.compare / f"{name}.json").read_text())
-            found = differences(saved, metrics, tuple(args.dropped))
+            found = differences(saved, metrics, tuple(args.dropped), tuple(args.added))
             failed += bool(found)
             print(f"{name}: {'same' if not found else 'DIFFERS: ' + '; '.join(found[:6])} "
                   f"({len(metrics)} steps, {len(metrics[0]) if metrics else 0} fields)", flush=True)
