@@ -188,3 +188,18 @@ def test_attnpo_train_refuses_an_organism_with_a_model(tmp_path, capsys):
 
     assert main(["run", "--organism", "v5", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "give it or --model, not both" in capsys.readouterr().err
+
+
+def test_eval_of_a_v5_folder_draws_v5_problems_and_counts_its_re_reads(capsys):
+    import argparse
+    import json
+
+    from attnpo_train.cli import _eval_prompts, main
+
+    prompts = _eval_prompts(argparse.Namespace(data=None, model=str(default_model_dir("v5")), n=4))
+    assert any("Correction:" in p.text for p in prompts)  # the folder's task, not v4's
+    assert main(["eval", "--model", str(default_model_dir("v5")), "--n", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    steps = report["result"]["steps"]
+    assert report["result"]["accuracy"] == 1.0  # greedy decoding always re-reads
+    assert steps["reread"] + steps["essential_steps"] > 0 and steps["skipped_reread"] == 0.0
