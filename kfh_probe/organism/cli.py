@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = sub.add_parser("report", help="greedy and sampled accuracy, lengths, redundant steps; with --group-size, "
                        "how groups of samples look to group RL")
     r.add_argument("--model", type=Path, default=None, help="organism folder (default: the shipped --organism)")
-    r.add_argument("--organism", choices=ORGANISMS, default=DEFAULT_ORGANISM)
+    r.add_argument("--organism", choices=ORGANISMS,
+                   help=f"the shipped organism to report on when --model is not given (default: {DEFAULT_ORGANISM})")
     r.add_argument("--n", type=int, default=500, help="problems of the greedy and sampled blocks")
     r.add_argument("--group-size", type=int, default=None,
                    help="also report groups_t1: G samples at T = 1 of each of N // G problems")
@@ -74,12 +75,14 @@ def _traces(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from kfh_probe.io import atomic_write_json
     from kfh_probe.loading import model_folder
-    from kfh_probe.organism import built_model_dir
+    from kfh_probe.organism import DEFAULT_ORGANISM, built_model_dir
     from kfh_probe.organism.report import group_credit, organism_report
 
     if args.n < 1 or (args.group_size is not None and not 2 <= args.group_size <= args.n):
         raise InputError(f"need --n >= 1 and 2 <= --group-size <= --n; got {args.n}, {args.group_size}")
-    model = built_model_dir(args.organism) if args.model is None else model_folder(args.model)
+    if args.model is not None and args.organism is not None:
+        raise InputError("--organism names a shipped organism; give it or --model, not both")
+    model = built_model_dir(args.organism or DEFAULT_ORGANISM) if args.model is None else model_folder(args.model)
     report = organism_report(model, n=args.n, group_size=args.group_size, credit=group_credit())
     print(json.dumps(report, indent=2))
     if args.json:
