@@ -1,6 +1,6 @@
 """The view's page in a real browser: headless Chromium opens it from disk with every host unresolvable, its
 script runs to the end without a console message, the screenshot is not blank, and the URL fragment's head
-re-shades the steps. Skipped when no Chromium is installed (``.ci/run`` installs Debian's ``chromium``)."""
+re-shades the steps and its step is explained. Skipped when no Chromium is installed (``.ci/run`` installs Debian's ``chromium``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def page(tmp_path_factory) -> Path:
 def test_the_page_runs_offline_without_a_console_message_and_a_head_reshades_it(page, tmp_path):
     doms = {}
     for head in ("ens", "0.0"):
-        run = _chromium(tmp_path / "profile", "--dump-dom", f"{page.as_uri()}#trace=organism-model-0-2&head={head}")
+        run = _chromium(tmp_path / "profile", "--dump-dom", f"{page.as_uri()}#trace=organism-model-0-2&head={head}&step=6")
         assert [line for line in run.stderr.splitlines() if ":CONSOLE" in line] == []
         doms[head] = run.stdout
         assert 'data-ready="1"' in run.stdout and 'data-error="' not in run.stdout
@@ -51,6 +51,8 @@ def test_the_page_runs_offline_without_a_console_message_and_a_head_reshades_it(
     assert len(ensemble) == len(single) == page.read_text(encoding="utf-8").count('tabindex="0"')
     assert ensemble != single  # layer 0 head 0 ranks the steps differently from the top-5 ensemble
     assert re.search(r"L0\.H0 ranks \d+ of \d+ essential-redundant pairs right", doms["0.0"])
+    assert re.search(r"Trace organism-model-0-2, step 6 of 6: redundant</p><p>L0\.H0: score [0-9.e-]+, rank \d of 6",
+                     doms["0.0"])  # the fragment's step=6 is explained as hovering it would
 
 
 @pytest.mark.parametrize("width", [1280, 390])

@@ -1,7 +1,8 @@
 /* kfh-probe view: shade each step by the selected head's score (the trace's lowest to its highest),
    explain a step on hover or focus, count the essential-redundant pairs the head ranks right and wrong,
-   filter the trace list by id. The data is the
-   JSON block of this view; the URL fragment #trace=ID&head=L.H (or head=ens) picks a trace and a head. */
+   filter the trace list by id. The data is the JSON block of this view; the URL fragment
+   #trace=ID&head=L.H&step=K (head=ens: the ensemble; each part optional) picks a trace and a head and
+   explains step K (1-based). */
 (function () {
   "use strict";
   var root = document.getElementById("__KFH_ROOT__");
@@ -14,6 +15,7 @@
     var buttons = Array.prototype.slice.call(root.querySelectorAll(".kfh-list button"));
     var headIndex = -1; /* -1: the top-N ensemble; else the head's place in the manifest's ranking */
     var current = 0;
+    var linkedStep = 0; /* the step the fragment explains (1-based; 0: none) */
 
     function headName(i) { return i < 0 ? "ensemble of the top " + data.top_n : "L" + data.heads[i][0] + ".H" + data.heads[i][1]; }
     function scoresOf(t, i) { return i < 0 ? data.traces[t].ensemble : data.traces[t].heads[i]; }
@@ -74,11 +76,14 @@
       if (history.replaceState) { history.replaceState(null, "", hash); }
     }
     function readHash() {
+      linkedStep = 0;
       location.hash.replace(/^#/, "").split("&").forEach(function (part) {
         var kv = part.split("="), value = decodeURIComponent(kv.slice(1).join("="));
         if (kv[0] === "head") {
           headIndex = -1;
           data.heads.forEach(function (h, i) { if (h.join(".") === value) { headIndex = i; } });
+        } else if (kv[0] === "step") {
+          linkedStep = parseInt(value, 10) || 0;
         } else if (kv[0] === "trace") {
           data.traces.forEach(function (tr, i) { if (tr.id === value) { current = i; } });
         }
@@ -92,6 +97,9 @@
     function explain(step) {
       var t = Number(step.closest("article").getAttribute("data-trace")), k = Number(step.getAttribute("data-k"));
       var tr = data.traces[t], K = tr.labels.length, ens = tr.ensemble[k];
+      var before = root.querySelector(".kfh-explained");
+      if (before) { before.classList.remove("kfh-explained"); }
+      step.classList.add("kfh-explained");
       var lines = [
         "Trace " + tr.id + ", step " + (k + 1) + " of " + K + ": " + (tr.labels[k] || "unlabeled"),
         headName(headIndex) + ": score " + fmt(scoresOf(t, headIndex)[k]) + ", rank " + rankOf(scoresOf(t, headIndex), k) + " of " + K,
@@ -123,11 +131,16 @@
     });
     root.addEventListener("mouseover", function (ev) { var s = ev.target.closest(".kfh-step"); if (s) { explain(s); } });
     root.addEventListener("focusin", function (ev) { var s = ev.target.closest(".kfh-step"); if (s) { explain(s); } });
-    window.addEventListener("hashchange", function () { readHash(); show(current); apply(); });
+    function load() {
+      readHash();
+      show(current);
+      apply();
+      var step = articles[current].querySelectorAll(".kfh-step")[linkedStep - 1];
+      if (step) { explain(step); }
+    }
+    window.addEventListener("hashchange", load);
 
-    readHash();
-    show(current);
-    apply();
+    load();
     root.setAttribute("data-script-ms", performance.now().toFixed(1));
     root.setAttribute("data-ready", "1");
   } catch (err) {
