@@ -291,6 +291,17 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                             f"and manifest, to use when --model is not given (default: {DEFAULT_ORGANISM})")
 
 
+def _manifest_run_arguments(parser: argparse.ArgumentParser, skip_invalid_help: str) -> None:
+    """``--dtype``, ``--device``, ``--marker``, ``--skip-invalid``, ``--allow-finetuned`` and ``--quiet`` of a
+    command that runs a model with its manifest (``causal``, ``view``)."""
+    parser.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    parser.add_argument("--skip-invalid", action="store_true", help=skip_invalid_help)
+    parser.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _resume_arguments(parser: argparse.ArgumentParser) -> None:
     """``--work-dir`` and ``--keep-parts`` of a command whose finished batches survive an interruption."""
     parser.add_argument("--work-dir", help="where finished batches are kept so an interrupted run resumes "
@@ -342,12 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequences per forward (default 32; a labeled trace brings 6 + 2 x draws of them)")
     causal.add_argument("--max-answer-tokens", type=int, help="answer tokens written at most (default: 2 |F| + 16 per trace)")
     causal.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
-    causal.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
-    causal.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    causal.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
-    causal.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the JSON)")
-    causal.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
-    causal.add_argument("--quiet", action="store_true", help="no progress bar")
+    _manifest_run_arguments(causal, "leave out broken traces (counted in the JSON)")
     causal.set_defaults(func=cmd_causal)
 
     view = sub.add_parser("view", help="one self-contained HTML page: each trace's steps shaded by the top heads' "
@@ -359,12 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--ids", nargs="+", help="show only the traces with these ids, in this order")
     view.add_argument("--max-traces", type=int, help="show at most this many traces (in file order)")
     view.add_argument("--batch-size", type=int, default=8, help="traces per forward (default 8)")
-    view.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16 (rows are float32)")
-    view.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    view.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
-    view.add_argument("--skip-invalid", action="store_true", help="leave out broken traces")
-    view.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
-    view.add_argument("--quiet", action="store_true", help="no progress bar")
+    _manifest_run_arguments(view, "leave out broken traces")
     view.set_defaults(func=cmd_view)
 
     gen = sub.add_parser("generate", help="sample traces from a model on a problems file (the sweep's input)",
