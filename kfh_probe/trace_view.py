@@ -130,7 +130,8 @@ def view_traces(
 
     Args:
         ids: show only these traces, in this order; max_traces: then at most this many, in file order.
-        model_name: how the page names the model (default: ``model`` as given).
+        model_name: how the page names the model (default: the last part of ``model``'s path, so that a
+            shared page does not show local folders).
 
     Raises:
         kfh_probe.traces.TraceFileError: broken traces and ``skip_invalid`` is False.
@@ -164,6 +165,6 @@ def view_traces(
             ensemble=per_head[:top_n].mean(dim=0), answer_tokens=answer_tokens, total_tokens=tokenized.length,
             baseline=step_baseline(P_LABELED, answer_tokens, tokenized.length),
         ))
-    return TraceView(model=model_name or str(model), heads=heads, sra=[h["sra"] for h in ranked["heads"]], top_n=top_n,
+    return TraceView(model=model_name or Path(model).name, heads=heads, sra=[h["sra"] for h in ranked["heads"]], top_n=top_n,
                      traces=shown)
 
