@@ -4,7 +4,7 @@ organism was trained on traces of at most 1024 positions), written as a view pag
 Chromium. Reports the trace's tokens and steps, the scoring time, the page's size and the time from the
 start of navigation to the end of the page's script (``data-script-ms``, read from Chromium's dumped DOM).
 
-    python benchmarks/view_long_trace.py --tokens 16000 --out /tmp/long_view.html
+    python benchmarks/view_long_trace.py --tokens 16000 --out long_view.html
 """
 
 from __future__ import annotations
