@@ -19,7 +19,8 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
 - what the notebooks draw with: :func:`per_trace_auc`, :func:`ensemble_sra` (SRA of heads and
   ensembles), :func:`format_table`, :func:`plot_heatmap`, :func:`sra_grid` (views of a manifest), and the
   causal check (:class:`CausalConfig`, :func:`prepare_causal_traces`, :func:`run_causal`,
-  :func:`format_causal_table`);
+  :func:`format_causal_table`), and :func:`view_traces`, which returns a :class:`TraceView` (traces'
+  steps shaded by the heads' scores, one self-contained HTML page; a notebook shows it inline);
 - errors: :class:`KFHError`, the base of every expected failure (bad input, unsupported model, files that
   do not belong together), :class:`InputError`, a bad argument or input file, :class:`ManifestMismatchError`
   (a manifest made for another model); :func:`listed` and :func:`report_error` format them.
@@ -84,6 +85,8 @@ _PUBLIC = {
     "prepare_causal_traces": "causal",
     "run_causal": "causal",
     "format_causal_table": "causal",
+    "view_traces": "trace_view",
+    "TraceView": "trace_view",
     "KFHError": "errors",
     "InputError": "errors",
     "setting": "settings",

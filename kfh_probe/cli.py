@@ -43,6 +43,19 @@ def _default_inputs(args) -> None:
         args.traces = str(default_traces_path(args.organism))
 
 
+def _default_inputs_with_manifest(args) -> None:
+    """:func:`_default_inputs`, and the organism's manifest when --manifest is not given with the organism."""
+    args.model_name = None
+    organism = args.model is None
+    _default_inputs(args)
+    if args.manifest is None:
+        if not organism:
+            raise InputError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
+        from .organism import default_manifest_path
+
+        args.manifest = str(default_manifest_path(args.organism))
+
+
 def _run_in_parts(args, run: Callable[..., object | None], report: Callable[[object], None]) -> int:
     """Run a command whose finished batches survive an interruption and whose batches may be shared by
     several processes (``sweep``, ``rhythm``): ``run(work_dir=, keep_parts=, rank=, world_size=)`` with
@@ -102,15 +115,7 @@ def cmd_causal(args) -> int:
     from .manifest import check_model_matches, load_manifest, model_fingerprint, top_heads
     from .traces import read_traces
 
-    args.model_name = None
-    organism = args.model is None
-    _default_inputs(args)
-    if args.manifest is None:
-        if not organism:
-            raise InputError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
-        from .organism import default_manifest_path
-
-        args.manifest = str(default_manifest_path(args.organism))
+    _default_inputs_with_manifest(args)
     config = CausalConfig(k=args.k, k_fraction=args.k_fraction, top_n=args.top_n, draws=args.draws, seed=args.seed,
                           batch_size=args.batch_size, max_answer_tokens=args.max_answer_tokens, marker=args.marker)
     manifest = load_manifest(args.manifest)
@@ -138,6 +143,24 @@ def cmd_causal(args) -> int:
         }
         atomic_write_json(args.json, {"format": "kfh-causal", "settings": settings, **summary})
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_view(args) -> int:
+    from .io import check_output_path
+    from .trace_view import view_traces
+
+    _default_inputs_with_manifest(args)
+    check_output_path(args.out)
+    view = view_traces(
+        args.model, args.traces, args.manifest, ids=args.ids, max_traces=args.max_traces, model_name=args.model_name,
+        batch_size=args.batch_size, marker=args.marker, skip_invalid=args.skip_invalid,
+        allow_finetuned=args.allow_finetuned, dtype=args.dtype, device=args.device, progress=not args.quiet,
+    )
+    view.save(args.out)
+    size = Path(args.out).stat().st_size
+    print(f"wrote {args.out}: {len(view.traces)} traces, {len(view.heads)} heads, top {view.top_n} ensemble; "
+          f"{size / 1e6:.2f} MB", file=sys.stderr)
     return 0
 
 
@@ -268,6 +291,17 @@ def _model_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
                             f"and manifest, to use when --model is not given (default: {DEFAULT_ORGANISM})")
 
 
+def _manifest_run_arguments(parser: argparse.ArgumentParser, skip_invalid_help: str) -> None:
+    """``--dtype``, ``--device``, ``--marker``, ``--skip-invalid``, ``--allow-finetuned`` and ``--quiet`` of a
+    command that runs a model with its manifest (``causal``, ``view``)."""
+    parser.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
+    parser.add_argument("--skip-invalid", action="store_true", help=skip_invalid_help)
+    parser.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _resume_arguments(parser: argparse.ArgumentParser) -> None:
     """``--work-dir`` and ``--keep-parts`` of a command whose finished batches survive an interruption."""
     parser.add_argument("--work-dir", help="where finished batches are kept so an interrupted run resumes "
@@ -319,13 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sequences per forward (default 32; a labeled trace brings 6 + 2 x draws of them)")
     causal.add_argument("--max-answer-tokens", type=int, help="answer tokens written at most (default: 2 |F| + 16 per trace)")
     causal.add_argument("--max-traces", type=int, help="use at most this many traces (in file order)")
-    causal.add_argument("--dtype", default="float32", help="weights dtype: float32, bfloat16, float16")
-    causal.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    causal.add_argument("--marker", default="</think>", help="end-of-thinking marker (default </think>)")
-    causal.add_argument("--skip-invalid", action="store_true", help="leave out broken traces (counted in the JSON)")
-    causal.add_argument("--allow-finetuned", action="store_true", help="accept a manifest whose weight fingerprint differs")
-    causal.add_argument("--quiet", action="store_true", help="no progress bar")
+    _manifest_run_arguments(causal, "leave out broken traces (counted in the JSON)")
     causal.set_defaults(func=cmd_causal)
+
+    view = sub.add_parser("view", help="one self-contained HTML page: each trace's steps shaded by the top heads' "
+                          "scores, with their labels, per-head scores on hover and a head selector")
+    _model_arguments(view, required=False)
+    view.add_argument("--traces", help="labeled trace JSONL (default: the organism's labeled traces)")
+    view.add_argument("--manifest", help="KFH manifest of the model (default: the organism's)")
+    view.add_argument("--out", required=True, help="HTML path (written atomically)")
+    view.add_argument("--ids", nargs="+", help="show only the traces with these ids, in this order")
+    view.add_argument("--max-traces", type=int, help="show at most this many traces (in file order)")
+    view.add_argument("--batch-size", type=int, default=8, help="traces per forward (default 8)")
+    _manifest_run_arguments(view, "leave out broken traces")
+    view.set_defaults(func=cmd_view)
 
     gen = sub.add_parser("generate", help="sample traces from a model on a problems file (the sweep's input)",
                          description="Sample K responses per problem and write them in the trace format. Rows: "
