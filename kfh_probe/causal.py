@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from .errors import InputError
 from .grading import extract_final_answer, is_correct
 from .labelers.ablation import answer_logprobs
 from .segmentation import SegmenterConfig, segment_reasoning, split_at_marker
+from .settings import Interval, NonEmpty, check_settings, setting
 from .sweep import SweepConfig, collect_step_scores
 from .traces import SkippedTrace, Step, Trace, TraceFileError, delete_steps
 
@@ -52,30 +53,33 @@ CONDITIONS = ("none", *DELETIONS, "ablate_top", "ablate_random")
 
 @dataclass
 class CausalConfig:
-    """Settings of ``kfh-probe causal`` (recorded in its JSON).
+    """Settings of ``kfh-probe causal`` (recorded in its JSON); each one's help and constraints are declared
+    at its field (``kfh_probe.settings``)."""
 
-    Attributes:
-        k: steps deleted per trace; None: the trace's essential steps when labeled, else ``k_fraction``.
-        k_fraction: fraction of an unlabeled trace's steps deleted (rounded, at least 1).
-        top_n: heads of the ensemble and of the ablation (the manifest's ``top_n`` when None).
-        draws: seeded draws of ``delete_random`` (per trace) and of ``ablate_random``.
-        seed: seed of those draws.
-        batch_size: sequences per forward (each trace brings one per condition and draw: 16 with labels
-            and 5 draws), so memory stays that of a forward of this many sequences.
-        max_answer_tokens: answer tokens written at most; None: ``2 |F| + 16`` of the trace's own answer.
-        marker: end-of-thinking marker.
-        segmenter: segmentation of traces that carry no steps.
-    """
+    k: int | None = setting(
+        None, "Steps deleted per trace; None: the trace's essential steps when labeled, else k_fraction.",
+        Interval(1, None),
+    )
+    k_fraction: float = setting(
+        0.3, "Fraction of an unlabeled trace's steps deleted (rounded, at least 1).", Interval(0, 1, closed="right")
+    )
+    top_n: int | None = setting(
+        None, "Heads of the ensemble and of the ablation (the manifest's top_n when None).", Interval(1, None)
+    )
+    draws: int = setting(5, "Seeded draws of delete_random (per trace) and of ablate_random.", Interval(1, None))
+    seed: int = setting(0, "Seed of those draws.")
+    batch_size: int = setting(
+        32, "Sequences per forward (each trace brings one per condition and draw: 16 with labels and 5 draws), "
+        "so memory stays that of a forward of this many sequences.", Interval(1, None),
+    )
+    max_answer_tokens: int | None = setting(
+        None, "Answer tokens written at most; None: 2 |F| + 16 of the trace's own answer.", Interval(1, None)
+    )
+    marker: str = setting("</think>", "End-of-thinking marker.", NonEmpty())
+    segmenter: SegmenterConfig = setting(SegmenterConfig(), "Segmentation of traces that carry no steps.")
 
-    k: int | None = None
-    k_fraction: float = 0.3
-    top_n: int | None = None
-    draws: int = 5
-    seed: int = 0
-    batch_size: int = 32
-    max_answer_tokens: int | None = None
-    marker: str = "</think>"
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass(frozen=True)

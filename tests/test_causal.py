@@ -12,6 +12,7 @@ from conftest import tiny_model
 
 from kfh_probe.alignment import tokenize_trace
 from kfh_probe.causal import (
+    CausalConfig,
     HeadAblation, answer_writing_positions, deletion_sets, greedy_answers, random_heads, steps_to_delete,
 )
 from kfh_probe.capture import edit_attention_outputs
@@ -162,3 +163,27 @@ def test_causal_on_any_model_with_unlabeled_traces(tiny_model_dir, labeled_trace
     result = json.loads(out.read_text())
     assert "delete_essential" not in result and result["delete_top"]["n"] == 2
     assert result["delete_top"]["steps_deleted"] == pytest.approx((1 + 1) / 2)  # round(0.3 * 3) and round(0.3 * 4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"draws": 0}, "setting 'draws' must be >= 1; got 0"),
+    ({"k": 0}, "setting 'k' must be >= 1 or null; got 0"),
+    ({"k_fraction": 1.5}, "setting 'k_fraction' must be in (0, 1]; got 1.5"),
+    ({"batch_size": 0}, "setting 'batch_size' must be >= 1; got 0"),
+    ({"marker": ""}, "setting 'marker' must be a non-empty string; got ''"),
+])
+def test_causal_settings_are_checked_at_their_fields(override, message):
+    from kfh_probe import SettingError
+
+    with pytest.raises(SettingError) as caught:
+        CausalConfig(**override)
+    assert str(caught.value) == message
+
+
+def test_the_causal_command_refuses_an_impossible_setting_before_any_work(tmp_path, monkeypatch, capsys):
+    from kfh_probe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["causal", "--draws", "0", "--json", "c.json"]) == 2
+    assert "setting 'draws' must be >= 1; got 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
