@@ -20,7 +20,7 @@ from pathlib import Path
 
 from attnpo_train.evaluate import efficiency, evaluate
 from attnpo_train.strategies import methods, strategy_class
-from kfh_probe import DEFAULT_ORGANISM, ORGANISMS, InputError, KFHError, report_error
+from kfh_probe import DEFAULT_ORGANISM, ORGANISMS, InputError, KFHError, organism_option, report_error
 
 ORGANISM_EVAL_SEED = 7_000_001
 """Seed of the organism problems ``eval`` draws when no --data is given (apart from the build seeds)."""
@@ -58,10 +58,8 @@ def _run_config(args: argparse.Namespace):
         raise InputError(f"--config: no such file {args.config}")
     config = load_config(args.config, _overrides(args))
     updates: dict[str, object] = {}
-    is_organism = config.model is None
-    if args.organism is not None and not is_organism:
-        raise InputError("--organism names an embedded model; give it or --model, not both")
-    organism = args.organism or DEFAULT_ORGANISM
+    organism = organism_option(args.organism, config.model)
+    is_organism = organism is not None
     if is_organism:
         from kfh_probe import built_model_dir
 

@@ -43,7 +43,7 @@ What the trainer (``attnpo_train``) builds on besides those:
 - files and models: :func:`atomic_write_json`, :func:`atomic_write_jsonl`, :func:`jsonl_records`,
   :func:`model_folder`, :func:`model_path`, ``GGUF_FILE_HELP``;
 - the embedded organism: :func:`built_model_dir`, :func:`default_manifest_path`, :func:`default_rhythm_path`,
-  ``ORGANISMS``, ``DEFAULT_ORGANISM``, :func:`task_of`, :func:`write_task_file`, ``TASKS``,
+  ``ORGANISMS``, ``DEFAULT_ORGANISM``, :func:`task_of`, :func:`organism_option`, :func:`write_task_file`, ``TASKS``,
   :func:`generate_problem`, :func:`generate_problems`, and its labeler's ground truth: :func:`parse_prompt`,
   :func:`label_trace`, :func:`step_accounting`, ``REDUNDANT_KINDS``, :class:`TraceFormatError`.
 """
@@ -134,6 +134,7 @@ _PUBLIC = {
     "ORGANISMS": "organism",
     "DEFAULT_ORGANISM": "organism",
     "task_of": "organism",
+    "organism_option": "organism",
     "write_task_file": "organism",
     "TASKS": "organism.task",
     "generate_problem": "organism.task",

@@ -23,8 +23,9 @@ from .errors import InputError, KFHError, report_error
 def _default_inputs(args) -> None:
     """Fill in the embedded organism (``--organism``, default v4) and its labeled traces when
     --model/--traces are not given."""
-    if args.model is not None and args.organism is not None:
-        raise InputError("--organism names an embedded model; give it or --model, not both")
+    from .organism import organism_option
+
+    args.organism = organism_option(args.organism, args.model)
     if args.model is not None and args.traces is not None:
         return
     if args.model is None and args.traces is not None:
@@ -34,7 +35,6 @@ def _default_inputs(args) -> None:
     except ImportError:
         raise InputError("the embedded organism is not available in this installation; pass --model DIR --traces F") from None
     if args.model is None:
-        args.organism = args.organism or DEFAULT_ORGANISM
         args.model = str(built_model_dir(args.organism))
         args.model_name = "kfh-organism" + ("" if args.organism == DEFAULT_ORGANISM else f"-{args.organism}")
     if args.traces is None:
@@ -46,10 +46,9 @@ def _default_inputs(args) -> None:
 def _default_inputs_with_manifest(args) -> None:
     """:func:`_default_inputs`, and the organism's manifest when --manifest is not given with the organism."""
     args.model_name = None
-    organism = args.model is None
     _default_inputs(args)
     if args.manifest is None:
-        if not organism:
+        if args.organism is None:
             raise InputError("--model was given without --manifest; pass that model's KFH manifest (kfh-probe sweep)")
         from .organism import default_manifest_path
 

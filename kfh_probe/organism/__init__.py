@@ -34,6 +34,22 @@ def default_model_dir(organism: str = DEFAULT_ORGANISM) -> Path:
     return _PACKAGE / f"organism_model{_suffix(organism)}"
 
 
+def organism_option(organism: str | None, model: str | Path | None) -> str | None:
+    """The rule of the commands' ``--organism`` and ``--model`` options: the organism to run on
+    (``organism``, else :data:`DEFAULT_ORGANISM`) when no model is given, None when one is.
+
+    Raises:
+        kfh_probe.errors.InputError: both are given.
+    """
+    if model is None:
+        return organism or DEFAULT_ORGANISM
+    if organism is not None:
+        from kfh_probe.errors import InputError
+
+        raise InputError("--organism names an embedded model; give it or --model, not both")
+    return None
+
+
 def write_task_file(folder: str | Path, task: str) -> None:
     """Record in a built organism folder which task version it was trained on."""
     (Path(folder) / TASK_FILE).write_text(json.dumps({"task": task}) + "\n", encoding="utf-8")

@@ -75,14 +75,13 @@ def _traces(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from kfh_probe.io import atomic_write_json
     from kfh_probe.loading import model_folder
-    from kfh_probe.organism import DEFAULT_ORGANISM, built_model_dir
+    from kfh_probe.organism import built_model_dir, organism_option
     from kfh_probe.organism.report import group_credit, organism_report
 
     if args.n < 1 or (args.group_size is not None and not 2 <= args.group_size <= args.n):
         raise InputError(f"need --n >= 1 and 2 <= --group-size <= --n; got {args.n}, {args.group_size}")
-    if args.model is not None and args.organism is not None:
-        raise InputError("--organism names a shipped organism; give it or --model, not both")
-    model = built_model_dir(args.organism or DEFAULT_ORGANISM) if args.model is None else model_folder(args.model)
+    organism = organism_option(args.organism, args.model)
+    model = model_folder(args.model) if organism is None else built_model_dir(organism)
     report = organism_report(model, n=args.n, group_size=args.group_size, credit=group_credit())
     print(json.dumps(report, indent=2))
     if args.json:
