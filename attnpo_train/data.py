@@ -66,6 +66,11 @@ class PromptSource:
         self.prompts = prompts
         self.task = task
 
+    @property
+    def organism_task(self) -> str | None:
+        """The organism task whose problems are drawn (None for a fixed list)."""
+        return self.task if self.prompts is None else None
+
     def draw(self, rng: random.Random, k: int) -> list[Prompt]:
         """``k`` prompts, a pure function of ``rng``'s state (which it advances)."""
         if self.prompts is None:

@@ -361,5 +361,5 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
             save_checkpoint(out, done, model, optimizer, scheduler, rng, metrics, config)
         raise
     bar.close()
-    save_final(model, inputs.tokenizer, out, None if inputs.prompts.prompts is not None else inputs.prompts.task)
+    save_final(model, inputs.tokenizer, out, inputs.prompts.organism_task)
     return metrics

@@ -285,9 +285,11 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
 
 
 def main() -> None:
+    from kfh_probe import DEFAULT_ORGANISM, ORGANISMS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if a not in OPTIONAL_ARMS], choices=list(ARMS))
-    parser.add_argument("--organism", choices=("v4", "v5"), default="v4", help="the shipped organism trained on")
+    parser.add_argument("--organism", choices=ORGANISMS, default=DEFAULT_ORGANISM, help="the shipped organism trained on")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4)

@@ -147,8 +147,10 @@ def groups_report(groups: list[list[Sample]], essential: list[list[int]], credit
         those in responses with a negative one).
     """
     correct = [[float(s.correct) for s in g] for g in groups]
-    redundant = [[s.labeled.accounting()["redundant_steps"] if s.labeled else 0 for s in g] for g in groups]
-    essential_steps = [[s.labeled.accounting()["essential_steps"] if s.labeled else 0 for s in g] for g in groups]
+    accounts = [[s.labeled.accounting() if s.labeled else {"redundant_steps": 0, "essential_steps": 0} for s in g]
+                for g in groups]
+    redundant = [[a["redundant_steps"] for a in row] for row in accounts]
+    essential_steps = [[a["essential_steps"] for a in row] for row in accounts]
     tokens = [[s.n_tokens for s in g] for g in groups]
     centred_r = [x - statistics.fmean(row) for row in redundant for x in row]
     centred_c = [y - statistics.fmean(row) for row in correct for y in row]

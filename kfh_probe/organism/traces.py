@@ -94,12 +94,6 @@ def respond(model, tok, problems: list[Problem], seed: int, temperature: float |
     return samples
 
 
-def model_samples(model_dir: str | Path, problems: list[Problem], seed: int,
-                  temperature: float | None = 1.0) -> list[Sample]:
-    """:func:`respond` of the organism in ``model_dir`` to ``problems``."""
-    return respond(load_model(model_dir), load_tokenizer(model_dir), problems, seed, temperature)
-
-
 def sample_records(samples: list[Sample], seed: int, spec: TaskSpec) -> list[dict]:
     """The trace records of the labeled ``samples`` of task ``spec`` (ids ``organism-model-SEED-I`` by
     position; samples without exactly one ``</think>`` cannot carry steps and are left out)."""
@@ -112,7 +106,8 @@ def sample_labeled_traces(model_dir: str | Path, n: int, seed: int, temperature:
     the organism in ``model_dir`` on ``n`` problems of its task (a pure function of ``seed``)."""
     spec = TASKS[task_of(model_dir)]
     problems = generate_problems(n, seed, spec)
-    return sample_records(model_samples(model_dir, problems, seed, temperature), seed, spec)
+    samples = respond(load_model(model_dir), load_tokenizer(model_dir), problems, seed, temperature)
+    return sample_records(samples, seed, spec)
 
 
 def write_organism_traces(path: str | Path, n: int, seed: int, source: str = "teacher",
