@@ -60,45 +60,52 @@ def group_accuracy(correct: torch.Tensor) -> torch.Tensor:
     return correct.float().mean(dim=-1)
 
 
-def difficulty_baseline(
-    p: torch.Tensor,
-    answer_len: torch.Tensor,
-    total_len: torch.Tensor,
-    alpha: float = 2.0,
-    use_difficulty: bool = True,
-) -> torch.Tensor:
-    """Difficulty-aware baseline S_base = p^alpha * |F| / |o| (method page section 6).
-
-    |F|/|o| is the score a step would get if the answer rows attended uniformly over every key; p^alpha
-    lowers the bar on hard prompts so that fewer of their steps count as low-score.
+def uniform_bar(answer_len: torch.Tensor, total_len: torch.Tensor) -> torch.Tensor:
+    """The paper's bar at p = 1: |F| / |o|, the score a step would get if the answer rows attended uniformly
+    over every key (method page section 6).
 
     Args:
-        p: [N] group accuracy of each response's prompt.
         answer_len: [N] |F|, tokens after the end-of-thinking marker (EOS included), >= 1.
         total_len: [N] |o|, prompt plus response tokens, >= answer_len.
-        alpha: exponent of p (2 in the reference).
-        use_difficulty: False takes p = 1 (the "w/o difficulty" ablation): S_base = |F| / |o|.
     Returns:
         float tensor [N].
     """
-    p = torch.as_tensor(p, dtype=torch.float32)
     answer_len = torch.as_tensor(answer_len, dtype=torch.float32)
     total_len = torch.as_tensor(total_len, dtype=torch.float32)
-    if not (p.shape == answer_len.shape == total_len.shape) or p.ndim != 1:
-        raise ValueError(
-            "p, answer_len and total_len must all have shape [N]; got "
-            f"{tuple(p.shape)}, {tuple(answer_len.shape)}, {tuple(total_len.shape)}"
-        )
-    if ((p < 0) | (p > 1)).any():
-        raise ValueError(f"p must lie in [0, 1]; got {p.tolist()}")
+    if answer_len.shape != total_len.shape or answer_len.ndim != 1:
+        raise ValueError(f"answer_len and total_len must both have shape [N]; got {tuple(answer_len.shape)}, "
+                         f"{tuple(total_len.shape)}")
     if (answer_len < 1).any() or (total_len < answer_len).any():
         raise ValueError(
             f"need 1 <= answer_len <= total_len; got answer_len={answer_len.tolist()}, total_len={total_len.tolist()}"
         )
-    uniform_score = answer_len / total_len
-    if not use_difficulty:
-        return uniform_score
-    return p.pow(alpha) * uniform_score
+    return answer_len / total_len
+
+
+def difficulty_baseline(p: torch.Tensor, bar: torch.Tensor, alpha: float = 2.0, use_difficulty: bool = True) -> torch.Tensor:
+    """Difficulty-aware baseline S_base = p^alpha * bar (method page section 6).
+
+    The bar is the baseline at p = 1: the paper's |F| / |o| (``uniform_bar``), or with the reasoning
+    baseline the calibrated margin tau on relative step scores (``kfh_probe.relative_step_scores``).
+    p^alpha lowers it on hard prompts so that fewer of their steps count as low-score.
+
+    Args:
+        p: [N] group accuracy of each response's prompt.
+        bar: [N] the baseline at p = 1, > 0.
+        alpha: exponent of p (2 in the reference).
+        use_difficulty: False takes p = 1 (the "w/o difficulty" ablation): S_base = bar.
+    Returns:
+        float tensor [N].
+    """
+    p = torch.as_tensor(p, dtype=torch.float32)
+    bar = torch.as_tensor(bar, dtype=torch.float32)
+    if p.shape != bar.shape or p.ndim != 1:
+        raise ValueError(f"p and bar must both have shape [N]; got {tuple(p.shape)}, {tuple(bar.shape)}")
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"p must lie in [0, 1]; got {p.tolist()}")
+    if not (bar > 0).all():
+        raise ValueError(f"bar must be > 0; got {bar.tolist()}")
+    return p.pow(alpha) * bar if use_difficulty else bar
 
 
 def attenuation_active(p: torch.Tensor, step: int, horizon: int = 1000) -> torch.Tensor:
@@ -230,8 +237,7 @@ def rescale_group(
     *,
     step_scores: Sequence[torch.Tensor | None],
     step_spans: Sequence[Sequence[tuple[int, int]] | None],
-    answer_lens: Sequence[int],
-    total_lens: Sequence[int],
+    bars: Sequence[float],
     response_lens: Sequence[int],
     p: float,
     step: int,
@@ -248,8 +254,7 @@ def rescale_group(
         advantages: [G] outcome advantages A_i (``group_advantages``).
         step_scores: G entries, each [K_i] step scores or None.
         step_spans: G entries, each K_i response-relative token spans [start, end) or None.
-        answer_lens: G values |F_i|.
-        total_lens: G values |o_i| (prompt plus response tokens).
+        bars: G values, each response's baseline at p = 1 (``difficulty_baseline``; read for rescaled ones only).
         response_lens: G response lengths in tokens.
         p: the group's accuracy.
         step: the current training step (for the schedule).
@@ -268,8 +273,7 @@ def rescale_group(
         "advantages": advantages.shape[0],
         "step_scores": len(step_scores),
         "step_spans": len(step_spans),
-        "answer_lens": len(answer_lens),
-        "total_lens": len(total_lens),
+        "bars": len(bars),
         "response_lens": len(response_lens),
     }
     wrong = {name: n for name, n in lengths.items() if n != group_size}
@@ -294,11 +298,7 @@ def rescale_group(
             got = "None" if scores is None else f"{len(scores)} scores"
             raise ValueError(f"response {i} is correct with {len(spans)} steps but has {got}")
         baseline = difficulty_baseline(
-            torch.tensor([p]),
-            torch.tensor([answer_lens[i]]),
-            torch.tensor([total_lens[i]]),
-            alpha=config.alpha,
-            use_difficulty=config.use_difficulty,
+            torch.tensor([p]), torch.tensor([bars[i]]), alpha=config.alpha, use_difficulty=config.use_difficulty
         )
         gammas = step_gammas(
             scores,

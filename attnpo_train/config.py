@@ -20,6 +20,7 @@ from kfh_probe import GRADERS, InputError, Interval, NonEmpty, OneOf, Relation, 
 
 RHYTHM_RULES = ("project", "paper")
 ESTIMATORS = ("rloo", "grpo")
+BASELINES = ("uniform", "reasoning")
 
 POSITIVE = Interval(0, None, closed="neither")
 NON_NEGATIVE = Interval(0, None)
@@ -66,8 +67,16 @@ class TrainConfig:
     )
     alpha_len: float = setting(0.2, "Length-penalty strength of the TLMRE reward (0.2 in the reference).", UNIT)
     alpha: float = setting(
-        2.0, "Exponent of p in the difficulty-aware baseline S_base = p^alpha |F|/|o| (2 in the reference).",
+        2.0, "Exponent of p in the difficulty-aware baseline S_base = p^alpha * bar (2 in the reference).",
         NON_NEGATIVE,
+    )
+    baseline: str = setting(
+        "uniform",
+        'What a step score is compared with. "uniform": the paper\'s S_base = p^alpha |F|/|o|, the score of '
+        'uniform attention over every key. "reasoning": each head\'s step scores relative to its own mean over '
+        "the reasoning tokens, averaged over the heads, against p^alpha tau, with the margin tau the sweep "
+        "calibrated on its labeled traces (the manifest's `margins`; docs/method.md section 6).",
+        OneOf(BASELINES),
     )
     beta: float = setting(2.0, "Exponent of p in the Pos-Adv attenuation magnitude (2 in the reference).", NON_NEGATIVE)
     delta: float = setting(0.0, "Floor of the Pos-Adv gamma (0 in the reference).", UNIT)

@@ -17,8 +17,8 @@ Read it top to bottom. One training step (``train``):
    against the frozen initial policy (``accumulate_policy_gradient``, then ``optimizer.step``);
 5. log a metrics line (``out/metrics.jsonl``: the rewards, the strategy's ``metrics``, the diagnostics hook's
    phrase counts and, where the organism's labeler can read the rollouts, their ground-truth steps per
-   response, ``attnpo_train.diagnostics``) and, every ``checkpoint_every`` steps, write a checkpoint
-   atomically (``attnpo_train.checkpoint``).
+   response and where the credit fell, ``attnpo_train.diagnostics`` and ``GroundTruth.credit_metrics``) and,
+   every ``checkpoint_every`` steps, write a checkpoint atomically (``attnpo_train.checkpoint``).
 
 The policy stays in eval mode throughout: attention capture requires it, and the models this trainer
 targets (Qwen2 family) have no dropout, so gradients are the same as in train mode.
@@ -277,6 +277,7 @@ def train_step(
         "advantage_abs_mean": float(advantages.abs().mean()),
         **strategy.metrics(),
         **({} if diagnostics is None else diagnostics.metrics(rollouts, truth)),
+        **({} if truth is None else truth.credit_metrics(inputs.tokenizer, rollouts, advantages, strategy.handed_out)),
         **update,
         "time_rollout_s": t1 - t0,
         "time_scoring_s": t2 - t1 + in_update,

@@ -66,7 +66,7 @@ PREFIX = "attnpo_"
 """Every AttnPO field of ``AttnPOConfig`` is a ``TrainConfig`` field with this prefix."""
 TRAIN_SETTINGS = (
     "method", "manifest", "rhythm", "rhythm_top", "rhythm_gain", "rhythm_rule", "rhythm_alpha", "rhythm_k",
-    "top_n_heads", "estimator", "alpha_len", "alpha", "beta", "delta", "horizon", "pos_attenuation",
+    "top_n_heads", "estimator", "alpha_len", "alpha", "baseline", "beta", "delta", "horizon", "pos_attenuation",
     "neg_attenuation", "use_difficulty", "marker", "grader", "allow_finetuned", "micro_batch_size",
 )
 """The ``TrainConfig`` settings the adapter reads, each an ``attnpo_<name>`` field of ``AttnPOConfig``. TRL's

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kfh_probe import REDUNDANT_KINDS, Rollouts, TraceFormatError, label_trace, step_accounting
+from kfh_probe import REDUNDANT_KINDS, Rollouts, TraceFormatError, credit_shares, label_trace, step_accounting
 
-__all__ = ["ACCOUNT_KEYS", "GroundTruth", "credit_precision", "mean_accounting", "rated_step_truth", "step_accounting"]
+__all__ = ["ACCOUNT_KEYS", "GroundTruth", "boundary_correlation", "credit_precision", "labeled_step_starts",
+           "mean_accounting", "rated_step_truth", "step_accounting"]
 
 ACCOUNT_KEYS = ("essential_steps", "redundant_steps", *REDUNDANT_KINDS, "missing_essential", "skipped_reread")
 """The per-response step counts that training metrics and evaluation report (means over responses)."""
@@ -66,6 +67,79 @@ class GroundTruth:
                        len(tokenizer.decode(ids[:b], skip_special_tokens=False))) for a, b in steps]
             truth.append(rated_step_truth(self.prompt_texts[i], rollouts.texts[i], ranges))
         return truth
+
+    def credit_metrics(self, tokenizer, rollouts: Rollouts, advantages: torch.Tensor,
+                       token_advantages: dict[int, torch.Tensor]) -> dict[str, float | None]:
+        """Where the step's credit fell, by ground truth.
+
+        Args:
+            advantages: [P, G] outcome advantages (the sign of a response's credit).
+            token_advantages: per rollout index, the per-token advantages the update used.
+        Returns:
+            ``credit_shares`` of the readable responses under their outcome advantages
+            ("redundant_in_positive_share", "essential_in_negative_share"), and "boundary_redundant_corr":
+            ``boundary_correlation`` of the per-token advantages at the first token of every labeled step.
+        """
+        outcome = advantages.reshape(-1).tolist()
+        accounts = [step_accounting(p, r) for p, r in zip(self.prompt_texts, rollouts.texts)]
+        readable = [(a, acc) for a, acc in zip(outcome, accounts) if acc is not None]
+        shares = credit_shares([a for a, _ in readable], [acc["redundant_steps"] for _, acc in readable],
+                               [acc["essential_steps"] for _, acc in readable])
+        boundaries: list[tuple[float, bool]] = []
+        for i, values in sorted(token_advantages.items()):
+            starts = labeled_step_starts(self.prompt_texts[i], rollouts.texts[i])
+            if starts is None:
+                continue
+            ids = rollouts.response_ids[i]
+            for char, essential in starts:
+                token = _token_at(tokenizer, ids, char)
+                if token is not None and token < len(values):
+                    boundaries.append((float(values[token]), not essential))
+        return {**shares, "boundary_redundant_corr": boundary_correlation(boundaries)}
+
+
+def _token_at(tokenizer, ids: list[int], char: int) -> int | None:
+    """The index of the token of ``ids`` whose decoded text holds character ``char`` (None past the end)."""
+    low, high = 0, len(ids)  # the smallest t with len(decode(ids[: t + 1])) > char
+    while low < high:
+        mid = (low + high) // 2
+        if len(tokenizer.decode(ids[: mid + 1], skip_special_tokens=False)) > char:
+            high = mid
+        else:
+            low = mid + 1
+    return low if low < len(ids) else None
+
+
+def labeled_step_starts(prompt: str, response: str) -> list[tuple[int, bool]] | None:
+    """The character position in ``response`` where each of the labeler's line steps starts, and whether it is
+    essential (None when the labeler cannot read the response)."""
+    try:
+        labeled = label_trace(prompt, response)
+    except TraceFormatError:
+        return None
+    starts, pos = [], 0
+    for step in labeled.steps:
+        starts.append((pos, step["label"] == "essential"))
+        pos += len(step["text"])
+    return starts
+
+
+def boundary_correlation(boundaries: list[tuple[float, bool]]) -> float | None:
+    """Pearson correlation between the advantage at a step's first token and whether the step is redundant,
+    pooled over the step boundaries given (None when either side has no variance). Negative: the update makes
+    the choice to take a redundant step less likely, as a whole, than the choice to take an essential one.
+
+    Args:
+        boundaries: (advantage at the step's first token, step is redundant) per labeled step.
+    """
+    if len(boundaries) < 2:
+        return None
+    xs = [a for a, _ in boundaries]
+    ys = [float(r) for _, r in boundaries]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
 
 
 def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, int]]) -> list[bool] | None:

@@ -5,7 +5,9 @@ Arms (all from the shipped organism, same settings, same prompts and random stre
 
     rloo      0/1 correctness reward, RLOO baseline (no length penalty: the control for RL itself)
     tlmre     length-penalised reward (TLMRE), uniform advantages
-    attnpo    TLMRE + stepwise rescaling by the manifest's Key-Focus Heads
+    attnpo    TLMRE + stepwise rescaling by the manifest's Key-Focus Heads (the paper's baseline |F|/|o|)
+    attnpo_reasoning   the same with ``baseline: reasoning`` (scores relative to each head's mean over the
+              reasoning, against the manifest's calibrated margin)
     shuffled  AttnPO with each response's step scores permuted among its own steps (no attention info)
     oracle    AttnPO with step scores from the ground-truth labels (the ceiling of this rescaling)
     pos_only  AttnPO with Pos-Adv attenuation only
@@ -16,10 +18,17 @@ Arms (all from the shipped organism, same settings, same prompts and random stre
     preplan_paper, anchor_paper, coupled_paper   the same strategies under the paper's own token rule
               (``rhythm_rule: paper``, docs/method.md section 8); run only when named in --arms
 
+The oracle needs no second arm for the reasoning baseline: its scores are 0 and twice the bar, so both
+baselines give it the same multipliers. ``--seeds`` seeds run for every arm but ``FEW_SEED_ARMS``, which
+run on the first ``--few-seeds`` of them; seeds 0-2 of every arm run before the later seeds of any.
+
 Every final policy is evaluated on held-out problems greedily, avg@K at temperature 0.6 / top-p 0.95,
-and avg@K at temperature 1.0, with ground-truth step accounting. Each finished run is written to
-``OUT/<arm>-seed<s>/result.json`` at once, so a stopped benchmark resumes where it stopped; the
-summary (means over seeds with 95% t intervals) goes to ``--json`` and the curves to ``--plot``.
+and avg@K at temperature 1.0, with ground-truth step accounting; at each of ``--budgets`` training steps
+the policy of that step is evaluated too (avg@``--budget-samples`` at temperature 0.6), so an arm that
+wins by speed shows. Each budget's evaluation is written to ``OUT/<arm>-seed<s>/budget-<b>.json`` and each
+finished run to ``OUT/<arm>-seed<s>/result.json`` at once, so a stopped benchmark resumes where it stopped;
+the summary (means over seeds with 95% t intervals, paired differences against tlmre, the budgets block;
+``partial`` while runs are missing) goes to ``--json`` and the curves to ``--plot``.
 
     python benchmarks/attnpo_vs_tlmre.py --steps 40 --lr 2e-4 --workers 2
     python benchmarks/attnpo_vs_tlmre.py --arms tlmre --seeds 0 --lr 5e-4 --json figures/calibration.json
@@ -30,6 +39,7 @@ Nothing here is tuned for AttnPO: every arm runs with the same settings (given o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -45,6 +55,7 @@ ARMS = {
     "rloo": {"method": "rloo"},
     "tlmre": {"method": "tlmre"},
     "attnpo": {"method": "attnpo"},
+    "attnpo_reasoning": {"method": "attnpo", "baseline": "reasoning"},
     "shuffled": {"method": "attnpo", "credit": "shuffled"},
     "oracle": {"method": "attnpo", "credit": "oracle"},
     "pos_only": {"method": "attnpo", "neg_attenuation": False},
@@ -57,13 +68,16 @@ ARMS = {
     "coupled_paper": {"method": "coupled", "rhythm_rule": "paper"},
 }
 OPTIONAL_ARMS = ("preplan_paper", "anchor_paper", "coupled_paper")  # run only when named in --arms
-SINGLE_SEED_ARMS = ("pos_only", "neg_only")
+FEW_SEED_ARMS = ("pos_only", "neg_only", "preplan", "anchor", "coupled", *OPTIONAL_ARMS)
 EVALS = {"greedy": (1, None, 1.0), "t0.6": (None, 0.6, 0.95), "t1.0": (None, 1.0, 1.0)}  # samples, T, top-p
 REPORTED = ("accuracy", "tokens", "redundant_steps", "essential_steps", "missing_essential", "other", "recheck",
-            "restate", "efficiency", "aes")
+            "restate", "reread", "skipped_reread", "efficiency", "aes")
+PAIRED = ("accuracy", "tokens", "redundant_steps", "essential_steps", "missing_essential", "skipped_reread")
 CURVES = ("response_tokens_mean", "redundant_steps_per_response", "essential_steps_per_response", "accuracy",
-          "pos_precision", "neg_precision")
-SAVED_CURVES = (*CURVES, "reward_mean", "frac_attenuated", "mean_gamma", "other_per_response", "recheck_per_response",
+          "pos_precision", "neg_precision", "frac_attenuated", "boundary_redundant_corr")
+SAVED_CURVES = (*CURVES, "reward_mean", "mean_gamma", "other_per_response", "recheck_per_response",
+                "redundant_in_positive_share", "essential_in_negative_share", "reread_per_response",
+                "skipped_reread_per_response",
                 "restate_per_response", "missing_essential_per_response", "confused_per_response",
                 "summary_per_response", "pos_attenuated_steps", "neg_shielded_steps", "amplified_frac")
 """Per-step metrics kept in the JSON for notebook 02 (the plot shows ``CURVES``)."""
@@ -77,18 +91,20 @@ def _eval_prompts(n: int, organism: str):
             for i, p in enumerate(generate_problems(n, EVAL_SEED, TASKS[organism]))]
 
 
-def evaluate_dir(model_dir: Path, args) -> dict:
-    """Every evaluation in ``EVALS`` of one model folder: {eval: evaluate(...) result}."""
+def evaluate_dir(model_dir: Path, args, evals: list[str] | None = None, avg_k: int | None = None) -> dict:
+    """Evaluations of one model folder: {eval: evaluate(...) result} for ``evals`` (``args.evals`` when None),
+    the avg@K ones with K = ``avg_k`` (``args.eval_samples`` when None)."""
     from attnpo_train.evaluate import evaluate
     from kfh_probe.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     prompts = _eval_prompts(args.eval_n, args.organism)
     out = {}
-    for name in args.evals:
+    for name in evals or args.evals:
         samples, temperature, top_p = EVALS[name]
         out[name] = evaluate(model, tokenizer, prompts, args.max_new_tokens, batch_size=args.eval_batch,
-                             samples=samples or args.eval_samples, temperature=temperature, top_p=top_p, seed=0)
+                             samples=samples or avg_k or args.eval_samples, temperature=temperature, top_p=top_p,
+                             seed=0)
     return out
 
 
@@ -118,15 +134,28 @@ def run_one(arm: str, seed: int, args) -> dict:
     start = time.perf_counter()
     config = TrainConfig(
         **ARMS[arm], seed=seed, steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-        max_new_tokens=args.max_new_tokens, lr=args.lr, horizon=args.steps, checkpoint_every=max(1, args.steps // 4),
+        max_new_tokens=args.max_new_tokens, lr=args.lr, horizon=args.steps,
         model=str(default_model_dir(args.organism)), manifest=str(default_manifest_path(args.organism)), out=str(out),
+        checkpoint_every=math.gcd(args.steps, *args.budgets),
     )
-    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    metrics = train(prepare_run(config), config, resume=resume, progress=False)
-    train_s = time.perf_counter() - start
+    inputs = prepare_run(config)
+    train_s, budgets = 0.0, {}
+    for budget in [*args.budgets, args.steps]:  # train up to each budget in turn (a resumed run is the same run)
+        cached = out / f"budget-{budget}.json"
+        if budget < args.steps and cached.is_file():
+            budgets[str(budget)] = json.loads(cached.read_text(encoding="utf-8"))["evals"]
+            continue
+        begun = time.perf_counter()
+        resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+        metrics = train(inputs, dataclasses.replace(config, steps=budget), resume=resume, progress=False)
+        train_s += time.perf_counter() - begun
+        if budget < args.steps:
+            budgets[str(budget)] = evaluate_dir(out / "final", args, ["t0.6"], args.budget_samples)
+            _atomic_json(cached, {"evals": budgets[str(budget)]})
+    evals_start = time.perf_counter()
     evals = evaluate_dir(out / "final", args)
-    record = {"arm": arm, "seed": seed, "settings": settings, "evals": evals, "metrics": metrics, "train_s": train_s,
-              "eval_s": time.perf_counter() - start - train_s}
+    record = {"arm": arm, "seed": seed, "settings": settings, "evals": evals, "budgets": budgets, "metrics": metrics,
+              "train_s": train_s, "eval_s": time.perf_counter() - evals_start}
     _atomic_json(done, record)
     return record
 
@@ -134,7 +163,8 @@ def run_one(arm: str, seed: int, args) -> dict:
 EVAL_SETTINGS = ("organism", "max_new_tokens", "eval_n", "eval_samples", "evals")
 
 
-def run_settings(args, keys: tuple[str, ...] = ("steps", "lr", "prompts_per_step", "group_size", *EVAL_SETTINGS)) -> dict:
+def run_settings(args, keys: tuple[str, ...] = ("steps", "lr", "prompts_per_step", "group_size", "budgets",
+                                                "budget_samples", *EVAL_SETTINGS)) -> dict:
     """The settings a cached run (or, with ``EVAL_SETTINGS``, the cached base) must share with this
     invocation to be reused."""
     return {k: getattr(args, k) for k in keys}
@@ -167,7 +197,7 @@ def flat(result: dict, base: dict) -> dict:
     scores = efficiency(result, base)
     return {"accuracy": result["accuracy"], "tokens": result["response_tokens_mean"],
             **{k: steps.get(k) for k in ("redundant_steps", "essential_steps", "missing_essential", "other",
-                                         "recheck", "restate")},
+                                         "recheck", "restate", "reread", "skipped_reread")},
             "efficiency": scores["efficiency"], "aes": scores["aes"]}
 
 
@@ -212,7 +242,7 @@ def paired(runs: list[dict], base: dict, arms: list[str], against: str = "tlmre"
         out[arm] = {}
         for ev in base:
             block: dict = {"seeds": [r["seed"] for r in mine]}
-            for key in ("accuracy", "tokens", "redundant_steps", "essential_steps", "missing_essential"):
+            for key in PAIRED:
                 diffs = [flat(r["evals"][ev], base[ev])[key] - flat(reference[r["seed"]]["evals"][ev], base[ev])[key]
                          for r in mine if flat(r["evals"][ev], base[ev])[key] is not None]
                 if len(diffs) < 2:
@@ -221,6 +251,18 @@ def paired(runs: list[dict], base: dict, arms: list[str], against: str = "tlmre"
                 block[key] = {"diffs": diffs, "mean": mean, "sd": sd, "mean_over_sd": mean / sd if sd else None}
             out[arm][ev] = block
     return out
+
+
+def budget_block(runs: list[dict], base: dict, arms: list[str], args) -> dict:
+    """budgets[str(step)] = {"summary": ..., "paired_vs_tlmre": ...} of the t0.6 evaluation of the policy after
+    each of ``args.budgets`` steps and after all ``args.steps`` (the final policy's avg@K)."""
+    block = {}
+    for budget in [*args.budgets, args.steps]:
+        at = [{**r, "evals": {"t0.6": r["evals"]["t0.6"] if budget == args.steps else r["budgets"][str(budget)]["t0.6"]}}
+              for r in runs]
+        t06 = {"t0.6": base["t0.6"]}
+        block[str(budget)] = {"summary": summarise(at, t06, arms), "paired_vs_tlmre": paired(at, t06, arms)}
+    return block
 
 
 def print_table(summary: dict, base: dict, ev: str) -> None:
@@ -251,14 +293,16 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
     from kfh_probe.io import atomic_write_bytes
 
     colours = {"rloo": "tab:gray", "tlmre": "tab:blue", "attnpo": "tab:red", "shuffled": "tab:orange",
-               "oracle": "tab:green", "pos_only": "tab:purple", "neg_only": "tab:brown", "preplan": "tab:pink",
+               "oracle": "tab:green", "attnpo_reasoning": "darkred", "pos_only": "tab:purple", "neg_only": "tab:brown", "preplan": "tab:pink",
                "anchor": "tab:olive", "coupled": "tab:cyan",
                "preplan_paper": "lightpink", "anchor_paper": "yellowgreen", "coupled_paper": "paleturquoise"}
     titles = {"response_tokens_mean": "rollout tokens", "redundant_steps_per_response": "redundant steps / response",
               "essential_steps_per_response": "essential steps / response", "accuracy": "rollout accuracy",
               "pos_precision": "Pos-Adv precision (attenuated that are redundant)",
-              "neg_precision": "Neg-Adv precision (shielded that are essential)"}
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+              "neg_precision": "Neg-Adv precision (shielded that are essential)",
+              "frac_attenuated": "fraction of rated steps attenuated",
+              "boundary_redundant_corr": "corr(advantage at step start, step redundant)"}
+    fig, axes = plt.subplots(2, 4, figsize=(19, 7.5))
     for ax, key in zip(axes.flat, CURVES):
         for arm in arms:
             mine = [r for r in runs if r["arm"] == arm]
@@ -290,9 +334,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", default=[a for a in ARMS if a not in OPTIONAL_ARMS], choices=list(ARMS))
     parser.add_argument("--organism", choices=ORGANISMS, default=DEFAULT_ORGANISM, help="the shipped organism trained on")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--few-seeds", type=int, default=2, help="seeds of FEW_SEED_ARMS (the first of --seeds)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--budgets", type=int, nargs="*", default=None,
+                        help="earlier training steps whose policy is evaluated too (default: a third and two thirds "
+                             "of --steps)")
+    parser.add_argument("--budget-samples", type=int, default=4, help="K of the avg@K t0.6 evaluation at a budget")
+    parser.add_argument("--lr", type=float, default=2e-4, help="calibrated on TLMRE (docs/results/organism.md)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=320)
@@ -309,10 +358,18 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "figures" / "attnpo_vs_tlmre.json"))
     parser.add_argument("--plot", default=str(ROOT / "figures" / "attnpo_vs_tlmre.png"))
     args = parser.parse_args()
+    if args.budgets is None:
+        args.budgets = sorted({args.steps // 3, 2 * args.steps // 3} - {0})
+    if any(not 0 < b < args.steps for b in args.budgets) or args.budgets != sorted(set(args.budgets)):
+        parser.error(f"--budgets must be increasing steps in [1, {args.steps - 1}]; got {args.budgets}")
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms
-            if arm not in SINGLE_SEED_ARMS or seed == args.seeds[0]]
+    main_arms = [a for a in args.arms if a not in FEW_SEED_ARMS]
+    few_arms = [a for a in args.arms if a in FEW_SEED_ARMS]
+    jobs = ([(arm, seed) for seed in args.seeds[:3] for arm in main_arms]
+            + [(arm, seed) for seed in args.seeds[:args.few_seeds] for arm in few_arms]
+            + [(arm, seed) for seed in args.seeds[3:] for arm in main_arms])
+    planned = len(jobs)
     if args.cached_only:  # summarise what is finished; a benchmark still running on OUT keeps filling it
         jobs = [(arm, seed) for arm, seed in jobs if (Path(args.out) / f"{arm}-seed{seed}" / "result.json").is_file()]
         if not (Path(args.out) / "base.json").is_file() or not jobs:
@@ -345,7 +402,10 @@ def main() -> None:
         "base": base,
         "summary": summary,
         "paired_vs_tlmre": paired(runs, base, args.arms),
-        "runs": [{"arm": r["arm"], "seed": r["seed"], "evals": r["evals"], "train_s": r["train_s"],
+        "budgets": budget_block(runs, base, args.arms, args),
+        "partial": len(runs) < planned,
+        "runs_planned": planned,
+        "runs": [{"arm": r["arm"], "seed": r["seed"], "evals": r["evals"], "budgets": r["budgets"], "train_s": r["train_s"],
                   "eval_s": r["eval_s"], "curves": {k: [m.get(k) for m in r["metrics"]] for k in SAVED_CURVES},
                   "scoring_share": sum(m["time_scoring_s"] for m in r["metrics"])
                   / sum(m["time_rollout_s"] + m["time_scoring_s"] + m["time_update_s"] for m in r["metrics"])}

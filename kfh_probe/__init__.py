@@ -115,6 +115,8 @@ _PUBLIC = {
     "AnswerRowRecorder": "capture",
     "answer_rows": "capture",
     "step_scores": "scoring",
+    "relative_step_scores": "margin",
+    "margin_for": "margin",
     "TokenizedTrace": "alignment",
     "LocalGlobalHeads": "preplan_anchor",
     "PreplanAnchorHeads": "preplan_anchor",
@@ -142,6 +144,7 @@ _PUBLIC = {
     "parse_prompt": "organism.labeler",
     "label_trace": "organism.labeler",
     "step_accounting": "organism.labeler",
+    "credit_shares": "organism.labeler",
     "REDUNDANT_KINDS": "organism.labeler",
     "TraceFormatError": "organism.labeler",
 }

@@ -84,6 +84,9 @@ def model_record(model: nn.Module, name_or_path: str) -> dict:
     return {"name_or_path": name_or_path, "architecture": type(model).__name__, **model_shape(model), "fingerprint": model_fingerprint(model)}
 
 
+_BELOW = ("essential_below", "redundant_below")
+
+
 def validate_manifest(data: object) -> list[str]:
     """Every schema problem of a decoded manifest, as readable sentences (empty when valid)."""
     if not isinstance(data, dict):
@@ -119,6 +122,8 @@ def validate_manifest(data: object) -> list[str]:
         problems.append("'ensemble' must be a list of {k, sra, ...} objects")
     if version == 2 and "baselines" in data:
         problems += _validate_baselines(data["baselines"])
+    if "margins" in data:
+        problems += _validate_margins(data["margins"])
     if version == 2 and isinstance(data.get("probe"), dict) and "reliability" not in data["probe"]:
         problems.append("probe: missing 'reliability' (null when fewer than 2 traces have pairs)")
     if isinstance(data.get("probe"), dict):
@@ -186,6 +191,23 @@ def _validate_baselines(baselines: object) -> list[str]:
     null = baselines.get("permutation_null")
     if not (isinstance(null, dict) and all(k in null for k in _NULL_KEYS)):
         problems.append(f"baselines.permutation_null must have {', '.join(_NULL_KEYS)}")
+    return problems
+
+
+def _validate_margins(margins: object) -> list[str]:
+    """The optional ``margins`` block (``kfh_probe.margin.margin_block``): tau per top-k, and both baselines'
+    fractions below the bar."""
+    entries = margins.get("by_heads") if isinstance(margins, dict) else None
+    if not isinstance(entries, list) or not entries:
+        return ["'margins' must be an object with a non-empty list 'by_heads'"]
+    problems = []
+    for i, entry in enumerate(entries):
+        ok = (isinstance(entry, dict) and entry.get("heads") == i + 1 and isinstance(entry.get("tau"), (int, float))
+              and all(isinstance(entry.get(b), dict) and all(_is_fraction(entry[b].get(f)) for f in _BELOW)
+                      for b in ("reasoning", "uniform")))
+        if not ok:
+            problems.append(f"margins.by_heads[{i}] must be {{heads: {i + 1}, tau: number, reasoning and uniform: "
+                            f"{{{', '.join(_BELOW)}: fractions}}}}")
     return problems
 
 

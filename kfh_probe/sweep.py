@@ -28,6 +28,7 @@ from .io import atomic_write_json, check_output_path, file_sha256, to_stderr
 from .layers import check_layers
 from .loading import load_model, load_tokenizer, pad_token_id
 from .manifest import FORMAT, VERSION, model_record
+from .margin import margin_block
 from .scoring import (
     DIRECTIONS, bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, permutation_null, split_half_reliability,
 )
@@ -221,12 +222,14 @@ def build_manifest(
     probe_block: dict,
     config: SweepConfig,
     step_lengths: list[list[int]],
+    uniform_bars: list[float],
 ) -> dict:
     """Rank every probed head by SRA and assemble the manifest (design page, schema version 2).
 
     Args:
         step_score_list: per trace, ``[layer, head, step]``.
-        step_lengths: per trace, the K steps' lengths in tokens (for the step-length baseline).
+        step_lengths: per trace, the K steps' lengths in tokens (for the step-length baseline and the margins).
+        uniform_bars: per trace, |F| / |o| (AttnPO's paper baseline at p = 1, for the margins).
     """
     num_heads = model_block["num_heads"]
     flat = [s.reshape(len(layers) * num_heads, -1) for s in step_score_list]  # row = layer_pos * H + head
@@ -303,6 +306,7 @@ def build_manifest(
         "ensemble": ensemble,
         "greedy_ensemble": greedy,
         "baselines": baselines_block(flat, labels, step_lengths, sra, config),
+        "margins": margin_block(flat, labels, step_lengths, uniform_bars, order, ENSEMBLE_SIZES),
     }
 
 
@@ -394,7 +398,9 @@ def run_sweep(
         "max_traces": max_traces,
     }
     step_lengths = [[end - start for start, end in t.step_spans] for t in tokenized]
-    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths)
+    uniform_bars = [(t.answer_span[1] - t.answer_span[0]) / t.length for t in tokenized]
+    manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths,
+                              uniform_bars)
     if out is not None:
         atomic_write_json(out, manifest)
     if store is not None and not keep_parts:

@@ -8,6 +8,7 @@ import torch
 from attnpo_train.advantages import (
     attenuation_active,
     difficulty_baseline,
+    uniform_bar,
     group_accuracy,
     group_advantages,
     per_token_advantages,
@@ -66,27 +67,38 @@ def test_group_accuracy():
 # --- difficulty_baseline --------------------------------------------------------------------------
 
 
+def test_uniform_bar_is_answer_share_of_every_token():
+    assert uniform_bar(torch.tensor([10, 5]), torch.tensor([200, 20])).tolist() == pytest.approx([0.05, 0.25])
+
+
+def test_uniform_bar_validation():
+    with pytest.raises(ValueError, match="answer_len"):
+        uniform_bar(torch.tensor([0]), torch.tensor([10]))
+    with pytest.raises(ValueError, match="answer_len"):
+        uniform_bar(torch.tensor([11]), torch.tensor([10]))
+
+
 def test_difficulty_baseline_hand_computed():
-    # p = 0.5: 0.5^2 * 10/200 = 0.25 * 0.05 = 0.0125 ; p = 1: 1 * 10/200 = 0.05 ; p = 0.5, alpha 1: 0.025
+    # p = 0.5: 0.5^2 * 0.05 = 0.0125 ; p = 1: 1 * 0.05 = 0.05 ; p = 0.5, alpha 1: 0.025
     p = torch.tensor([0.5, 1.0])
-    got = difficulty_baseline(p, torch.tensor([10, 10]), torch.tensor([200, 200]), alpha=2.0)
+    got = difficulty_baseline(p, torch.tensor([0.05, 0.05]), alpha=2.0)
     assert got.tolist() == pytest.approx([0.0125, 0.05])
-    got = difficulty_baseline(p[:1], torch.tensor([10]), torch.tensor([200]), alpha=1.0)
+    got = difficulty_baseline(p[:1], torch.tensor([0.05]), alpha=1.0)
     assert got.tolist() == pytest.approx([0.025])
 
 
 def test_difficulty_baseline_without_difficulty_takes_p_one():
-    got = difficulty_baseline(torch.tensor([0.25]), torch.tensor([10]), torch.tensor([200]), use_difficulty=False)
+    got = difficulty_baseline(torch.tensor([0.25]), torch.tensor([0.05]), use_difficulty=False)
     assert got.tolist() == pytest.approx([0.05])
 
 
 def test_difficulty_baseline_validation():
-    with pytest.raises(ValueError, match="answer_len"):
-        difficulty_baseline(torch.tensor([0.5]), torch.tensor([0]), torch.tensor([10]))
-    with pytest.raises(ValueError, match="answer_len"):
-        difficulty_baseline(torch.tensor([0.5]), torch.tensor([11]), torch.tensor([10]))
+    with pytest.raises(ValueError, match="bar must"):
+        difficulty_baseline(torch.tensor([0.5]), torch.tensor([0.0]))
     with pytest.raises(ValueError, match="p must"):
-        difficulty_baseline(torch.tensor([1.5]), torch.tensor([1]), torch.tensor([10]))
+        difficulty_baseline(torch.tensor([1.5]), torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="shape"):
+        difficulty_baseline(torch.tensor([0.5, 0.5]), torch.tensor([0.1]))
 
 
 # --- attenuation_active ---------------------------------------------------------------------------
@@ -233,8 +245,7 @@ def _group(step: int, config: TrainConfig = TrainConfig()):
             torch.tensor([0.0, 0.0]),
         ],
         step_spans=[[(0, 4), (4, 8)], [(0, 2), (2, 5), (5, 6)], [(0, 5)], [(0, 2), (2, 4)]],
-        answer_lens=[1, 1, 1, 1],
-        total_lens=[20, 18, 16, 15],
+        bars=[1 / 20, 1 / 18, 1 / 16, 1 / 15],
         response_lens=[10, 8, 6, 5],
         p=0.75,
         step=step,
@@ -276,8 +287,7 @@ def test_rescale_group_all_incorrect_is_untouched():
         [0.0, 0.0],
         step_scores=[None, None],
         step_spans=[None, None],
-        answer_lens=[1, 1],
-        total_lens=[5, 6],
+        bars=[1 / 5, 1 / 6],
         response_lens=[3, 4],
         p=0.0,
         step=0,
@@ -297,8 +307,7 @@ def test_rescale_group_all_incorrect_is_untouched():
 def test_rescale_group_validation():
     kwargs = dict(
         step_spans=[[(0, 1), (1, 2)], None],
-        answer_lens=[1, 1],
-        total_lens=[5, 5],
+        bars=[1 / 5, 1 / 5],
         response_lens=[3, 3],
         p=0.5,
         step=0,
@@ -324,8 +333,7 @@ def test_rescale_group_gamma_bounds_random():
             [sign * 0.7, 0.1],
             step_scores=[scores, None],
             step_spans=[[(0, 2), (2, 4), (4, 6), (6, 8)], None],
-            answer_lens=[2, 1],
-            total_lens=[30, 30],
+            bars=[2 / 30, 1 / 30],
             response_lens=[10, 4],
             p=1.0,
             step=0,

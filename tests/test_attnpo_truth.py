@@ -30,11 +30,11 @@ def fake_rollouts(n: int, prompt_len: int = 10, response_len: int = 30) -> Rollo
 def test_shuffled_scores_keep_each_multiset_and_the_fraction_attenuated():
     rng = torch.Generator().manual_seed(0)
     aligned = [AlignedSteps([(0, 5), (5, 10), (10, 15), (15, 20)], 5) for _ in range(4)]
-    ratings = [StepRating(a.spans, torch.rand(4, generator=rng) * 0.2, 5) for a in aligned]
+    ratings = [StepRating(a.spans, torch.rand(4, generator=rng) * 0.2, 5 / 40) for a in aligned]
     rollouts = fake_rollouts(4)
     orders = shuffled_orders(aligned, seed=3)  # drawn from the step counts alone, before any score exists
     assert [o.tolist() for o in shuffled_orders(aligned, seed=3)] == [o.tolist() for o in orders]
-    shuffled = [StepRating(r.spans, r.scores[order], r.answer_len) for r, order in zip(ratings, orders)]  # as AttnPO
+    shuffled = [StepRating(r.spans, r.scores[order], r.bar) for r, order in zip(ratings, orders)]  # as AttnPO
     assert any(a.scores.tolist() != b.scores.tolist() for a, b in zip(ratings, shuffled))
     for a, b in zip(ratings, shuffled):
         assert sorted(a.scores.tolist()) == sorted(b.scores.tolist()) and a.spans == b.spans
@@ -51,8 +51,8 @@ def test_oracle_gammas_attenuate_exactly_the_redundant_steps_and_shield_exactly_
     aligned = [AlignedSteps(spans, 4), AlignedSteps(spans, 4), None]
     truth = [[True, False, True], [False, True, False], None]
     rollouts = fake_rollouts(3, prompt_len=10, response_len=30)
-    oracle = oracle_ratings(aligned, truth, rollouts)
     uniform = 4 / 40  # |F| / |o|
+    oracle = oracle_ratings(aligned, truth, [uniform, uniform, None])
     assert oracle[0].scores.tolist() == pytest.approx([2 * uniform, 0.0, 2 * uniform])
     assert oracle[2] is None
     # p = 2/3 (two of three correct); A > 0 for the first, A < 0 for the second; attenuation active
@@ -63,8 +63,12 @@ def test_oracle_gammas_attenuate_exactly_the_redundant_steps_and_shield_exactly_
     assert stats["gammas"][0].tolist() == pytest.approx([1.0, 1 - p**2, 1.0])  # S_k = 0: gamma = 1 - p^beta
     assert stats["gammas"][1].tolist() == [1.0, 0.0, 1.0]  # the essential step is shielded
     assert out[0][5:10].tolist() == pytest.approx([0.4 * (1 - p**2)] * 5)
+    tau = 0.9  # the reasoning baseline's bar: the same steps attenuated and shielded, by the same gammas
+    _, under_margin = rescale_rollouts(rollouts, correct, advantages, oracle_ratings(aligned, truth, [tau, tau, None]),
+                                       0, TrainConfig(horizon=0))
+    assert [g.tolist() for g in under_margin["gammas"][:2]] == [g.tolist() for g in stats["gammas"][:2]]
     with pytest.raises(ValueError, match="ground-truth"):
-        oracle_ratings(aligned, None, rollouts)
+        oracle_ratings(aligned, None, [uniform, uniform, None])
 
 
 def test_credit_precision_counts_attenuated_redundant_and_shielded_essential_steps():

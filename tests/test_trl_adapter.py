@@ -61,7 +61,7 @@ def test_the_trl_settings_are_the_lightweight_trainers_fields():
     train_types, trl_types = typing.get_type_hints(TrainConfig), typing.get_type_hints(AttnPOConfig)
     prefixed = [f for f in dataclasses.fields(AttnPOConfig) if f.name.startswith("attnpo_")]
     assert [f.name for f in prefixed] == [f"attnpo_{name}" for name in TRAIN_SETTINGS]
-    assert len(prefixed) == 22
+    assert len(prefixed) == 23
     for field in prefixed:
         source = train_fields[field.name[len("attnpo_"):]]
         assert (trl_types[field.name], field.default, help_of(field)) == (

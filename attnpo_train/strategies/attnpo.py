@@ -5,8 +5,10 @@ those ratings (``TrainConfig.credit``).
 For every correct response ``prepare`` aligns the steps on the generated ids (``align_steps``: the manifest's
 segmenter, the answer span F after the marker). ``observe`` records, during the forward, the answer rows of
 the top-N heads only (detached float32, ``|F| x T`` per head, never ``T x T``; ``kfh_probe.AnswerRowRecorder``)
-and ``read`` turns them into step scores (``kfh_probe.step_scores``, mean over the heads, as
-``kfh_probe.StepScorer.head_scores`` computes them). ``advantages`` applies the control and rescales
+and ``read`` turns them into step scores (``kfh_probe.step_scores`` per head; with ``baseline: uniform`` the
+mean over the heads, as ``kfh_probe.StepScorer.head_scores`` computes them, against the paper's bar |F|/|o|;
+with ``baseline: reasoning`` each head's scores relative to its mean over the reasoning,
+``kfh_probe.relative_step_scores``, against the manifest's calibrated margin tau). ``advantages`` applies the control and rescales
 (``rescale_rollouts``: ``attnpo_train.advantages.rescale_group`` per prompt group; p and the outcome advantages
 are the group's, known before the update). Incorrect responses, and correct ones whose marker or steps
 cannot be placed, keep a uniform advantage.
@@ -27,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from attnpo_train.advantages import group_accuracy, rescale_group
+from attnpo_train.advantages import group_accuracy, rescale_group, uniform_bar
 from attnpo_train.config import TrainConfig
 from attnpo_train.strategies.base import NO_RESCALING, CreditBatch, CreditStrategy, StrategyFile, register
 from attnpo_train.truth import credit_precision
 from kfh_probe import (
     AnswerRowRecorder, InputError, Rollouts, SegmenterConfig, align_generated, answer_rows, check_model_matches,
-    default_manifest_path, load_manifest, manifest_segmenter, step_scores, top_heads,
+    default_manifest_path, load_manifest, manifest_segmenter, margin_for, relative_step_scores, step_scores, top_heads,
 )
 
 CREDITS = ("attention", "shuffled", "oracle")
@@ -59,13 +61,13 @@ class StepRating:
 
     Attributes:
         spans: K response-relative token spans [start, end) of the reasoning steps.
-        scores: [K] float32 step scores (mean over the top-N heads, or a control's).
-        answer_len: |F|.
+        scores: [K] float32 step scores (mean over the top-N heads, relative ones, or a control's).
+        bar: the baseline at p = 1 these scores are compared with (|F|/|o|, or the margin tau).
     """
 
     spans: list[tuple[int, int]]
     scores: torch.Tensor
-    answer_len: int
+    bar: float
 
 
 def align_steps(
@@ -137,8 +139,7 @@ def rescale_rollouts(
             advantages[group, [i % g for i in members]],
             step_scores=[None if ratings[i] is None else ratings[i].scores for i in members],
             step_spans=[None if ratings[i] is None else ratings[i].spans for i in members],
-            answer_lens=[1 if ratings[i] is None else ratings[i].answer_len for i in members],
-            total_lens=[len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]) for i in members],
+            bars=[1.0 if ratings[i] is None else ratings[i].bar for i in members],
             response_lens=[len(rollouts.response_ids[i]) for i in members],
             p=float(p[group]),
             step=step,
@@ -176,14 +177,16 @@ def shuffled_orders(aligned: list[AlignedSteps | None], seed: int) -> list[torch
 
 
 def oracle_ratings(
-    aligned: list[AlignedSteps | None], truth: list[list[bool] | None] | None, rollouts: Rollouts
+    aligned: list[AlignedSteps | None], truth: list[list[bool] | None] | None, bars: list[float | None]
 ) -> list[StepRating | None]:
-    """The "oracle" control's ratings: a redundant step scores 0, an essential one 2 |F|/|o| (above the baseline
-    p^alpha |F|/|o| for every p and alpha >= 0), so Pos-Adv attenuates exactly the redundant steps and Neg-Adv
-    shields exactly the essential ones. Responses whose truth is unknown are not rescaled; pure.
+    """The "oracle" control's ratings: a redundant step scores 0, an essential one twice the response's bar
+    (above the baseline p^alpha * bar for every p and alpha >= 0), so Pos-Adv attenuates exactly the redundant
+    steps and Neg-Adv shields exactly the essential ones, whichever the baseline. Responses whose truth is
+    unknown are not rescaled; pure.
 
     Args:
         truth: per rollout, whether each aligned step is essential (``attnpo_train.truth.GroundTruth.rated_steps``).
+        bars: per rollout, its bar at p = 1 (None where it is not aligned).
     Raises:
         ValueError: ``truth`` is None.
     """
@@ -194,9 +197,8 @@ def oracle_ratings(
         if steps is None or flags is None or len(flags) != len(steps.spans):
             out.append(None)
             continue
-        uniform = steps.answer_len / (len(rollouts.prompt_ids[i]) + len(rollouts.response_ids[i]))
-        scores = torch.tensor([2.0 * uniform if essential else 0.0 for essential in flags], dtype=torch.float32)
-        out.append(StepRating(steps.spans, scores, steps.answer_len))
+        scores = torch.tensor([2.0 * bars[i] if essential else 0.0 for essential in flags], dtype=torch.float32)
+        out.append(StepRating(steps.spans, scores, bars[i]))
     return out
 
 
@@ -234,6 +236,7 @@ class AttnPO(CreditStrategy):
         self.manifest = load_manifest(path)
         self.heads = top_heads(self.manifest, config.top_n_heads)
         self.segmenter = manifest_segmenter(self.manifest, Path(path).name)
+        self.margin = margin_for(self.manifest, len(self.heads), str(path)) if config.baseline == "reasoning" else None
         self._by_layer: dict[int, list[int]] = {}
         for layer, head in self.heads:
             self._by_layer.setdefault(layer, []).append(head)
@@ -256,7 +259,8 @@ class AttnPO(CreditStrategy):
         spans = [None if a is None else a.spans for a in self._aligned]
         self.truth = None if batch.truth is None else batch.truth.rated_steps(self.tokenizer, rollouts, spans)
         credit = self.config.credit
-        self._oracle = oracle_ratings(self._aligned, self.truth, rollouts) if credit == "oracle" else None
+        bars = [None if a is None else self._bar(i, a) for i, a in enumerate(self._aligned)]
+        self._oracle = oracle_ratings(self._aligned, self.truth, bars) if credit == "oracle" else None
         if self._oracle is None:
             self.wanted = {i for i, a in enumerate(self._aligned) if a is not None}
         seed = control_seed(self.config, batch.step)
@@ -276,7 +280,8 @@ class AttnPO(CreditStrategy):
 
     def read(self, indices, offsets, recorder: AnswerRowRecorder) -> dict[int, StepRating]:
         """The step scores of the recorded rows: per head the attention each step receives from the answer rows
-        (``kfh_probe.step_scores``), averaged over the heads."""
+        (``kfh_probe.step_scores``), then averaged over the heads, or made relative to each head's mean over the
+        reasoning before they are averaged (``baseline: reasoning``)."""
         picked = torch.stack([recorder.results[layer][:, self._by_layer[layer].index(head)]
                               for layer, head in self.heads], dim=1)  # [batch, head, key]
         ratings = {}
@@ -285,7 +290,10 @@ class AttnPO(CreditStrategy):
                 steps, prompt_len = self._aligned[i], len(self.batch.rollouts.prompt_ids[i])
                 attention = picked[b, :, offsets[b] : offsets[b] + self._length(i)].float().cpu()
                 spans = [(a + prompt_len, e + prompt_len) for a, e in steps.spans]
-                ratings[i] = StepRating(steps.spans, step_scores(attention, spans).mean(dim=0), steps.answer_len)
+                per_head = step_scores(attention, spans)  # [head, step]
+                scores = (per_head.mean(dim=0) if self.margin is None
+                          else relative_step_scores(per_head, [e - a for a, e in steps.spans]))
+                ratings[i] = StepRating(steps.spans, scores, self._bar(i, steps))
         return ratings
 
     def advantages(self, indices: list[int]) -> list[torch.Tensor]:
@@ -295,7 +303,7 @@ class AttnPO(CreditStrategy):
                 raise RuntimeError(f"rollout {i}'s attention was not read before its advantages")
             rating = self._oracle[i] if self._oracle is not None else self.readings.get(i)
             if rating is not None and self._orders is not None:
-                rating = StepRating(rating.spans, rating.scores[self._orders[i]], rating.answer_len)
+                rating = StepRating(rating.spans, rating.scores[self._orders[i]], rating.bar)
             ratings[i] = rating
         batch = self.batch
         values, stats = rescale_rollouts(batch.rollouts, batch.correct, batch.advantages, ratings, batch.step,
@@ -313,6 +321,12 @@ class AttnPO(CreditStrategy):
         if self.truth is not None:
             out.update(credit_precision(self._gammas, self.batch.advantages.reshape(-1).tolist(), self.truth))
         return out
+
+    def _bar(self, i: int, steps: AlignedSteps) -> float:
+        """The bar at p = 1 of rollout ``i``: the margin tau, or the paper's |F|/|o|."""
+        if self.margin is not None:
+            return self.margin
+        return float(uniform_bar(torch.tensor([steps.answer_len]), torch.tensor([self._length(i)]))[0])
 
     def _length(self, i: int) -> int:
         return len(self.batch.rollouts.prompt_ids[i]) + len(self.batch.rollouts.response_ids[i])

@@ -207,3 +207,20 @@ def step_accounting(prompt: str, response: str) -> dict[str, int] | None:
         return label_trace(prompt, response).accounting()
     except TraceFormatError:
         return None
+
+
+def credit_shares(advantages: list[float], redundant: list[int], essential: list[int]) -> dict[str, float]:
+    """Where outcome credit puts the steps of a set of responses.
+
+    Args:
+        advantages, redundant, essential: per response, its advantage and its redundant and essential step counts.
+    Returns:
+        "redundant_in_positive_share": of all redundant steps, those in responses with a positive advantage;
+        "essential_in_negative_share": of all essential steps, those in responses with a negative one (0 without
+        any such step).
+    """
+    total_r, total_e = sum(redundant), sum(essential)
+    return {
+        "redundant_in_positive_share": sum(r for a, r in zip(advantages, redundant) if a > 0) / total_r if total_r else 0.0,
+        "essential_in_negative_share": sum(e for a, e in zip(advantages, essential) if a < 0) / total_e if total_e else 0.0,
+    }

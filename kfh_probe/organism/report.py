@@ -17,6 +17,7 @@ from kfh_probe.alignment import right_pad
 from kfh_probe.io import shown_path
 from kfh_probe.loading import load_model, load_tokenizer
 from kfh_probe.organism import task_of
+from kfh_probe.organism.labeler import credit_shares
 from kfh_probe.organism.task import RECHECK_OPENERS, TASKS, THINK_CLOSE, generate_problems
 from kfh_probe.organism.traces import Sample, respond, sample_records
 
@@ -173,13 +174,11 @@ def groups_report(groups: list[list[Sample]], essential: list[list[int]], credit
         "essential_in_negative_share": None,
     }
     if credit is not None:
-        advantages = [list(credit([bool(y) for y in c], t)) for c, t in zip(correct, tokens)]
-        pairs = [(a, r, e) for adv, red, ess in zip(advantages, redundant, essential_steps)
-                 for a, r, e in zip(adv, red, ess)]
-        total_r, total_e = sum(r for _, r, _ in pairs), sum(e for _, _, e in pairs)
-        report["redundant_in_positive_share"] = sum(r for a, r, _ in pairs if a > 0) / total_r if total_r else 0.0
-        report["essential_in_negative_share"] = sum(e for a, _, e in pairs if a < 0) / total_e if total_e else 0.0
+        advantages = [a for c, t in zip(correct, tokens) for a in credit([bool(y) for y in c], t)]
+        report.update(credit_shares(advantages, [r for row in redundant for r in row],
+                                    [e for row in essential_steps for e in row]))
     return report
+
 
 
 def sampled_groups(model_dir: str | Path, n: int, group_size: int, seed: int) -> tuple[list[list[Sample]], list[list[int]]]:
