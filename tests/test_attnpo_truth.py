@@ -14,7 +14,9 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.strategies.attnpo import AlignedSteps, StepRating, oracle_ratings, rescale_rollouts, shuffled_orders
 from attnpo_train.data import Prompt
 from attnpo_train.evaluate import aes, efficiency, evaluate
-from attnpo_train.truth import credit_precision, mean_accounting, rated_step_truth
+from attnpo_train.truth import (
+    boundary_correlation, credit_precision, labeled_step_starts, mean_accounting, rated_step_truth,
+)
 from kfh_probe.organism import default_manifest_path, default_model_dir
 from kfh_probe.organism.labeler import step_accounting
 from kfh_probe.organism.task import generate_problems, teacher_response, teacher_steps
@@ -101,6 +103,23 @@ def test_rated_step_truth_matches_steps_by_character_position():
     assert rated_step_truth("not an organism prompt", response, ranges) is None
 
 
+def test_labeled_step_starts_are_where_each_line_step_begins():
+    problem, steps, response = teacher_record()
+    starts = labeled_step_starts(problem.prompt(), response)
+    assert [essential for _, essential in starts] == [s.essential for s in steps]
+    assert [response[pos:].startswith(s.text) for (pos, _), s in zip(starts[1:], steps[1:])] == [True] * (len(steps) - 1)
+    assert labeled_step_starts("not an organism prompt", response) is None
+
+
+def test_boundary_correlation_hand_computed():
+    # x = 0.5, 0.5, -0.5, 1.0 (mean 0.375); y = 1, 0, 1, 0 (mean 0.5)
+    # sxy = 0.0625 - 0.0625 - 0.4375 - 0.3125 = -0.75 ; sxx = 1.1875 ; syy = 1
+    got = boundary_correlation([(0.5, True), (0.5, False), (-0.5, True), (1.0, False)])
+    assert got == pytest.approx(-0.75 / 1.1875 ** 0.5)
+    assert boundary_correlation([(0.5, True), (0.2, True)]) is None  # no essential step: no variance
+    assert boundary_correlation([(0.5, True)]) is None
+
+
 def test_mean_accounting_is_absent_when_nothing_is_readable():
     problem, _, response = teacher_record()
     account = step_accounting(problem.prompt(), response)
@@ -173,6 +192,8 @@ def test_organism_training_logs_ground_truth_steps_and_credit_precision(credit, 
     assert metrics["labelled_fraction"] == 1.0
     assert metrics["essential_steps_per_response"] >= 2 and metrics["redundant_steps_per_response"] >= 0
     assert {"pos_attenuated_steps", "pos_precision", "neg_shielded_steps", "neg_precision"} <= metrics.keys()
+    assert 0 <= metrics["redundant_in_positive_share"] <= 1 and 0 <= metrics["essential_in_negative_share"] <= 1
+    assert metrics["boundary_redundant_corr"] is None or -1 <= metrics["boundary_redundant_corr"] <= 1
     if credit == "oracle" and metrics["pos_precision"] is not None:
         assert metrics["pos_precision"] == 1.0
     if credit == "oracle" and metrics["neg_precision"] is not None:
@@ -188,3 +209,27 @@ def test_controls_are_refused_outside_attnpo_and_oracle_needs_organism_prompts(t
                          manifest=str(default_manifest_path()), out=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="organism"):
         prepare_run(config)
+
+
+def test_credit_metrics_read_the_advantage_at_each_labeled_steps_first_token(organism):
+    from attnpo_train.truth import GroundTruth
+    from kfh_probe.sampling import Rollouts
+
+    model, tokenizer = organism
+    problem, steps, response = teacher_record()
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    rollouts = Rollouts(2, [[0], [0]], [ids, ids], [response, response], [True, True])
+    truth = GroundTruth.read([problem.prompt()] * 2, rollouts)
+    starts = labeled_step_starts(problem.prompt(), response)
+    # rollout 0: +1 on every token but -1 on the first token of each redundant step; rollout 1: all 0.
+    first_tokens = [len(tokenizer(response[:pos], add_special_tokens=False)["input_ids"]) for pos, _ in starts]
+    values = torch.ones(len(ids))
+    for token, (_, essential) in zip(first_tokens, starts):
+        if not essential:
+            values[token] = -1.0
+    got = truth.credit_metrics(tokenizer, rollouts, torch.tensor([[1.0, -1.0]]), {0: values, 1: torch.zeros(len(ids))})
+    redundant, essential = sum(not e for _, e in starts), sum(e for _, e in starts)
+    assert got["redundant_in_positive_share"] == 0.5 and got["essential_in_negative_share"] == 0.5
+    xs = [-1.0] * redundant + [1.0] * essential + [0.0] * (redundant + essential)
+    ys = [True] * redundant + [False] * essential + [True] * redundant + [False] * essential
+    assert got["boundary_redundant_corr"] == pytest.approx(boundary_correlation(list(zip(xs, ys))))

@@ -62,7 +62,7 @@ def test_attnpo_training_notebook_trains_when_no_metrics(tmp_path):
     run_notebook(
         "02_attnpo_training.ipynb",
         f"METRICS = {{'attnpo': {str(tmp_path / 'missing.jsonl')!r}}}\nBENCHMARK = None\nOUT_DIR = {str(tmp_path)!r}\n"
-        "METHODS = ['tlmre', 'attnpo']\nSTEPS = 2\nPROMPTS_PER_STEP = 2\nGROUP_SIZE = 2\nMAX_NEW_TOKENS = 256\nSEED = 0",
+        "FIGURE_PREFIX = 'attnpo'\nMETHODS = ['tlmre', 'attnpo']\nSTEPS = 2\nPROMPTS_PER_STEP = 2\nGROUP_SIZE = 2\nMAX_NEW_TOKENS = 256\nSEED = 0",
     )
     check_pngs(tmp_path, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
 
@@ -84,10 +84,33 @@ def test_attnpo_training_notebook_reads_metrics_files(tmp_path):
     out = tmp_path / "figs"
     run_notebook(
         "02_attnpo_training.ipynb",
-        f"METRICS = {metrics!r}\nBENCHMARK = None\nOUT_DIR = {str(out)!r}\nMETHODS = []\nSTEPS = 1\nPROMPTS_PER_STEP = 1\n"
+        f"METRICS = {metrics!r}\nBENCHMARK = None\nOUT_DIR = {str(out)!r}\nFIGURE_PREFIX = 'attnpo'\nMETHODS = []\nSTEPS = 1\nPROMPTS_PER_STEP = 1\n"
         "GROUP_SIZE = 2\nMAX_NEW_TOKENS = 8\nSEED = 0",
     )
     check_pngs(out, ["attnpo_training_curves.png", "attnpo_phrase_frequencies.png"])
+
+
+@pytest.mark.slow
+def test_attnpo_training_notebook_plots_a_benchmark_files_curves_and_step_budgets(tmp_path):
+    """A benchmark file (``benchmarks/attnpo_vs_tlmre.py --json``) with a ``budgets`` block: curves and budgets."""
+    import json
+
+    curves = {"reward_mean": [0.1, 0.2], "accuracy": [0.5, 0.6], "response_tokens_mean": [150.0, 140.0],
+              "confused_per_response": [1.0, 0.9], "summary_per_response": [1.0, 1.1],
+              "frac_attenuated": [0.0, 0.1], "boundary_redundant_corr": [-0.1, -0.2]}
+    at = {"t0.6": {"accuracy": 0.9, "tokens": 140.0, "redundant_steps": 0.3, "redundant_steps_ci95": [0.2, 0.4],
+                   "seeds": [0, 1]}}
+    budgets = {str(step): {"summary": {"tlmre": at, "oracle": at}, "paired_vs_tlmre": {}} for step in (10, 20, 30)}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"runs": [{"arm": arm, "curves": curves} for arm in ("tlmre", "oracle")],
+                                 "budgets": budgets}), encoding="utf-8")
+    out = tmp_path / "figs"
+    run_notebook(
+        "02_attnpo_training.ipynb",
+        f"METRICS = {{}}\nBENCHMARK = {str(bench)!r}\nOUT_DIR = {str(out)!r}\nFIGURE_PREFIX = 'v5'\nMETHODS = []\n"
+        "STEPS = 1\nPROMPTS_PER_STEP = 1\nGROUP_SIZE = 2\nMAX_NEW_TOKENS = 8\nSEED = 0",
+    )
+    check_pngs(out, ["v5_training_curves.png", "v5_phrase_frequencies.png", "v5_budgets.png"])
 
 
 @pytest.mark.slow
