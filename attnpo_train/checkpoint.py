@@ -97,10 +97,12 @@ def save_checkpoint(
     rng: dict,
     metrics: list[dict],
     config: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write ``out/checkpoints/step-XXXXXXXX/`` atomically (a temporary folder, then ``os.replace``).
 
-    Contents: ``state.pt`` (model, optimiser and scheduler state dicts, random states, step),
+    Contents: ``state.pt`` (model, optimiser and scheduler state dicts, float16's loss-scaler state when
+    ``scaler`` is given, random states, step),
     ``metrics.jsonl`` (every metrics line so far), ``config.json``. Keeps the newest
     ``KEEP_CHECKPOINTS`` checkpoints.
     """
@@ -117,6 +119,7 @@ def save_checkpoint(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
                 "rng": rng,
             },
             tmp / "state.pt",
