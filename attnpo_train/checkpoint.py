@@ -27,9 +27,10 @@ from torch import nn
 from attnpo_train.config import TrainConfig
 from kfh_probe import InputError, atomic_write_json, atomic_write_jsonl
 
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring", "gradient_checkpointing")
 """Config fields a resumed run may change; any other difference is refused (``fused_scoring`` changes
-where the step scores are computed, not what they are)."""
+where the step scores are computed, not what they are; ``gradient_checkpointing`` what the update keeps in
+memory, not what it computes)."""
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
 _CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
