@@ -71,7 +71,7 @@ def build_model(vocab: int, device: str, layers: int = 4, dtype: str = "float32"
         num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
     )
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model = model.to_empty(device=device)  # no initialisation copies: the peak stays the forward's own
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def build_model(vocab: int, device: str, layers: int = 4, dtype: str = "float32"
             if "inv_freq" in name:
                 dim = buffer.numel() * 2
                 buffer.copy_(1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, device=device).float() / dim)))
-    return model.to(getattr(torch, dtype)).eval()
+    return model.eval()
 
 
 def _stub_tokenizer():

@@ -6,6 +6,7 @@ float32 and match the separate float32 forward's within a stated tolerance; seed
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
 import pytest
@@ -221,3 +222,18 @@ def test_bfloat16_weights_lose_updates_below_their_resolution(byte_tokenizer):
     print(f"\none AdamW step at lr 1e-5 moves {small:.1%} of bfloat16 weights, {master:.1%} of float32 ones")
     assert small < 0.1 and master > 0.5  # the documented trade-off: ~lr-sized steps vanish below bf16's spacing
     assert moved_fraction(torch.bfloat16, 1e-2, byte_tokenizer) > 0.5  # unused embedding rows get no gradient
+
+
+def test_the_cli_trains_in_bf16_with_checkpointing_and_resumes_without_it_but_not_in_float32(
+        tiny_model_dir, manifest_file, data_file, tmp_path, capsys):
+    from attnpo_train.cli import main
+
+    args = ["run", "--model", str(tiny_model_dir), "--manifest", str(manifest_file), "--data", str(data_file),
+            "--out", str(tmp_path / "out"), "--set", "prompts_per_step=1", "--set", "group_size=2",
+            "--set", "max_new_tokens=8", "--no-progress"]
+    assert main([*args, "--steps", "1", "--dtype", "bfloat16", "--set", "gradient_checkpointing=true"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["dtype"], config["gradient_checkpointing"]) == ("bfloat16", True)
+    assert main([*args, "--steps", "2", "--dtype", "bfloat16", "--resume"]) == 0
+    assert main([*args, "--steps", "3", "--resume"]) == 2
+    assert "dtype: checkpoint 'bfloat16', now 'float32'" in capsys.readouterr().err
