@@ -27,9 +27,10 @@ from torch import nn
 from attnpo_train.config import TrainConfig
 from kfh_probe import InputError, atomic_write_json, atomic_write_jsonl
 
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "device", "out", "fused_scoring", "gradient_checkpointing")
 """Config fields a resumed run may change; any other difference is refused (``fused_scoring`` changes
-where the step scores are computed, not what they are)."""
+where the step scores are computed, not what they are; ``gradient_checkpointing`` what the update keeps in
+memory, not what it computes)."""
 KEEP_CHECKPOINTS = 2
 """Checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
 _CHECKPOINT_DIR = re.compile(r"^step-(\d{8})$")
@@ -97,10 +98,12 @@ def save_checkpoint(
     rng: dict,
     metrics: list[dict],
     config: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write ``out/checkpoints/step-XXXXXXXX/`` atomically (a temporary folder, then ``os.replace``).
 
-    Contents: ``state.pt`` (model, optimiser and scheduler state dicts, random states, step),
+    Contents: ``state.pt`` (model, optimiser and scheduler state dicts, float16's loss-scaler state when
+    ``scaler`` is given, random states, step),
     ``metrics.jsonl`` (every metrics line so far), ``config.json``. Keeps the newest
     ``KEEP_CHECKPOINTS`` checkpoints.
     """
@@ -117,6 +120,7 @@ def save_checkpoint(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
                 "rng": rng,
             },
             tmp / "state.pt",

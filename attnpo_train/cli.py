@@ -1,7 +1,7 @@
 """``attnpo-train``: train a policy with RLOO / TLMRE / AttnPO, and evaluate the result.
 
     attnpo-train run [--config Y] [--model DIR] [--manifest M] [--data F] [--out DIR] [--method ...]
-                     [--steps N] [--resume] [--allow-finetuned] [--device ...] [--set key=value ...]
+                     [--steps N] [--resume] [--allow-finetuned] [--device ...] [--dtype ...] [--set key=value ...]
     attnpo-train eval --model DIR [--data F] [--base DIR] [--n N] [--json]
 
 Exit codes: 0 success, 2 bad input (a :class:`~kfh_probe.errors.KFHError`: one line
@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from attnpo_train.config import COMPUTE_DTYPES
 from attnpo_train.evaluate import efficiency, evaluate
 from attnpo_train.strategies import methods, strategy_class
 from kfh_probe import DEFAULT_ORGANISM, ORGANISMS, InputError, KFHError, organism_option, report_error
@@ -41,7 +42,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         if not sep or not key:
             raise InputError(f"--set expects key=value, got {item!r}")
         values[key.strip()] = value.strip()
-    for name in ("model", "manifest", "data", "out", "method", "steps", "device"):
+    for name in ("model", "manifest", "data", "out", "method", "steps", "device", "dtype"):
         value = getattr(args, name)
         if value is not None:
             values[name] = value
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=methods(), help="the credit strategy (attnpo_train.strategies)")
     run.add_argument("--steps", type=int)
     run.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    run.add_argument("--dtype", choices=COMPUTE_DTYPES,
+                     help="compute dtype: bfloat16/float16 train in mixed precision (autocast; float32 weights unless "
+                          "--set weights_dtype=bfloat16); default float32")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     run.add_argument("--allow-finetuned", action="store_true",
                      help="accept a manifest whose weight fingerprint differs (the policy is a fine-tune of the probed model)")

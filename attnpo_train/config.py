@@ -21,6 +21,8 @@ from kfh_probe import GRADERS, InputError, Interval, NonEmpty, OneOf, Relation, 
 RHYTHM_RULES = ("project", "paper")
 ESTIMATORS = ("rloo", "grpo")
 BASELINES = ("uniform", "reasoning")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHTS_DTYPES = ("float32", "bfloat16")
 
 POSITIVE = Interval(0, None, closed="neither")
 NON_NEGATIVE = Interval(0, None)
@@ -172,6 +174,33 @@ class TrainConfig:
     seed: int = setting(0, "Seed of every random generator.")
     device: str = setting("cpu", "Torch device of the policy.")
     checkpoint_every: int = setting(50, "Write a resumable checkpoint every this many steps.", AT_LEAST_ONE)
+
+    # --- precision and memory (attnpo_train.precision) -------------------------------------------
+    dtype: str = setting(
+        "float32",
+        'Compute dtype of the policy\'s forwards (rollouts and the update). "bfloat16" or "float16": mixed precision, '
+        "the forwards run under torch.autocast while the weights and AdamW's states stay in `weights_dtype` "
+        '(float32 by default); "float16" also scales the loss (torch.amp.GradScaler). "float32": no autocast. Step '
+        "scores, rhythm signals, log-probabilities and the loss are float32 whatever this is.",
+        OneOf(COMPUTE_DTYPES),
+    )
+    weights_dtype: str = setting(
+        "float32",
+        'Storage dtype of the policy\'s weights, gradients and AdamW states. "bfloat16" halves their memory but '
+        "rounds every weight update to bfloat16's 8-bit mantissa: an update smaller than about 1/256 of a weight is "
+        "lost (at lr 2e-6 most are), so training can stall; use it only where float32 weights do not fit.",
+        OneOf(WEIGHTS_DTYPES),
+        Relation(lambda weights, config: weights == "float32" or config.dtype == weights,
+                 '"float32", or equal to `dtype` (bfloat16 weights compute in bfloat16)'),
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them (transformers' "
+        "activation checkpointing, non-reentrant): less activation memory for long responses, about one more "
+        "forward of update time. The update's forward then runs in training mode (transformers checkpoints only "
+        "there), so a policy with active dropout is refused. Attention is read in the forward, never in its "
+        "recomputation.",
+    )
 
     # --- paths ---------------------------------------------------------------------------------
     model: str | None = setting(None, "Policy model directory; null uses the embedded model organism.")

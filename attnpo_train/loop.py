@@ -21,7 +21,10 @@ Read it top to bottom. One training step (``train``):
    every ``checkpoint_every`` steps, write a checkpoint atomically (``attnpo_train.checkpoint``).
 
 The policy stays in eval mode throughout: attention capture requires it, and the models this trainer
-targets (Qwen2 family) have no dropout, so gradients are the same as in train mode.
+targets (Qwen2 family) have no dropout, so gradients are the same as in train mode. With
+``gradient_checkpointing`` the update's forward runs in training mode (transformers checkpoints only there;
+policies with dropout are refused). With ``dtype`` bfloat16 or float16 the rollouts and the update's forward
+run under autocast (mixed precision, ``attnpo_train.precision``).
 
 The update is on-policy, one optimiser step per batch of rollouts as in the reference
 (``attnpo_train.loss``): the policy that sampled the rollouts is the policy being updated.
@@ -62,6 +65,7 @@ from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt, PromptSource, load_prompts
 from attnpo_train.diagnostics import Diagnostics
 from attnpo_train.loss import policy_gradient_loss
+from attnpo_train.precision import LossScaler, autocast, enable_checkpointing, update_forward
 from attnpo_train.rewards import rollout_correctness
 from attnpo_train.strategies import CreditBatch, CreditStrategy, read_separately, strategy_class
 from kfh_probe import (
@@ -114,14 +118,19 @@ def accumulate_policy_gradient(
     strategy: CreditStrategy,
     config: TrainConfig,
     pad_id: int,
+    scaler: LossScaler | None = None,
 ) -> dict[str, float]:
     """Gradient of the token-mean policy-gradient loss of all rollouts, left (clipped) in the parameters' ``.grad``.
 
     Micro-batches of ``config.micro_batch_size`` sequences are accumulated with the whole batch's token
     count as the denominator, so the gradient is that of the full batch's token mean. Each micro-batch's
     per-token advantages come from ``strategy`` (prepared with these rollouts), which may read them off that
-    micro-batch's own forward (``CreditStrategy.observe``). The caller applies the gradient
-    (``optimizer.step()``), so that the weight update and the run's bookkeeping happen together.
+    micro-batch's own forward (``CreditStrategy.observe``). The forwards run in ``config.dtype`` (autocast) and,
+    with ``config.gradient_checkpointing``, in training mode (``attnpo_train.precision.update_forward``); the
+    observe block closes before ``backward``, so a checkpointed layer's recomputation is not observed. With a
+    float16 ``scaler`` the loss is scaled for ``backward`` and the gradient unscaled before clipping. The caller
+    applies the gradient (``optimizer.step()``, or ``scaler.step()``), so that the weight update and the run's
+    bookkeeping happen together.
 
     Returns:
         "loss", "pg_loss", "kl" when a reference model is given (token-weighted over the micro-batches),
@@ -139,21 +148,26 @@ def accumulate_policy_gradient(
         input_ids, attention_mask, mask = (t.to(device) for t in _sequence_batch(rollouts, chunk, pad_id))
         ref_logprobs = None
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(config, device):
                 ref_logprobs = sequence_logprobs(ref_model, input_ids, attention_mask)
-        with strategy.observe(model, chunk, input_ids):
+        with strategy.observe(model, chunk, input_ids), update_forward(model, config):
             logprobs = sequence_logprobs(model, input_ids, attention_mask)
         values = strategy.token_advantages(chunk)
         advantages = _advantage_batch(rollouts, chunk, values, mask.shape[1]).to(device)
         loss, stats = policy_gradient_loss(
             logprobs, advantages, mask, ref_logprobs=ref_logprobs, kl_coef=config.kl_coef, num_tokens=total_tokens,
         )
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.backward(loss)
         loss_total += float(loss.detach())
         weight = float(mask.sum()) / total_tokens
         for key, value in stats.items():
             # pg_loss is already divided by the whole batch's token count; the others are chunk means.
             sums[key] = sums.get(key, 0.0) + (value if key == "pg_loss" else value * weight)
+    if scaler is not None:
+        scaler.unscale()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     return {"loss": loss_total, **sums, "grad_norm": float(grad_norm)}
 
@@ -231,7 +245,9 @@ def prepare_run(config: TrainConfig) -> RunInputs:
     task = task_of(config.model)  # an organism folder names its task; its prompts come from that task
     strategy = strategy_class(config.method)(config, ground_truth)
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, "float32", config.device)
+    model = load_model(config.model, config.weights_dtype, config.device)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     strategy.attach(model, tokenizer)
     diagnostics = Diagnostics(config.marker, ground_truth)
     return RunInputs(model, tokenizer, PromptSource(prompts, task), strategy, pad_token_id(tokenizer), diagnostics)
@@ -243,18 +259,21 @@ def train_step(
     ref_model: nn.Module | None,
     data_rng: random.Random,
     config: TrainConfig,
+    scaler: LossScaler | None = None,
 ) -> dict:
     """Everything of one training step (0-based ``step``) up to the weight update.
 
-    Draws prompts, samples rollouts, computes rewards and group advantages, hands them to the credit
-    strategy and leaves the clipped gradient in ``.grad``; the weights are not touched. Returns the step's
-    metrics line (``"step"`` is ``step + 1``, the number of completed steps once the update is applied).
+    Draws prompts, samples rollouts (under autocast in ``config.dtype``), computes rewards and group advantages,
+    hands them to the credit strategy and leaves the clipped gradient in ``.grad`` (``scaler``: float16's loss
+    scaling); the weights are not touched. Returns the step's metrics line (``"step"`` is ``step + 1``, the
+    number of completed steps once the update is applied; ``"loss_scale"`` where the loss is scaled).
     """
     model, strategy, diagnostics = inputs.model, inputs.strategy, inputs.diagnostics
     t0 = time.perf_counter()
     prompts = inputs.prompts.draw(data_rng, config.prompts_per_step)
-    rollouts = generate_rollouts(model, inputs.tokenizer, [p.text for p in prompts], config.group_size,
-                                 config.max_new_tokens, config.temperature)
+    with autocast(config, next(model.parameters()).device):
+        rollouts = generate_rollouts(model, inputs.tokenizer, [p.text for p in prompts], config.group_size,
+                                     config.max_new_tokens, config.temperature)
     correct = rollout_correctness(rollouts, [p.answer for p in prompts], config)
     rewards = strategy.rewards(correct, rollouts)
     advantages = group_advantages(rewards, config.estimator)
@@ -265,7 +284,7 @@ def train_step(
     if not config.fused_scoring:
         read_separately(strategy, model, inputs.pad_id, config.micro_batch_size)
     t2 = time.perf_counter()
-    update = accumulate_policy_gradient(model, ref_model, rollouts, strategy, config, inputs.pad_id)
+    update = accumulate_policy_gradient(model, ref_model, rollouts, strategy, config, inputs.pad_id, scaler)
     t3 = time.perf_counter()
     in_update = strategy.seconds  # the strategy's share of the update pass
     return {
@@ -279,6 +298,7 @@ def train_step(
         **({} if diagnostics is None else diagnostics.metrics(rollouts, truth)),
         **({} if truth is None else truth.credit_metrics(inputs.tokenizer, rollouts, advantages, strategy.handed_out)),
         **update,
+        **({"loss_scale": scaler.scaler.get_scale()} if scaler is not None and scaler.enabled else {}),
         "time_rollout_s": t1 - t0,
         "time_scoring_s": t2 - t1 + in_update,
         "time_update_s": t3 - t2 - in_update,
@@ -306,6 +326,7 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
     if config.kl_coef > 0:  # the frozen initial policy; built before any checkpoint is loaded
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, config)
+    scaler = LossScaler(optimizer, config, next(model.parameters()).device)
     data_rng = random.Random(config.seed)
     metrics: list[dict] = []
     start = 0
@@ -318,6 +339,8 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"], data_rng)
         start = state["step"]
     else:
@@ -335,11 +358,11 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc=config.method, unit="step")
     try:
         for step in range(start, config.steps):
-            record = train_step(step, inputs, ref_model, data_rng, config)
+            record = train_step(step, inputs, ref_model, data_rng, config, scaler)
             with deferred_interrupt():
                 t0 = time.perf_counter()
                 record["lr"] = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                scaler.step()
                 scheduler.step()
                 record["time_update_s"] += time.perf_counter() - t0
                 metrics.append(record)
@@ -355,11 +378,11 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
                 tokens=f"{record['response_tokens_mean']:.0f}",
             )
             if done % config.checkpoint_every == 0 or done == config.steps:
-                save_checkpoint(out, done, model, optimizer, scheduler, rng, metrics, config)
+                save_checkpoint(out, done, model, optimizer, scheduler, rng, metrics, config, scaler.scaler)
     except KeyboardInterrupt:
         bar.close()
         if done > start:
-            save_checkpoint(out, done, model, optimizer, scheduler, rng, metrics, config)
+            save_checkpoint(out, done, model, optimizer, scheduler, rng, metrics, config, scaler.scaler)
         raise
     bar.close()
     save_final(model, inputs.tokenizer, out, inputs.prompts.organism_task)

@@ -71,7 +71,11 @@ TRAIN_SETTINGS = (
 )
 """The ``TrainConfig`` settings the adapter reads, each an ``attnpo_<name>`` field of ``AttnPOConfig``. TRL's
 own fields stand for the others: ``num_generations`` is the group size, ``learning_rate``, ``max_steps``,
-``temperature``, ``max_completion_length``, ``epsilon`` (the clip) and ``beta`` (the KL coefficient)."""
+``temperature``, ``max_completion_length``, ``epsilon`` (the clip) and ``beta`` (the KL coefficient); for
+precision and memory ``bf16`` / ``fp16`` (TRL's mixed precision: autocast, float32 master weights, fp16 loss
+scaling) stand for ``dtype``, the dtype the policy is loaded in (``model_init_kwargs``) for ``weights_dtype``,
+and ``gradient_checkpointing`` for ``gradient_checkpointing`` (the strategy reads attention in no-grad forwards,
+which are never checkpointed, so it sees every call once)."""
 ADAPTER_CONSTRAINTS = {
     name: (Relation(lambda path, config, name=name: path is not None or not _reads(config.method, name),
                     f"given when attnpo_method's strategy reads it (the {what} of the policy's base model)"),)

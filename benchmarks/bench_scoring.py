@@ -22,16 +22,23 @@ Two models:
             also the time to sample them, for the scoring share of a whole training step (rollout +
             scoring + update). Its ground truth is read as the trainer does on the organism.
   r1shape:  Qwen2 with DeepSeek-R1-Distill-Qwen-1.5B's shape (hidden 1536, 12 query heads, 2 KV heads,
-            head dim 128, MLP 8960, vocabulary 151936 unless --vocab) and 4 layers, random weights (as
-            ``bench_capture.py``), heads (1, 2), (2, 9), (3, 2); G responses of about --tokens tokens each
-            written from the organism's traces (reasoning steps repeated to length, a 64-token answer),
-            tokenised with the organism's tokenizer, one sequence per micro-batch.
+            head dim 128, MLP 8960, vocabulary 151936 unless --vocab) and --layers layers (4 by default, at
+            least 4; the 1.5B model has 28), random float32 weights (as ``bench_capture.py``), heads (1, 2),
+            (2, 9), (3, 2); G responses of about --tokens tokens each written from the organism's traces
+            (reasoning steps repeated to length, a 64-token answer), tokenised with the organism's tokenizer,
+            one sequence per micro-batch.
+
+Every update runs as the trainer runs it with ``--dtype`` (``TrainConfig.dtype``: float32, or mixed precision
+under autocast with float32 weights) and ``--gradient-checkpointing``; the unfused scoring forward runs in the
+weights' float32, as the trainer's does. On a GPU each time is taken after ``torch.cuda.synchronize`` and the
+peak memory of each update is the allocator's (``torch.cuda.max_memory_allocated``).
 
 Printed per model: median seconds of each update, the ratios to TLMRE, the scoring time the trainer
 logs (``time_scoring_s``: alignment, ground truth, capture and gammas; for unfused also its forward),
 and the largest |fused - unfused| per-token advantage. Ratios come from the same run.
 Run:  python benchmarks/bench_scoring.py [--models organism r1shape] [--credit attnpo] [--repeats 5] [--tokens 2048]
-          [--vocab V] [--group-size G] [--threads N] [--device cuda] [--json F]
+          [--vocab V] [--layers 28] [--dtype bfloat16] [--gradient-checkpointing] [--group-size G] [--threads N]
+          [--device cuda] [--json F]
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ import torch
 from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
 from attnpo_train.data import Prompt
+from attnpo_train.config import COMPUTE_DTYPES
 from attnpo_train.loop import accumulate_policy_gradient
+from attnpo_train.precision import autocast, enable_checkpointing
 from attnpo_train.rewards import rollout_correctness
 from attnpo_train.strategies import CreditBatch, read_separately, strategy_class
 from attnpo_train.truth import GroundTruth
@@ -57,6 +66,8 @@ from kfh_probe.manifest import model_record
 from kfh_probe.organism import default_model_dir, default_traces_path
 from kfh_probe.preplan_anchor import rhythm_header, select_heads
 from kfh_probe.sampling import Rollouts, generate_rollouts
+
+from bench_capture import build_model  # noqa: E402  (this folder is on sys.path when a script here runs)
 
 R1_HEADS = [(1, 2), (2, 9), (3, 2)]
 ANSWER_TOKENS = 64
@@ -76,21 +87,25 @@ def strategies(config: TrainConfig, model, tokenizer) -> dict:
     return out
 
 
-def organism_case(device: str, seed: int, repeats: int, credit: str) -> dict:
+def organism_case(device: str, seed: int, repeats: int, credit: str, precision: dict) -> dict:
     """The organism with its strategies (its manifest's top-N heads, its rhythm file), 8 x 8 rollouts sampled from
-    its task, and the median seconds sampling them took (the same seeded rollouts ``repeats`` times)."""
+    its task, and the median seconds sampling them took (the same seeded rollouts ``repeats`` times, under autocast
+    in ``precision["dtype"]`` as the trainer samples)."""
     from kfh_probe.organism.task import generate_problems
 
     path = default_model_dir()
     model, tokenizer = load_model(path, "float32", device), load_tokenizer(path)
     prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(8, seed))]
-    config = TrainConfig(method=credit, group_size=8, horizon=0, micro_batch_size=8)
+    config = TrainConfig(method=credit, group_size=8, horizon=0, micro_batch_size=8, **precision)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     seconds = []
     for _ in range(repeats):
         torch.manual_seed(seed)
         _sync(device)
         start = time.perf_counter()
-        rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], config.group_size, 320, 1.0)
+        with autocast(config, model.device):
+            rollouts = generate_rollouts(model, tokenizer, [p.text for p in prompts], config.group_size, 320, 1.0)
         _sync(device)
         seconds.append(time.perf_counter() - start)
     texts = [prompts[i // config.group_size].text for i in range(len(rollouts.texts))]
@@ -98,37 +113,24 @@ def organism_case(device: str, seed: int, repeats: int, credit: str) -> dict:
                 prompt_texts=texts, rollout_s=statistics.median(seconds), **strategies(config, model, tokenizer))
 
 
-def _r1_model(device: str, vocab: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=4, num_attention_heads=12,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(device)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02)
-    return model.eval()
-
-
 def r1shape_files(model, folder: Path) -> dict[str, str]:
     """A manifest ranking ``R1_HEADS`` first and a rhythm file of 30% of the heads for the R1-shaped model."""
     record = model_record(model, "r1shape")
-    order = R1_HEADS + [(l, h) for l in range(4) for h in range(12) if (l, h) not in R1_HEADS]
+    layers = model.config.num_hidden_layers
+    order = R1_HEADS + [(l, h) for l in range(layers) for h in range(12) if (l, h) not in R1_HEADS]
     heads = [{"layer": l, "head": h, "sra": 0.9 - 0.001 * i, "ci95": [0.0, 1.0], "traces": 2}
              for i, (l, h) in enumerate(order)]
     manifest = {"format": "kfh-manifest", "version": 1, "model": record, "probe": {}, "heads": heads,
                 "top_n": len(R1_HEADS), "ensemble": [{"k": 1, "sra": 0.9}]}
-    ranking = torch.randperm(4 * 12, generator=torch.Generator().manual_seed(0)).float().view(4, 12)
+    ranking = torch.randperm(layers * 12, generator=torch.Generator().manual_seed(0)).float().view(layers, 12)
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     (folder / "rhythm.jsonl").write_text(json.dumps(rhythm_header(select_heads(ranking), 10, (10, 50), record)) + "\n",
                                          encoding="utf-8")
     return {"manifest": str(folder / "manifest.json"), "rhythm": str(folder / "rhythm.jsonl")}
 
 
-def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: str, folder: Path) -> dict:
+def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: str, folder: Path, layers: int,
+                 precision: dict) -> dict:
     """G responses of about ``tokens`` tokens to one organism prompt, for the R1-shaped random model (its strategy
     files written to ``folder``)."""
     tokenizer = load_tokenizer(default_model_dir())
@@ -151,9 +153,11 @@ def r1shape_case(device: str, tokens: int, group_size: int, vocab: int, credit: 
         responses.append(ids)
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     rollouts = Rollouts(group_size, [list(prompt_ids)] * group_size, responses, texts, [True] * group_size)
-    model = _r1_model(device, vocab)
+    model = build_model(vocab, device, layers)
     config = TrainConfig(method=credit, group_size=group_size, horizon=0, micro_batch_size=1,
-                         **r1shape_files(model, folder))
+                         **r1shape_files(model, folder), **precision)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
     return dict(model=model, tokenizer=tokenizer, prompts=[Prompt("p", records[0]["prompt"], records[0]["answer"])],
                 rollouts=rollouts, config=config, prompt_texts=None, rollout_s=None,
                 **strategies(config, model, tokenizer))
@@ -199,6 +203,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each times all three updates once)")
     parser.add_argument("--tokens", type=int, default=2048, help="response length of the r1shape model")
     parser.add_argument("--group-size", type=int, default=4, help="responses of the r1shape model")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="decoder layers of the r1shape model, at least 4 (DeepSeek-R1-Distill-Qwen-1.5B: 28)")
+    parser.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32",
+                        help="the trainer's compute dtype (bfloat16/float16: autocast, float32 weights)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="the trainer's activation checkpointing")
     parser.add_argument("--vocab", type=int, default=151936,
                         help="vocabulary of the r1shape model (DeepSeek-R1-Distill-Qwen's by default; a smaller one "
                              "makes the update cheaper, so scoring a larger share of it)")
@@ -207,13 +216,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
+    if args.layers < 4:
+        parser.error("--layers: at least 4 (the r1shape heads sit in layers 1-3)")
+    precision = {"dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing}
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
     folder = tempfile.TemporaryDirectory()
     for name in args.models:
-        case = organism_case(args.device, args.seed, args.repeats, args.credit) if name == "organism" else \
-            r1shape_case(args.device, args.tokens, args.group_size, args.vocab, args.credit, Path(folder.name))
+        case = organism_case(args.device, args.seed, args.repeats, args.credit, precision) if name == "organism" else \
+            r1shape_case(args.device, args.tokens, args.group_size, args.vocab, args.credit, Path(folder.name),
+                         args.layers, precision)
         updates(case, args.device)  # warm-up
         rounds = [updates(case, args.device, r % 3) for r in range(args.repeats)]
         time_s = {k: statistics.median(r[k][0] for r in rounds) for k in ("tlmre", "unfused", "fused")}
@@ -222,7 +235,7 @@ def main() -> None:
         last = rounds[-1]
         diff = max(float((a - b).abs().max()) for a, b in zip(last["fused"][2], last["unfused"][2]))
         lengths = case["rollouts"].response_lengths.float()
-        row = {"credit": args.credit, "responses": len(lengths), "response_tokens_mean": float(lengths.mean()), "seconds": time_s,
+        row = {"credit": args.credit, **precision, "responses": len(lengths), "response_tokens_mean": float(lengths.mean()), "seconds": time_s,
                "scoring_seconds": scoring_s, "fused_over_tlmre": time_s["fused"] / time_s["tlmre"],
                "unfused_over_tlmre": time_s["unfused"] / time_s["tlmre"], "max_abs_advantage_diff": diff,
                "fused_scoring_over_tlmre": scoring_s["fused"] / time_s["tlmre"],
@@ -235,7 +248,8 @@ def main() -> None:
             row["peak_gib"] = {k: max(r[k][3] for r in rounds) for k in ("tlmre", "unfused", "fused")}
         results[name] = row
         print(f"{name}: {row['responses']} responses, {row['response_tokens_mean']:.0f} tokens on average; "
-              f"median of {args.repeats} on {args.device}")
+              f"median of {args.repeats} on {args.device}; {args.dtype}"
+              f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
         print(f"  update s: tlmre {time_s['tlmre']:.3f} | {args.credit} unfused {time_s['unfused']:.3f} | "
               f"{args.credit} fused {time_s['fused']:.3f}")
         print(f"  {args.credit} / tlmre: unfused {row['unfused_over_tlmre']:.3f} | fused {row['fused_over_tlmre']:.3f}")

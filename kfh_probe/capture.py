@@ -108,7 +108,8 @@ def _dispatcher(name: str):
         result = fn(module, query, key, value, attention_mask, *args, **kwargs)
         observer = _ACTIVE.get(id(module))
         if observer is not None:
-            observer(module, query, key, attention_mask, kwargs)
+            with torch.autocast(query.device.type, enabled=False):  # an observer's float32 stays float32
+                observer(module, query, key, attention_mask, kwargs)
         editor = _EDITORS.get(id(module))
         if editor is not None:
             result = (editor(module, result[0]), *result[1:])
@@ -174,8 +175,10 @@ def attention_calls(model: nn.Module, layers: list[int], observer: AttentionObse
     ``[batch, head, position, head_dim]`` and ``key`` ``[batch, kv_head, position, head_dim]`` after rotary,
     norms and biases, the mask the model passed, and the call's keyword arguments (``scaling``,
     ``sliding_window``, ``softcap``, ...). They may require grad: an observer that keeps anything must detach
-    it. An observer may raise to end the forward early (the exception leaves the block). The caller runs the
-    forward.
+    it. The observer runs with autocast off, so under mixed precision it computes in the dtypes it asks for
+    (query and key arrive in the autocast dtype). An observer may raise to end the forward early (the exception
+    leaves the block). The caller runs the forward; a forward recomputed later (activation checkpointing
+    replays layers inside ``backward``) is observed only if the backward runs inside the block.
 
     Raises:
         UnsupportedModelError: the architecture does not route attention through the interface.
@@ -354,6 +357,7 @@ class AnswerRowRecorder:
         if layer not in self.heads:
             return
         done = self.results[layer].shape[0] if layer in self.results else 0
+        check_batch_rows(layer, done, query.shape[0], self.rows.shape[0])
         chunk = slice(done, done + query.shape[0])
         with torch.no_grad():
             cache_key = (id(attention_mask), done, key.shape[2], kwargs.get("sliding_window"))
@@ -372,6 +376,22 @@ class AnswerRowRecorder:
     def check_reported(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` when a watched layer never called the attention interface."""
         _check_reported(model, sorted(self.heads), self.results)
+
+
+def check_batch_rows(layer: int, done: int, rows: int, batch: int) -> None:
+    """Refuse a call of ``layer`` that brings its recorded batch rows (``done`` so far, ``rows`` more) past the
+    ``batch`` the observer was made for: the layer ran twice, e.g. a checkpointed layer recomputed by a backward
+    inside the observing block.
+
+    Raises:
+        RuntimeError: naming the layer and the counts.
+    """
+    if done + rows > batch:
+        raise RuntimeError(
+            f"layer {layer}'s attention was called for {done + rows} batch rows, but the observer was made for {batch}: "
+            "the layer ran twice within one observed forward (activation checkpointing recomputes layers in the "
+            "backward pass; run backward after the observing block)"
+        )
 
 
 def _check_reported(model: nn.Module, layers: list[int], results: dict) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .alignment import right_pad
-from .capture import UnsupportedModelError, capture_layer_calls, interface_call_rows, model_shape
+from .capture import UnsupportedModelError, capture_layer_calls, check_batch_rows, interface_call_rows, model_shape
 from .errors import InputError
 from .layers import check_layers
 
@@ -260,6 +260,7 @@ class SignalRecorder:
         if layer not in self._local:
             return
         first = self._done.get(layer, 0)
+        check_batch_rows(layer, first, query.shape[0], len(self.starts))
         self._done[layer] = first + query.shape[0]
         kept = [b for b in range(first, first + query.shape[0]) if self.starts[b] is not None]
         if not kept:
