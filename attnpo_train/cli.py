@@ -81,22 +81,32 @@ def _run_config(args: argparse.Namespace):
     return dataclasses.replace(config, **updates)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _train(command: str, config, prepare, train, args: argparse.Namespace) -> dict | None:
+    """Refuse --resume without a checkpoint, ``prepare(config)``, then ``train``: its last metrics line ({} for
+    none), or None after a Ctrl-C (said on stderr with the checkpoint to resume from)."""
     from attnpo_train.checkpoint import latest_checkpoint
-    from attnpo_train.loop import prepare_run, train
 
-    config = _run_config(args)
     if args.resume and latest_checkpoint(config.out) is None:
         raise InputError(f"--resume: no checkpoint in {Path(config.out) / 'checkpoints'}")
-    inputs = prepare_run(config)
+    inputs = prepare(config)
     try:
         metrics = train(inputs, config, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         saved = latest_checkpoint(config.out)
         where = f"checkpoint {saved}" if saved is not None else "no checkpoint (no step had completed)"
-        print(f"attnpo-train run: interrupted; {where}; continue with the same command and --resume", file=sys.stderr)
+        print(f"attnpo-train {command}: interrupted; {where}; continue with the same command and --resume",
+              file=sys.stderr)
+        return None
+    return metrics[-1] if metrics else {}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from attnpo_train.loop import prepare_run, train
+
+    config = _run_config(args)
+    last = _train("run", config, prepare_run, train, args)
+    if last is None:
         return 130
-    last = metrics[-1] if metrics else {}
     print(
         f"trained {config.steps} steps ({config.method}); last step: reward {last.get('reward_mean', 0):.3f}, "
         f"accuracy {last.get('accuracy', 0):.3f}, tokens {last.get('response_tokens_mean', 0):.1f}; "
@@ -129,21 +139,12 @@ def _distill_config(args: argparse.Namespace):
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from attnpo_train.checkpoint import latest_checkpoint
     from attnpo_train.distill.loop import prepare_distill, train_student
 
     config = _distill_config(args)
-    if args.resume and latest_checkpoint(config.out) is None:
-        raise InputError(f"--resume: no checkpoint in {Path(config.out) / 'checkpoints'}")
-    inputs = prepare_distill(config)
-    try:
-        metrics = train_student(inputs, config, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        saved = latest_checkpoint(config.out)
-        where = f"checkpoint {saved}" if saved is not None else "no checkpoint (no step had completed)"
-        print(f"attnpo-train distill: interrupted; {where}; continue with the same command and --resume", file=sys.stderr)
+    last = _train("distill", config, prepare_distill, train_student, args)
+    if last is None:
         return 130
-    last = metrics[-1] if metrics else {}
     transfer = f", transfer {last['transfer']:.4f}" if "transfer" in last else ""
     print(f"distilled {config.steps} steps; last step: cross-entropy {last.get('ce', 0):.4f}{transfer}; "
           f"metrics in {Path(config.out) / 'metrics.jsonl'}, student in {Path(config.out) / 'final'}")

@@ -25,10 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from attnpo_train.checkpoint import (
-    ResumeError, capture_rng, check_resumable, checkpoint_root, deferred_interrupt, latest_checkpoint,
-    load_checkpoint, restore_rng, save_checkpoint, save_final,
-)
+from attnpo_train.checkpoint import capture_rng, deferred_interrupt, resume_from, save_checkpoint, save_final
 from attnpo_train.distill.config import STUDENT_PRESET, DistillConfig
 from attnpo_train.distill.data import lm_labels, load_key_traces, padded_mass, teacher_mass
 from attnpo_train.distill.objective import (
@@ -246,17 +243,8 @@ def train_student(inputs: DistillInputs, config: DistillConfig, resume: bool = F
     metrics: list[dict] = []
     start = 0
     if resume:
-        path = latest_checkpoint(out)
-        if path is None:
-            raise ResumeError(f"--resume: no checkpoint in {checkpoint_root(out)}")
-        state, metrics, saved = load_checkpoint(path)
-        check_resumable(saved, config, path)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"], data_rng)
-        order.restore(state["rng"]["order"])
-        start = state["step"]
+        start, metrics, rng_saved = resume_from(out, config, student, optimizer, scheduler, data_rng)
+        order.restore(rng_saved["order"])
     else:
         random.seed(config.seed)
         np.random.seed(config.seed)
