@@ -17,7 +17,8 @@ greedy accuracy on ``--curve-problems`` problems every ``--eval-every`` steps (s
 the student's best head (``kfh_probe.run_sweep``) on the organism's shipped, ground-truth-labeled,
 model-sampled traces, which no student trains on. Each finished run is written to
 ``OUT/<arm>-seed<s>/result.json`` at once (a stopped benchmark resumes, a run cut mid-training resumes from
-its checkpoint), and the summary to ``--json`` after every run, marked ``"partial"`` until all are done.
+its checkpoint), and the summary to ``--json`` after every run, marked ``"partial"`` until all are done;
+the curves and end points are drawn to ``--plot`` at the end (``--plot-only`` draws them from ``--json``).
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/distill.py
 """
@@ -43,6 +44,9 @@ ARMS = {
     "shuffled": {"layer_map": "mixture", "teacher_signal": "shuffled"},
 }
 REPORTED = ("accuracy_greedy", "accuracy_t1", "best_head_sra")
+RUN_KEYS = ("arm", "seed", *REPORTED, "best_head", "best_head_ci95", "best_head_null_p95", "curve", "final_ce",
+            "final_transfer", "layer_weights", "train_s", "eval_s")
+"""What ``--json`` keeps of each run (the run's own result.json has the full evaluations)."""
 
 
 def train_traces(args) -> Path:
@@ -153,16 +157,53 @@ def summarise(runs: list[dict], arms: list[str]) -> dict:
 def write_summary(runs: list[dict], args, jobs: list, started: float) -> None:
     from kfh_probe import atomic_write_json
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "json")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "json", "plot", "plot_only")}
     record = {
         "partial": len(runs) < len(jobs),
         "settings": {**settings, "train_seed": TRAIN_SEED, "eval_seed": EVAL_SEED, "arms": {a: ARMS[a] for a in args.arms}},
         "summary": summarise(runs, args.arms),
-        "runs": [{k: r[k] for k in ("arm", "seed", *REPORTED, "best_head", "best_head_ci95", "best_head_null_p95", "curve", "final_ce",
-                                    "final_transfer", "layer_weights", "train_s", "eval_s")} for r in runs],
+        "runs": [{k: r[k] for k in RUN_KEYS} for r in runs],
         "wall_s": time.perf_counter() - started,
     }
     atomic_write_json(Path(args.json), record)
+
+
+def plot(record: dict, path: Path) -> None:
+    """Greedy accuracy against training steps (each seed thin, the mean thick) and the three end points per arm."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kfh_probe.io import atomic_write_bytes
+
+    colours = {"ce": "tab:gray", "mol": "tab:red", "fixed": "tab:blue", "shuffled": "tab:orange"}
+    summary = record["summary"]
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for arm, block in summary.items():
+        for run in (r for r in record["runs"] if r["arm"] == arm):
+            curve.plot([p["step"] for p in run["curve"]], [p["accuracy_greedy"] for p in run["curve"]],
+                       color=colours[arm], lw=0.6, alpha=0.5)
+        curve.plot(*zip(*block["curve"]), color=colours[arm], lw=2, label=f"{arm} (n={len(block['seeds'])})")
+    curve.set_xlabel("training step")
+    curve.set_ylabel("greedy accuracy (curve problems)")
+    curve.legend(fontsize=8)
+    width = 0.8 / max(1, len(summary))
+    for i, (arm, block) in enumerate(summary.items()):
+        xs = [k + (i - (len(summary) - 1) / 2) * width for k in range(len(REPORTED))]
+        means = [block[key] for key in REPORTED]
+        errors = [[m - (block[f"{key}_ci95"] or [m, m])[0] for key, m in zip(REPORTED, means)],
+                  [(block[f"{key}_ci95"] or [m, m])[1] - m for key, m in zip(REPORTED, means)]]
+        bars.bar(xs, means, width, yerr=errors, color=colours[arm], label=arm, capsize=2)
+    bars.set_xticks(range(len(REPORTED)), ["greedy accuracy", "avg@K accuracy, T 1.0", "best-head SRA"])
+    bars.legend(fontsize=8)
+    fig.suptitle("Attention-guided distillation on the organism: means over seeds, 95% t intervals", fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -182,7 +223,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "runs" / "distill"))
     parser.add_argument("--json", default=str(ROOT / "figures" / "distill.json"))
+    parser.add_argument("--plot", default=str(ROOT / "figures" / "distill.png"))
+    parser.add_argument("--plot-only", action="store_true", help="draw --plot from --json (as far as it goes); train nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.json).read_text(encoding="utf-8")), Path(args.plot))
+        return
 
     import torch
 
@@ -204,7 +250,8 @@ def main() -> None:
         print(f"{arm:8s} seed {seed}: greedy {run['accuracy_greedy']:.3f}, t1 {run['accuracy_t1']:.3f}, best-head SRA "
               f"{run['best_head_sra']:.3f} (train {run['train_s']:.0f} s, eval {run['eval_s']:.0f} s; "
               f"{time.perf_counter() - started:.0f} s in)", flush=True)
-    print(f"wrote {args.json} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    plot(json.loads(Path(args.json).read_text(encoding="utf-8")), Path(args.plot))
+    print(f"wrote {args.json} and {args.plot} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":
