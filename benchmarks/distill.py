@@ -170,14 +170,12 @@ def write_summary(runs: list[dict], args, jobs: list, started: float) -> None:
 
 def plot(record: dict, path: Path) -> None:
     """Greedy accuracy against training steps (each seed thin, the mean thick) and the three end points per arm."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kfh_probe.io import atomic_write_bytes
+    from kfh_probe.io import atomic_write_png
 
     colours = {"ce": "tab:gray", "mol": "tab:red", "fixed": "tab:blue", "shuffled": "tab:orange"}
     summary = record["summary"]
@@ -201,9 +199,7 @@ def plot(record: dict, path: Path) -> None:
     bars.legend(fontsize=8)
     fig.suptitle("Attention-guided distillation on the organism: means over seeds, 95% t intervals", fontsize=11)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_png(path, fig)
 
 
 def main() -> None:
