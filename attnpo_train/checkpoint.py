@@ -144,6 +144,32 @@ def load_checkpoint(path: Path) -> tuple[dict, list[dict], dict]:
     return state, metrics, saved
 
 
+def resume_from(out: str | Path, config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, data_rng: random.Random,
+                scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict], dict]:
+    """Load the newest checkpoint in ``out`` into ``model``, ``optimizer``, ``scheduler`` and ``data_rng``
+    (and float16's loss ``scaler``, when given and the checkpoint saved one).
+
+    Returns:
+        (the checkpoint's step, its metrics lines, its random states as ``capture_rng`` wrote them, plus
+        whatever the caller saved beside them).
+    Raises:
+        ResumeError: no checkpoint, or the config differs from the checkpoint's (``check_resumable``).
+    """
+    path = latest_checkpoint(out)
+    if path is None:
+        raise ResumeError(f"--resume: no checkpoint in {checkpoint_root(out)}")
+    state, metrics, saved = load_checkpoint(path)
+    check_resumable(saved, config, path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], data_rng)
+    return state["step"], metrics, state["rng"]
+
+
 class ResumeError(InputError):
     """A resume whose settings differ from the checkpoint's in a way that would change the run."""
 

@@ -3,6 +3,8 @@
     attnpo-train run [--config Y] [--model DIR] [--manifest M] [--data F] [--out DIR] [--method ...]
                      [--steps N] [--resume] [--allow-finetuned] [--device ...] [--dtype ...] [--set key=value ...]
     attnpo-train eval --model DIR [--data F] [--base DIR] [--n N] [--json]
+    attnpo-train distill [--teacher DIR --traces F] [--student-config C] [--out DIR] [--steps N] [--resume]
+                         [--config Y] [--set key=value ...]
 
 Exit codes: 0 success, 2 bad input (a :class:`~kfh_probe.errors.KFHError`: one line
 ``attnpo-train CMD: error: ...`` on stderr; any other exception is a bug and shows its traceback),
@@ -34,14 +36,20 @@ _EFFICIENCY_HELP = (
 )
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    """``--set key=value`` pairs, then the named flags that were given (they win)."""
-    values: dict[str, object] = {}
-    for item in args.set:
+def _set_pairs(items: list[str]) -> list[tuple[str, str]]:
+    """The ``--set key=value`` pairs, in order."""
+    pairs = []
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"--set expects key=value, got {item!r}")
-        values[key.strip()] = value.strip()
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--set key=value`` pairs, then the named flags that were given (they win)."""
+    values: dict[str, object] = dict(_set_pairs(args.set))
     for name in ("model", "manifest", "data", "out", "method", "steps", "device", "dtype"):
         value = getattr(args, name)
         if value is not None:
@@ -74,27 +82,73 @@ def _run_config(args: argparse.Namespace):
     return dataclasses.replace(config, **updates)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _train(command: str, config, prepare, train, args: argparse.Namespace) -> dict | None:
+    """Refuse --resume without a checkpoint, ``prepare(config)``, then ``train``: its last metrics line ({} for
+    none), or None after a Ctrl-C (said on stderr with the checkpoint to resume from)."""
     from attnpo_train.checkpoint import latest_checkpoint
-    from attnpo_train.loop import prepare_run, train
 
-    config = _run_config(args)
     if args.resume and latest_checkpoint(config.out) is None:
         raise InputError(f"--resume: no checkpoint in {Path(config.out) / 'checkpoints'}")
-    inputs = prepare_run(config)
+    inputs = prepare(config)
     try:
         metrics = train(inputs, config, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         saved = latest_checkpoint(config.out)
         where = f"checkpoint {saved}" if saved is not None else "no checkpoint (no step had completed)"
-        print(f"attnpo-train run: interrupted; {where}; continue with the same command and --resume", file=sys.stderr)
+        print(f"attnpo-train {command}: interrupted; {where}; continue with the same command and --resume",
+              file=sys.stderr)
+        return None
+    return metrics[-1] if metrics else {}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from attnpo_train.loop import prepare_run, train
+
+    config = _run_config(args)
+    last = _train("run", config, prepare_run, train, args)
+    if last is None:
         return 130
-    last = metrics[-1] if metrics else {}
     print(
         f"trained {config.steps} steps ({config.method}); last step: reward {last.get('reward_mean', 0):.3f}, "
         f"accuracy {last.get('accuracy', 0):.3f}, tokens {last.get('response_tokens_mean', 0):.1f}; "
         f"metrics in {Path(config.out) / 'metrics.jsonl'}, final model in {Path(config.out) / 'final'}"
     )
+    return 0
+
+
+def _distill_config(args: argparse.Namespace):
+    """The run's DistillConfig; without --teacher, the embedded organism (``--organism``) and its shipped traces."""
+    from attnpo_train.config import load_config
+    from attnpo_train.distill.config import DistillConfig
+
+    if args.config is not None and not Path(args.config).is_file():
+        raise InputError(f"--config: no such file {args.config}")
+    values: dict[str, object] = dict(_set_pairs(args.set))
+    for name in ("teacher", "traces", "student_config", "out", "steps", "device"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    config = load_config(args.config, values, DistillConfig)
+    organism = organism_option(args.organism, config.teacher)
+    if organism is not None:
+        from kfh_probe import built_model_dir, default_traces_path
+
+        updates = {"teacher": str(built_model_dir(organism))}
+        if config.traces is None:
+            updates["traces"] = str(default_traces_path(organism))
+        config = dataclasses.replace(config, **updates)
+    return config
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from attnpo_train.distill.loop import prepare_distill, train_student
+
+    config = _distill_config(args)
+    last = _train("distill", config, prepare_distill, train_student, args)
+    if last is None:
+        return 130
+    transfer = f", transfer {last['transfer']:.4f}" if "transfer" in last else ""
+    print(f"distilled {config.steps} steps; last step: cross-entropy {last.get('ce', 0):.4f}{transfer}; "
+          f"metrics in {Path(config.out) / 'metrics.jsonl'}, student in {Path(config.out) / 'final'}")
     return 0
 
 
@@ -227,6 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_eval)
+
+    di = sub.add_parser(
+        "distill",
+        help="train a small student on a teacher's traces with attention-guided distillation (checkpoints, resume)",
+        description="Attention-guided CoT distillation (docs/method.md, section 10): a student trained from scratch "
+        "on the teacher's traces with cross-entropy plus `transfer_weight` times the KL between the teacher's "
+        "and the student's stepwise attention on key information, student layers aligned with the teacher's by "
+        "a learnable Mixture of Layers (`layer_map`). Settings (attnpo_train/distill/config.py): the YAML of "
+        "--config, then --set key=value, then the named flags. Without --teacher: the embedded organism and its "
+        "shipped model-sampled traces.",
+    )
+    di.add_argument("--config", help="YAML file of DistillConfig settings")
+    di.add_argument("--teacher", help="teacher model folder (default: the embedded model organism)")
+    di.add_argument("--organism", choices=ORGANISMS, help=f"which embedded organism teaches when --teacher is not "
+                    f"given (default: {DEFAULT_ORGANISM})")
+    di.add_argument("--traces", help="the teacher's traces, JSONL (default: the organism's shipped traces)")
+    di.add_argument("--student-config", help="JSON object of model-config fields replacing the teacher's "
+                    "(default: 2 layers, hidden 64, 4 heads)")
+    di.add_argument("--out", help="output folder (default: runs/distill)")
+    di.add_argument("--steps", type=int)
+    di.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    di.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any DistillConfig setting")
+    di.add_argument("--no-progress", action="store_true", help="no progress bar")
+    di.set_defaults(func=cmd_distill, gguf_file=None)
     return parser
 
 

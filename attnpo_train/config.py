@@ -219,13 +219,14 @@ class TrainConfig:
         check_settings(self)
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None, cls: type = TrainConfig) -> Any:
     """Read a YAML mapping of settings, apply ``overrides`` on top, and return a checked config.
 
     Unknown keys are rejected with a message that names the key, its source (the YAML file or
     "overrides") and the closest known key; values are converted to the field's type
-    (``kfh_probe.settings.coerce_setting``) and then checked by ``TrainConfig``. Every message starts with the
-    source the bad value came from.
+    (``kfh_probe.settings.coerce_setting``) and then checked by ``cls`` (``TrainConfig``, or another settings
+    dataclass such as ``attnpo_train.distill.config.DistillConfig``). Every message starts with the source the
+    bad value came from.
     """
     values: dict[str, Any] = {}
     sources: list[tuple[str, dict[str, Any]]] = []
@@ -245,7 +246,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
             )
         sources.append((str(yaml_path), loaded))
     sources.append(("overrides", dict(overrides or {})))
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    known = [f.name for f in dataclasses.fields(cls)]
     for source, mapping in sources:
         for key, value in mapping.items():
             if key not in known:
@@ -253,11 +254,11 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise InputError(f"{source}: unknown config key '{key}'{hint}")
             try:
-                values[key] = coerce_setting(TrainConfig, key, value)
+                values[key] = coerce_setting(cls, key, value)
             except InputError as err:
                 raise InputError(f"{source}: {err}") from None
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except SettingError as err:
         origin = " + ".join(source for source, mapping in sources if mapping) or "defaults"
         raise InputError(f"{origin}: {err}") from None

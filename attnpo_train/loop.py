@@ -51,14 +51,9 @@ from torch import nn
 from attnpo_train.advantages import group_advantages
 from attnpo_train.checkpoint import (
     capture_rng,
-    check_resumable,
-    checkpoint_root,
     deferred_interrupt,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng,
+    resume_from,
     save_checkpoint,
-    ResumeError,
     save_final,
 )
 from attnpo_train.config import TrainConfig
@@ -331,18 +326,7 @@ def train(inputs: RunInputs, config: TrainConfig, resume: bool = False, progress
     metrics: list[dict] = []
     start = 0
     if resume:
-        path = latest_checkpoint(out)
-        if path is None:
-            raise ResumeError(f"--resume: no checkpoint in {checkpoint_root(out)}")
-        state, metrics, saved = load_checkpoint(path)
-        check_resumable(saved, config, path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], data_rng)
-        start = state["step"]
+        start, metrics, _ = resume_from(out, config, model, optimizer, scheduler, data_rng, scaler.scaler)
     else:
         random.seed(config.seed)
         np.random.seed(config.seed)

@@ -131,7 +131,6 @@ def run_one(arm: str, seed: int, args) -> dict:
         if record["settings"] != settings:
             raise SystemExit(f"{done} was made with other settings ({record['settings']}); use another --out")
         return record
-    start = time.perf_counter()
     config = TrainConfig(
         **ARMS[arm], seed=seed, steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
         max_new_tokens=args.max_new_tokens, lr=args.lr, horizon=args.steps,
@@ -381,7 +380,7 @@ def main() -> None:
         base_future = pool.submit(base_evals, args)
         futures = {pool.submit(run_one, arm, seed, args): (arm, seed) for arm, seed in jobs}
         base = base_future.result()
-        print(f"base: " + ", ".join(f"{ev} accuracy {r['accuracy']:.3f} tokens {r['response_tokens_mean']:.1f}"
+        print("base: " + ", ".join(f"{ev} accuracy {r['accuracy']:.3f} tokens {r['response_tokens_mean']:.1f}"
                                     for ev, r in base.items()), flush=True)
         for future, (arm, seed) in futures.items():
             run = future.result()

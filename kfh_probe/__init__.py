@@ -38,11 +38,15 @@ What the trainer (``attnpo_train``) builds on besides those:
   layers of a forward the caller runs), :func:`capture_layer_calls` (the same on a no-grad forward of its
   own), :func:`attention_modules`, :func:`model_shape`, :class:`AnswerRowRecorder` and :func:`answer_rows`
   (answer-row attention), :func:`step_scores`, :class:`TokenizedTrace`;
+- stepwise attention on key information (attention-guided distillation): :class:`KeyTrace`,
+  :func:`key_trace`, :func:`key_batch`, :class:`KeySpanRecorder` (an observer, with or without gradients),
+  :func:`key_distribution`, :func:`key_attention` (a model's key mass on traces), and the organism's key
+  spans :func:`key_spans`;
 - Preplan-and-Anchor signals: :class:`LocalGlobalHeads`, :class:`PreplanAnchorHeads`, :class:`RhythmSignals`,
   :class:`SignalRecorder`, :func:`read_rhythm_header`, :func:`heads_from_header`;
 - files and models: :func:`atomic_write_json`, :func:`atomic_write_jsonl`, :func:`jsonl_records`,
   :func:`model_folder`, :func:`model_path`, ``GGUF_FILE_HELP``;
-- the embedded organism: :func:`built_model_dir`, :func:`default_manifest_path`, :func:`default_rhythm_path`,
+- the embedded organism: :func:`built_model_dir`, :func:`default_manifest_path`, :func:`default_rhythm_path`, :func:`default_traces_path`,
   ``ORGANISMS``, ``DEFAULT_ORGANISM``, :func:`task_of`, :func:`organism_option`, :func:`write_task_file`, ``TASKS``,
   :func:`generate_problem`, :func:`generate_problems`, and its labeler's ground truth: :func:`parse_prompt`,
   :func:`label_trace`, :func:`step_accounting`, ``REDUNDANT_KINDS``, :class:`TraceFormatError`.
@@ -118,6 +122,13 @@ _PUBLIC = {
     "relative_step_scores": "margin",
     "margin_for": "margin",
     "TokenizedTrace": "alignment",
+    "KeyTrace": "key_information",
+    "key_trace": "key_information",
+    "key_batch": "key_information",
+    "KeySpanRecorder": "key_information",
+    "key_distribution": "key_information",
+    "key_attention": "key_information",
+    "key_spans": "organism.key_spans",
     "LocalGlobalHeads": "preplan_anchor",
     "PreplanAnchorHeads": "preplan_anchor",
     "RhythmSignals": "preplan_anchor",
@@ -133,6 +144,7 @@ _PUBLIC = {
     "built_model_dir": "organism",
     "default_manifest_path": "organism",
     "default_rhythm_path": "organism",
+    "default_traces_path": "organism",
     "ORGANISMS": "organism",
     "DEFAULT_ORGANISM": "organism",
     "task_of": "organism",

@@ -76,6 +76,15 @@ def atomic_write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def atomic_write_png(path: str | os.PathLike, figure, dpi: int = 110) -> None:
+    """Write a matplotlib ``figure`` as PNG, atomically (rendered in memory first)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
