@@ -237,3 +237,16 @@ def test_the_cli_trains_in_bf16_with_checkpointing_and_resumes_without_it_but_no
     assert main([*args, "--steps", "2", "--dtype", "bfloat16", "--resume"]) == 0
     assert main([*args, "--steps", "3", "--resume"]) == 2
     assert "dtype: checkpoint 'bfloat16', now 'float32'" in capsys.readouterr().err
+
+
+def test_a_resumed_float16_run_continues_from_the_checkpointed_loss_scale(tiny_model_dir, manifest_file, data_file,
+                                                                           tmp_path):
+    config = small_config(tiny_model_dir, manifest_file, data_file, tmp_path / "run", dtype="float16", steps=1)
+    loop.train(loop.prepare_run(config), config, progress=False)
+    path = latest_checkpoint(config.out) / "state.pt"
+    state = torch.load(path, weights_only=False)
+    state["scaler"]["scale"] = 1024.0  # a scale the fresh scaler (65536) would not start from
+    torch.save(state, path)
+    resumed_config = dataclasses.replace(config, steps=2)
+    metrics = loop.train(loop.prepare_run(resumed_config), resumed_config, resume=True, progress=False)
+    assert metrics[-1]["loss_scale"] in (1024.0, 512.0)  # kept, or halved once by an overflow in the step
