@@ -49,6 +49,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from seed_runs import cached_run, mean_ci  # this folder is on sys.path when a script here runs
+
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_SEED = 9_000_001  # held out: training draws problems from the run seed's own stream
 ARMS = {
@@ -126,10 +128,7 @@ def run_one(arm: str, seed: int, args) -> dict:
     out = Path(args.out) / f"{arm}-seed{seed}"
     done = out / "result.json"
     settings = run_settings(args)
-    if done.is_file():
-        record = json.loads(done.read_text(encoding="utf-8"))
-        if record["settings"] != settings:
-            raise SystemExit(f"{done} was made with other settings ({record['settings']}); use another --out")
+    if (record := cached_run(done, settings)) is not None:
         return record
     config = TrainConfig(
         **ARMS[arm], seed=seed, steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
@@ -178,10 +177,7 @@ def base_evals(args) -> dict:
 
     path = Path(args.out) / "base.json"
     settings = run_settings(args, EVAL_SETTINGS)
-    if path.is_file():
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record["settings"] != settings:
-            raise SystemExit(f"{path} was made with other settings ({record['settings']}); use another --out")
+    if (record := cached_run(path, settings)) is not None:
         return record["evals"]
     evals = evaluate_dir(default_model_dir(args.organism), args)
     _atomic_json(path, {"settings": settings, "evals": evals})
@@ -199,15 +195,6 @@ def flat(result: dict, base: dict) -> dict:
                                          "recheck", "restate", "reread", "skipped_reread")},
             "efficiency": scores["efficiency"], "aes": scores["aes"]}
 
-
-def mean_ci(values: list[float]) -> tuple[float, list[float] | None]:
-    """Mean and 95% t interval (None for a single value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-    half = t975.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, [mean - half, mean + half]
 
 
 def summarise(runs: list[dict], base: dict, arms: list[str]) -> dict:
@@ -231,7 +218,8 @@ def summarise(runs: list[dict], base: dict, arms: list[str]) -> dict:
 
 def paired(runs: list[dict], base: dict, arms: list[str], against: str = "tlmre") -> dict:
     """paired[arm][eval][quantity]: the per-seed differences arm minus ``against`` (same seed: same prompts
-    and random streams), their mean, standard deviation and mean / SD, for every arm run with ``against``."""
+    and random streams), their mean with its 95% t interval, standard deviation and mean / SD, for every arm
+    run with ``against``."""
     reference = {r["seed"]: r for r in runs if r["arm"] == against}
     out: dict = {}
     for arm in arms:
@@ -246,8 +234,10 @@ def paired(runs: list[dict], base: dict, arms: list[str], against: str = "tlmre"
                          for r in mine if flat(r["evals"][ev], base[ev])[key] is not None]
                 if len(diffs) < 2:
                     continue
-                mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-                block[key] = {"diffs": diffs, "mean": mean, "sd": sd, "mean_over_sd": mean / sd if sd else None}
+                mean, ci95 = mean_ci(diffs)
+                sd = statistics.stdev(diffs)
+                block[key] = {"diffs": diffs, "mean": mean, "ci95": ci95, "sd": sd,
+                              "mean_over_sd": mean / sd if sd else None}
             out[arm][ev] = block
     return out
 

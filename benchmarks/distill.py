@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from seed_runs import cached_run, mean_ci  # this folder is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SEED = 1  # the shipped traces are seed 0: training traces are another draw
@@ -99,10 +100,7 @@ def run_one(arm: str, seed: int, inputs, args) -> dict:
     out = Path(args.out) / f"{arm}-seed{seed}"
     done = out / "result.json"
     settings = settings_of(args)
-    if done.is_file():
-        record = json.loads(done.read_text(encoding="utf-8"))
-        if record["settings"] != settings:
-            raise SystemExit(f"{done} was made with other settings ({record['settings']}); use another --out")
+    if (record := cached_run(done, settings)) is not None:
         return record
     arm_settings = {"transfer_weight": args.transfer_weight, **ARMS[arm]}
     config = DistillConfig(**arm_settings, seed=seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -125,15 +123,6 @@ def run_one(arm: str, seed: int, inputs, args) -> dict:
     atomic_write_json(done, record)
     return record
 
-
-def mean_ci(values: list[float]) -> tuple[float, list[float] | None]:
-    """Mean and 95% t interval (None for a single value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}
-    half = t975.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, [mean - half, mean + half]
 
 
 def summarise(runs: list[dict], arms: list[str]) -> dict:

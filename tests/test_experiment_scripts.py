@@ -36,6 +36,8 @@ def test_the_experiment_evaluates_step_budgets_pairs_seeds_and_resumes(tmp_path)
         ("oracle", 0), ("oracle", 1), ("pos_only", 0), ("tlmre", 0), ("tlmre", 1)]
     assert record["summary"]["pos_only"]["t1.0"]["seeds"] == [0]
     assert record["paired_vs_tlmre"]["oracle"]["t0.6"]["seeds"] == [0, 1]
+    tokens = record["paired_vs_tlmre"]["oracle"]["t0.6"]["tokens"]
+    assert tokens["ci95"][0] <= tokens["mean"] <= tokens["ci95"][1] and len(tokens["diffs"]) == 2
     assert sorted(record["budgets"]) == ["1", "2"]
     assert record["budgets"]["1"]["summary"]["tlmre"]["t0.6"]["seeds"] == [0, 1]
     assert record["budgets"]["2"]["summary"]["tlmre"]["t0.6"]["tokens"] == record["summary"]["tlmre"]["t0.6"]["tokens"]
@@ -65,3 +67,22 @@ def test_an_untrained_policy_resweeps_to_the_manifest_it_started_from(tmp_path):
     missing = script("resweep_policies.py", "--out", str(tmp_path / "runs"), "--arms", "attnpo", "--json",
                      str(tmp_path / "x.json"))
     assert missing.returncode != 0 and "no finished attnpo run" in missing.stderr
+
+
+@pytest.mark.slow
+def test_the_distillation_experiment_summarises_its_arms_and_resumes(tmp_path):
+    args = ["--arms", "ce", "mol", "--seeds", "0", "1", "--steps", "2", "--batch-size", "2", "--train-traces", "4",
+            "--eval-n", "2", "--eval-samples", "1", "--eval-every", "1", "--curve-problems", "2",
+            "--max-new-tokens", "40", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "distill.json"),
+            "--plot", str(tmp_path / "distill.png")]
+    first = script("distill.py", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = json.loads((tmp_path / "distill.json").read_text(encoding="utf-8"))
+    mol = record["summary"]["mol"]
+    assert mol["seeds"] == [0, 1] and len(mol["accuracy_greedy_ci95"]) == 2 and 0 <= mol["best_head_sra"] <= 1
+    assert (tmp_path / "distill.png").stat().st_size > 0
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/result.json")}
+    assert len(written) == 4
+    again = script("distill.py", *args)  # every run is cached: nothing is trained or rewritten
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/result.json")} == written
