@@ -10,11 +10,15 @@ cannot read: a prompt that is not an organism prompt, or a response without exac
 from __future__ import annotations
 
 import statistics
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import torch
 
-from kfh_probe import REDUNDANT_KINDS, Rollouts, TraceFormatError, credit_shares, label_trace, step_accounting
+from kfh_probe import (
+    REDUNDANT_KINDS, LabeledTrace, Rollouts, TraceFormatError, credit_shares, generated_char_offsets, label_trace,
+    step_accounting,
+)
 
 __all__ = ["ACCOUNT_KEYS", "GroundTruth", "boundary_correlation", "credit_precision", "labeled_step_starts",
            "mean_accounting", "rated_step_truth", "step_accounting"]
@@ -35,21 +39,22 @@ def mean_accounting(accounts: list[dict[str, int] | None]) -> dict[str, float] |
 
 @dataclass(frozen=True)
 class GroundTruth:
-    """What the organism's labeler reads in one training step's responses.
+    """What the organism's labeler reads in one training step's responses (each labeled once, in ``read``).
 
     Attributes:
-        prompt_texts: P*G prompt texts, one per rollout.
+        labels: per rollout, the labeler's reading of its response (None where it cannot read it).
         accounting: ``mean_accounting`` of the responses (at least one is readable).
     """
 
-    prompt_texts: list[str]
+    labels: list[LabeledTrace | None]
     accounting: dict[str, float]
 
     @classmethod
     def read(cls, prompt_texts: list[str], rollouts: Rollouts) -> "GroundTruth | None":
         """The ground truth of ``rollouts``, or None when the labeler can read none of the responses."""
-        accounting = mean_accounting([step_accounting(p, r) for p, r in zip(prompt_texts, rollouts.texts)])
-        return None if accounting is None else cls(prompt_texts, accounting)
+        labels = [_label(p, r) for p, r in zip(prompt_texts, rollouts.texts)]
+        accounting = mean_accounting([None if labeled is None else labeled.accounting() for labeled in labels])
+        return None if accounting is None else cls(labels, accounting)
 
     def rated_steps(self, tokenizer, rollouts: Rollouts, spans: list[list[tuple[int, int]] | None]) -> list[list[bool] | None]:
         """``rated_step_truth`` of every rollout's rated steps (None where it has none or is unreadable).
@@ -59,13 +64,13 @@ class GroundTruth:
         """
         truth: list[list[bool] | None] = []
         for i, steps in enumerate(spans):
-            if steps is None:
+            if steps is None or self.labels[i] is None:
                 truth.append(None)
                 continue
             ids = rollouts.response_ids[i]
             ranges = [(len(tokenizer.decode(ids[:a], skip_special_tokens=False)),
                        len(tokenizer.decode(ids[:b], skip_special_tokens=False))) for a, b in steps]
-            truth.append(rated_step_truth(self.prompt_texts[i], rollouts.texts[i], ranges))
+            truth.append(_overlaps_essential(_line_steps(self.labels[i]), ranges))
         return truth
 
     def credit_metrics(self, tokenizer, rollouts: Rollouts, advantages: torch.Tensor,
@@ -80,48 +85,45 @@ class GroundTruth:
             ("redundant_in_positive_share", "essential_in_negative_share"), and "boundary_redundant_corr":
             ``boundary_correlation`` of the per-token advantages at the first token of every labeled step.
         """
-        outcome = advantages.reshape(-1).tolist()
-        accounts = [step_accounting(p, r) for p, r in zip(self.prompt_texts, rollouts.texts)]
-        readable = [(a, acc) for a, acc in zip(outcome, accounts) if acc is not None]
+        readable = [(a, labeled.accounting()) for a, labeled in zip(advantages.reshape(-1).tolist(), self.labels)
+                    if labeled is not None]
         shares = credit_shares([a for a, _ in readable], [acc["redundant_steps"] for _, acc in readable],
                                [acc["essential_steps"] for _, acc in readable])
         boundaries: list[tuple[float, bool]] = []
         for i, values in sorted(token_advantages.items()):
-            starts = labeled_step_starts(self.prompt_texts[i], rollouts.texts[i])
-            if starts is None:
+            if self.labels[i] is None:
                 continue
-            ids = rollouts.response_ids[i]
-            for char, essential in starts:
-                token = _token_at(tokenizer, ids, char)
-                if token is not None and token < len(values):
+            text, token_starts = generated_char_offsets(tokenizer, rollouts.response_ids[i])
+            for start, _, essential in _line_steps(self.labels[i]):
+                token = bisect_right(token_starts, start) - 1  # the token whose text holds character ``start``
+                if start < len(text) and token < len(values):
                     boundaries.append((float(values[token]), not essential))
         return {**shares, "boundary_redundant_corr": boundary_correlation(boundaries)}
 
 
-def _token_at(tokenizer, ids: list[int], char: int) -> int | None:
-    """The index of the token of ``ids`` whose decoded text holds character ``char`` (None past the end)."""
-    low, high = 0, len(ids)  # the smallest t with len(decode(ids[: t + 1])) > char
-    while low < high:
-        mid = (low + high) // 2
-        if len(tokenizer.decode(ids[: mid + 1], skip_special_tokens=False)) > char:
-            high = mid
-        else:
-            low = mid + 1
-    return low if low < len(ids) else None
+def _label(prompt: str, response: str) -> LabeledTrace | None:
+    """``label_trace``, or None when the labeler cannot read the response."""
+    try:
+        return label_trace(prompt, response)
+    except TraceFormatError:
+        return None
+
+
+def _line_steps(labeled: LabeledTrace) -> list[tuple[int, int, bool]]:
+    """The labeler's line steps as character ranges [start, end) of the response (they concatenate to its
+    reasoning), each with whether it is essential."""
+    out, pos = [], 0
+    for step in labeled.steps:
+        out.append((pos, pos + len(step["text"]), step["label"] == "essential"))
+        pos += len(step["text"])
+    return out
 
 
 def labeled_step_starts(prompt: str, response: str) -> list[tuple[int, bool]] | None:
     """The character position in ``response`` where each of the labeler's line steps starts, and whether it is
     essential (None when the labeler cannot read the response)."""
-    try:
-        labeled = label_trace(prompt, response)
-    except TraceFormatError:
-        return None
-    starts, pos = [], 0
-    for step in labeled.steps:
-        starts.append((pos, step["label"] == "essential"))
-        pos += len(step["text"])
-    return starts
+    labeled = _label(prompt, response)
+    return None if labeled is None else [(start, essential) for start, _, essential in _line_steps(labeled)]
 
 
 def boundary_correlation(boundaries: list[tuple[float, bool]]) -> float | None:
@@ -132,14 +134,10 @@ def boundary_correlation(boundaries: list[tuple[float, bool]]) -> float | None:
     Args:
         boundaries: (advantage at the step's first token, step is redundant) per labeled step.
     """
-    if len(boundaries) < 2:
+    try:
+        return statistics.correlation([a for a, _ in boundaries], [float(r) for _, r in boundaries])
+    except statistics.StatisticsError:  # fewer than two boundaries, or a side without variance
         return None
-    xs = [a for a, _ in boundaries]
-    ys = [float(r) for _, r in boundaries]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
 
 
 def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, int]]) -> list[bool] | None:
@@ -154,16 +152,14 @@ def rated_step_truth(prompt: str, response: str, step_ranges: list[tuple[int, in
     Returns:
         one flag per rated step, or None when the labeler cannot read the response.
     """
-    try:
-        labeled = label_trace(prompt, response)
-    except TraceFormatError:
-        return None
-    essential_ranges, pos = [], 0
-    for step in labeled.steps:  # the labeler's line steps, which concatenate to the reasoning
-        if step["label"] == "essential":
-            essential_ranges.append((pos, pos + len(step["text"])))
-        pos += len(step["text"])
-    return [any(a < end and start < b for a, b in essential_ranges) for start, end in step_ranges]
+    labeled = _label(prompt, response)
+    return None if labeled is None else _overlaps_essential(_line_steps(labeled), step_ranges)
+
+
+def _overlaps_essential(lines: list[tuple[int, int, bool]], step_ranges: list[tuple[int, int]]) -> list[bool]:
+    """Per character range, whether it overlaps an essential line step."""
+    essential = [(start, end) for start, end, is_essential in lines if is_essential]
+    return [any(a < end and start < b for a, b in essential) for start, end in step_ranges]
 
 
 def credit_precision(

@@ -14,7 +14,7 @@ they are imported on first use, so ``import kfh_probe`` stays cheap):
 - manifests: :func:`load_manifest`, :func:`top_heads` (the top-N heads), :func:`manifest_segmenter`
   (the segmenter that cut the manifest's steps), :func:`check_model_matches`;
 - traces and models: :func:`read_traces`, :class:`Trace`, :class:`Step`, :class:`SegmenterConfig`,
-  :func:`tokenize_trace`, :func:`align_generated`, :func:`right_pad`, :func:`load_model`, :func:`load_tokenizer`,
+  :func:`tokenize_trace`, :func:`align_generated`, :func:`generated_char_offsets`, :func:`right_pad`, :func:`load_model`, :func:`load_tokenizer`,
   :func:`pad_token_id`;
 - what the notebooks draw with: :func:`per_trace_auc`, :func:`ensemble_sra` (SRA of heads and
   ensembles), :func:`format_table`, :func:`plot_heatmap`, :func:`sra_grid` (views of a manifest), and the
@@ -38,6 +38,8 @@ What the trainer (``attnpo_train``) builds on besides those:
   layers of a forward the caller runs), :func:`capture_layer_calls` (the same on a no-grad forward of its
   own), :func:`attention_modules`, :func:`model_shape`, :class:`AnswerRowRecorder` and :func:`answer_rows`
   (answer-row attention), :func:`step_scores`, :class:`TokenizedTrace`;
+- AttnPO's step bars at p = 1: :func:`uniform_bar` (the paper's |F|/|o|), :func:`relative_step_scores` and
+  :func:`margin_for` (the reasoning baseline and the margin the sweep calibrated);
 - stepwise attention on key information (attention-guided distillation): :class:`KeyTrace`,
   :func:`key_trace`, :func:`key_batch`, :class:`KeySpanRecorder` (an observer, with or without gradients),
   :func:`key_distribution`, :func:`key_attention` (a model's key mass on traces), and the organism's key
@@ -49,7 +51,7 @@ What the trainer (``attnpo_train``) builds on besides those:
 - the embedded organism: :func:`built_model_dir`, :func:`default_manifest_path`, :func:`default_rhythm_path`, :func:`default_traces_path`,
   ``ORGANISMS``, ``DEFAULT_ORGANISM``, :func:`task_of`, :func:`organism_option`, :func:`write_task_file`, ``TASKS``,
   :func:`generate_problem`, :func:`generate_problems`, and its labeler's ground truth: :func:`parse_prompt`,
-  :func:`label_trace`, :func:`step_accounting`, ``REDUNDANT_KINDS``, :class:`TraceFormatError`.
+  :func:`label_trace` (a :class:`LabeledTrace`), :func:`step_accounting`, :func:`credit_shares`, ``REDUNDANT_KINDS``, :class:`TraceFormatError`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ _PUBLIC = {
     "SegmenterConfig": "segmentation",
     "tokenize_trace": "alignment",
     "align_generated": "alignment",
+    "generated_char_offsets": "alignment",
     "right_pad": "alignment",
     "load_model": "loading",
     "load_tokenizer": "loading",
@@ -121,6 +124,7 @@ _PUBLIC = {
     "step_scores": "scoring",
     "relative_step_scores": "margin",
     "margin_for": "margin",
+    "uniform_bar": "margin",
     "TokenizedTrace": "alignment",
     "KeyTrace": "key_information",
     "key_trace": "key_information",
@@ -155,6 +159,7 @@ _PUBLIC = {
     "generate_problems": "organism.task",
     "parse_prompt": "organism.labeler",
     "label_trace": "organism.labeler",
+    "LabeledTrace": "organism.labeler",
     "step_accounting": "organism.labeler",
     "credit_shares": "organism.labeler",
     "REDUNDANT_KINDS": "organism.labeler",
