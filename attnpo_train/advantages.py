@@ -60,32 +60,10 @@ def group_accuracy(correct: torch.Tensor) -> torch.Tensor:
     return correct.float().mean(dim=-1)
 
 
-def uniform_bar(answer_len: torch.Tensor, total_len: torch.Tensor) -> torch.Tensor:
-    """The paper's bar at p = 1: |F| / |o|, the score a step would get if the answer rows attended uniformly
-    over every key (method page section 6).
-
-    Args:
-        answer_len: [N] |F|, tokens after the end-of-thinking marker (EOS included), >= 1.
-        total_len: [N] |o|, prompt plus response tokens, >= answer_len.
-    Returns:
-        float tensor [N].
-    """
-    answer_len = torch.as_tensor(answer_len, dtype=torch.float32)
-    total_len = torch.as_tensor(total_len, dtype=torch.float32)
-    if answer_len.shape != total_len.shape or answer_len.ndim != 1:
-        raise ValueError(f"answer_len and total_len must both have shape [N]; got {tuple(answer_len.shape)}, "
-                         f"{tuple(total_len.shape)}")
-    if (answer_len < 1).any() or (total_len < answer_len).any():
-        raise ValueError(
-            f"need 1 <= answer_len <= total_len; got answer_len={answer_len.tolist()}, total_len={total_len.tolist()}"
-        )
-    return answer_len / total_len
-
-
 def difficulty_baseline(p: torch.Tensor, bar: torch.Tensor, alpha: float = 2.0, use_difficulty: bool = True) -> torch.Tensor:
     """Difficulty-aware baseline S_base = p^alpha * bar (method page section 6).
 
-    The bar is the baseline at p = 1: the paper's |F| / |o| (``uniform_bar``), or with the reasoning
+    The bar is the baseline at p = 1: the paper's |F| / |o| (``kfh_probe.uniform_bar``), or with the reasoning
     baseline the calibrated margin tau on relative step scores (``kfh_probe.relative_step_scores``).
     p^alpha lowers it on hard prompts so that fewer of their steps count as low-score.
 

@@ -21,6 +21,28 @@ MARGIN_RULE = ("tau maximises the fraction of redundant steps below the bar plus
                "above it (Youden's J), over the labeled steps of every trace at p = 1, for the top-k heads by SRA")
 
 
+def uniform_bar(answer_len: torch.Tensor, total_len: torch.Tensor) -> torch.Tensor:
+    """The paper's bar at p = 1: |F| / |o|, the score a step would get if the answer rows attended uniformly
+    over every key (method page section 6).
+
+    Args:
+        answer_len: [N] |F|, tokens after the end-of-thinking marker (EOS included), >= 1.
+        total_len: [N] |o|, prompt plus response tokens, >= answer_len.
+    Returns:
+        float64 tensor [N] (the exact quotient; the trainer's float32 comparison rounds it once).
+    """
+    answer_len = torch.as_tensor(answer_len, dtype=torch.float64)
+    total_len = torch.as_tensor(total_len, dtype=torch.float64)
+    if answer_len.shape != total_len.shape or answer_len.ndim != 1:
+        raise ValueError(f"answer_len and total_len must both have shape [N]; got {tuple(answer_len.shape)}, "
+                         f"{tuple(total_len.shape)}")
+    if (answer_len < 1).any() or (total_len < answer_len).any():
+        raise ValueError(
+            f"need 1 <= answer_len <= total_len; got answer_len={answer_len.tolist()}, total_len={total_len.tolist()}"
+        )
+    return answer_len / total_len
+
+
 def relative_step_scores(head_step_scores: torch.Tensor, step_lengths: Sequence[int]) -> torch.Tensor:
     """Each step's score relative to its head's mean over the reasoning tokens, averaged over the heads.
 

@@ -28,7 +28,7 @@ from .io import atomic_write_json, check_output_path, file_sha256, to_stderr
 from .layers import check_layers
 from .loading import load_model, load_tokenizer, pad_token_id
 from .manifest import FORMAT, VERSION, model_record
-from .margin import margin_block
+from .margin import margin_block, uniform_bar
 from .scoring import (
     DIRECTIONS, bootstrap_ci, ensemble_sra, greedy_ensemble, per_trace_auc, permutation_null, split_half_reliability,
 )
@@ -398,7 +398,8 @@ def run_sweep(
         "max_traces": max_traces,
     }
     step_lengths = [[end - start for start, end in t.step_spans] for t in tokenized]
-    uniform_bars = [(t.answer_span[1] - t.answer_span[0]) / t.length for t in tokenized]
+    uniform_bars = uniform_bar(torch.tensor([t.answer_span[1] - t.answer_span[0] for t in tokenized]),
+                               torch.tensor([t.length for t in tokenized])).tolist()
     manifest = build_manifest(scores, labels, config.layers, model_block, probe_block, config, step_lengths,
                               uniform_bars)
     if out is not None:

@@ -8,7 +8,6 @@ import torch
 from attnpo_train.advantages import (
     attenuation_active,
     difficulty_baseline,
-    uniform_bar,
     group_accuracy,
     group_advantages,
     per_token_advantages,
@@ -65,17 +64,6 @@ def test_group_accuracy():
 
 
 # --- difficulty_baseline --------------------------------------------------------------------------
-
-
-def test_uniform_bar_is_answer_share_of_every_token():
-    assert uniform_bar(torch.tensor([10, 5]), torch.tensor([200, 20])).tolist() == pytest.approx([0.05, 0.25])
-
-
-def test_uniform_bar_validation():
-    with pytest.raises(ValueError, match="answer_len"):
-        uniform_bar(torch.tensor([0]), torch.tensor([10]))
-    with pytest.raises(ValueError, match="answer_len"):
-        uniform_bar(torch.tensor([11]), torch.tensor([10]))
 
 
 def test_difficulty_baseline_hand_computed():

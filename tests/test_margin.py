@@ -12,8 +12,19 @@ from attnpo_train.config import TrainConfig
 from conftest import small_config, write_manifest
 from kfh_probe import InputError
 from kfh_probe.manifest import validate_manifest
-from kfh_probe.margin import best_margin, margin_block, margin_for, relative_step_scores
+from kfh_probe.margin import best_margin, margin_block, margin_for, relative_step_scores, uniform_bar
 from kfh_probe.organism import default_manifest_path
+
+
+def test_uniform_bar_is_answer_share_of_every_token():
+    assert uniform_bar(torch.tensor([10, 5]), torch.tensor([200, 20])).tolist() == pytest.approx([0.05, 0.25])
+
+
+def test_uniform_bar_validation():
+    with pytest.raises(ValueError, match="answer_len"):
+        uniform_bar(torch.tensor([0]), torch.tensor([10]))
+    with pytest.raises(ValueError, match="answer_len"):
+        uniform_bar(torch.tensor([11]), torch.tensor([10]))
 
 
 def test_relative_scores_divide_each_head_by_its_token_weighted_mean_before_averaging():

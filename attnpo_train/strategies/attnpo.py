@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from attnpo_train.advantages import group_accuracy, rescale_group, uniform_bar
+from attnpo_train.advantages import group_accuracy, rescale_group
 from attnpo_train.config import TrainConfig
 from attnpo_train.strategies.base import NO_RESCALING, CreditBatch, CreditStrategy, StrategyFile, register
 from attnpo_train.truth import credit_precision
 from kfh_probe import (
     AnswerRowRecorder, InputError, Rollouts, SegmenterConfig, align_generated, answer_rows, check_model_matches,
     default_manifest_path, load_manifest, manifest_segmenter, margin_for, relative_step_scores, step_scores, top_heads,
+    uniform_bar,
 )
 
 CREDITS = ("attention", "shuffled", "oracle")
