@@ -36,36 +36,29 @@ _EFFICIENCY_HELP = (
 )
 
 
-def _set_pairs(items: list[str]) -> list[tuple[str, str]]:
-    """The ``--set key=value`` pairs, in order."""
-    pairs = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set expects key=value, got {item!r}")
-        pairs.append((key.strip(), value.strip()))
-    return pairs
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    """``--set key=value`` pairs, then the named flags that were given (they win)."""
-    values: dict[str, object] = dict(_set_pairs(args.set))
-    for name in ("model", "manifest", "data", "out", "method", "steps", "device", "dtype"):
-        value = getattr(args, name)
-        if value is not None:
-            values[name] = value
-    if args.allow_finetuned:
-        values["allow_finetuned"] = True
-    return values
-
-
-def _run_config(args: argparse.Namespace):
-    """The run's TrainConfig with the embedded organism and its files filled in where no path was given."""
+def _load_settings(args: argparse.Namespace, cls: type, flags: tuple[str, ...], **extra: object):
+    """A checked ``cls`` settings object: the YAML of --config, then ``--set key=value`` pairs, then the named
+    ``flags`` that were given and ``extra`` (they win)."""
     from attnpo_train.config import load_config
 
     if args.config is not None and not Path(args.config).is_file():
         raise InputError(f"--config: no such file {args.config}")
-    config = load_config(args.config, _overrides(args))
+    values: dict[str, object] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set expects key=value, got {item!r}")
+        values[key.strip()] = value.strip()
+    values.update({name: getattr(args, name) for name in flags if getattr(args, name) is not None})
+    return load_config(args.config, {**values, **extra}, cls)
+
+
+def _run_config(args: argparse.Namespace):
+    """The run's TrainConfig with the embedded organism and its files filled in where no path was given."""
+    from attnpo_train.config import TrainConfig
+
+    flags = ("model", "manifest", "data", "out", "method", "steps", "device", "dtype")
+    config = _load_settings(args, TrainConfig, flags, **({"allow_finetuned": True} if args.allow_finetuned else {}))
     updates: dict[str, object] = {}
     organism = organism_option(args.organism, config.model)
     is_organism = organism is not None
@@ -118,16 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _distill_config(args: argparse.Namespace):
     """The run's DistillConfig; without --teacher, the embedded organism (``--organism``) and its shipped traces."""
-    from attnpo_train.config import load_config
     from attnpo_train.distill.config import DistillConfig
 
-    if args.config is not None and not Path(args.config).is_file():
-        raise InputError(f"--config: no such file {args.config}")
-    values: dict[str, object] = dict(_set_pairs(args.set))
-    for name in ("teacher", "traces", "student_config", "out", "steps", "device"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    config = load_config(args.config, values, DistillConfig)
+    config = _load_settings(args, DistillConfig, ("teacher", "traces", "student_config", "out", "steps", "device"))
     organism = organism_option(args.organism, config.teacher)
     if organism is not None:
         from kfh_probe import built_model_dir, default_traces_path
@@ -153,13 +139,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _eval_prompts(args: argparse.Namespace):
-    from attnpo_train.data import Prompt, load_prompts
+    from attnpo_train.data import load_prompts, organism_prompts
 
     if args.data is None:
-        from kfh_probe import TASKS, generate_problems, task_of
+        from kfh_probe import task_of
 
-        problems = generate_problems(args.n or 100, ORGANISM_EVAL_SEED, TASKS[task_of(args.model)])
-        return [Prompt(f"organism-eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
+        return organism_prompts(args.n or 100, ORGANISM_EVAL_SEED, task_of(args.model), "organism-eval")
     prompts = load_prompts(args.data)
     return prompts[: args.n] if args.n else prompts
 
