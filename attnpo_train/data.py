@@ -23,6 +23,14 @@ class Prompt:
     answer: str
 
 
+def organism_prompts(n: int, seed: int, task: str = "v4", name: str = "organism") -> list[Prompt]:
+    """``n`` problems of the organism task ``task`` (``kfh_probe.TASKS``), a pure function of ``seed``, as
+    prompts with ids ``<name>-0``, ``<name>-1``, ..."""
+    from kfh_probe import TASKS, generate_problems
+
+    return [Prompt(f"{name}-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(n, seed, TASKS[task]))]
+
+
 def load_prompts(path: str | Path) -> list[Prompt]:
     """Read a JSONL file of ``{"prompt": str, "answer": str or number, "id": optional}`` rows.
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import math
 import statistics
@@ -86,11 +85,9 @@ SAVED_CURVES = (*CURVES, "reward_mean", "mean_gamma", "other_per_response", "rec
 
 
 def _eval_prompts(n: int, organism: str):
-    from attnpo_train.data import Prompt
-    from kfh_probe.organism.task import TASKS, generate_problems
+    from attnpo_train.data import organism_prompts
 
-    return [Prompt(f"eval-{i}", p.prompt(), str(p.answer))
-            for i, p in enumerate(generate_problems(n, EVAL_SEED, TASKS[organism]))]
+    return organism_prompts(n, EVAL_SEED, organism, "eval")
 
 
 def evaluate_dir(model_dir: Path, args, evals: list[str] | None = None, avg_k: int | None = None) -> dict:
@@ -196,7 +193,6 @@ def flat(result: dict, base: dict) -> dict:
             "efficiency": scores["efficiency"], "aes": scores["aes"]}
 
 
-
 def summarise(runs: list[dict], base: dict, arms: list[str]) -> dict:
     """summary[arm][eval][quantity] (mean over seeds), with ``*_ci95`` and ``seeds``."""
     summary: dict = {}
@@ -279,7 +275,7 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kfh_probe.io import atomic_write_bytes
+    from kfh_probe.io import atomic_write_png
 
     colours = {"rloo": "tab:gray", "tlmre": "tab:blue", "attnpo": "tab:red", "shuffled": "tab:orange",
                "oracle": "tab:green", "attnpo_reasoning": "darkred", "pos_only": "tab:purple", "neg_only": "tab:brown", "preplan": "tab:pink",
@@ -312,9 +308,7 @@ def plot(runs: list[dict], arms: list[str], path: Path) -> None:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("AttnPO experiment on the organism: per-step means over seeds (5-step running mean)", fontsize=11)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_png(path, fig)
 
 
 def main() -> None:

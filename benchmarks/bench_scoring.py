@@ -54,7 +54,7 @@ import torch
 
 from attnpo_train.advantages import group_advantages
 from attnpo_train.config import TrainConfig
-from attnpo_train.data import Prompt
+from attnpo_train.data import Prompt, organism_prompts
 from attnpo_train.config import COMPUTE_DTYPES
 from attnpo_train.loop import accumulate_policy_gradient
 from attnpo_train.precision import autocast, enable_checkpointing
@@ -91,11 +91,9 @@ def organism_case(device: str, seed: int, repeats: int, credit: str, precision: 
     """The organism with its strategies (its manifest's top-N heads, its rhythm file), 8 x 8 rollouts sampled from
     its task, and the median seconds sampling them took (the same seeded rollouts ``repeats`` times, under autocast
     in ``precision["dtype"]`` as the trainer samples)."""
-    from kfh_probe.organism.task import generate_problems
-
     path = default_model_dir()
     model, tokenizer = load_model(path, "float32", device), load_tokenizer(path)
-    prompts = [Prompt(f"p{i}", p.prompt(), str(p.answer)) for i, p in enumerate(generate_problems(8, seed))]
+    prompts = organism_prompts(8, seed, "v4", "p")
     config = TrainConfig(method=credit, group_size=8, horizon=0, micro_batch_size=8, **precision)
     if config.gradient_checkpointing:
         enable_checkpointing(model)

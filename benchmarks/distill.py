@@ -70,14 +70,11 @@ def settings_of(args) -> dict:
 
 def evaluate_student(model_dir: Path, args) -> dict:
     """Greedy and avg@K (T 1.0) accuracy on held-out problems, and the best head's SRA on the shipped traces."""
-    from attnpo_train.data import Prompt
+    from attnpo_train.data import organism_prompts
     from attnpo_train.evaluate import evaluate
     from kfh_probe import SweepConfig, default_traces_path, load_model, load_tokenizer, run_sweep
-    from kfh_probe.organism.task import TASKS, generate_problems
-
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    prompts = [Prompt(f"eval-{i}", p.prompt(), str(p.answer))
-               for i, p in enumerate(generate_problems(args.eval_n, EVAL_SEED, TASKS["v4"]))]
+    prompts = organism_prompts(args.eval_n, EVAL_SEED, "v4", "eval")
     common = {"batch_size": 100, "grader": "exact"}
     greedy = evaluate(model, tokenizer, prompts, args.max_new_tokens, **common)
     sampled = evaluate(model, tokenizer, prompts, args.max_new_tokens, samples=args.eval_samples, temperature=1.0,
@@ -122,7 +119,6 @@ def run_one(arm: str, seed: int, inputs, args) -> dict:
               "train_s": train_s, "eval_s": time.perf_counter() - start - train_s}
     atomic_write_json(done, record)
     return record
-
 
 
 def summarise(runs: list[dict], arms: list[str]) -> dict:

@@ -73,6 +73,13 @@ def visible_starts(text: str, spans: list[tuple[int, int]]) -> list[int]:
     return starts
 
 
+def placed_span(starts: list[int], c0: int, c1: int) -> tuple[int, int] | None:
+    """The token span ``[first, last + 1)`` of the tokens placed in characters ``[c0, c1)`` (a token is placed by
+    its first visible character, ``starts``), or None when no token is."""
+    tokens = [i for i, s in enumerate(starts) if c0 <= s < c1]
+    return (tokens[0], tokens[-1] + 1) if tokens else None
+
+
 def _spans_from_offsets(
     starts: list[int], step_chars: list[tuple[int, int]], marker_chars: tuple[int, int]
 ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
@@ -81,13 +88,13 @@ def _spans_from_offsets(
     n = len(starts)
     step_spans = []
     for k, (c0, c1) in enumerate(step_chars):
-        tokens = [i for i, s in enumerate(starts) if c0 <= s < c1 and s < marker_start]
-        if not tokens:
+        span = placed_span(starts, c0, min(c1, marker_start))
+        if span is None:
             raise AlignmentError(
                 f"step {k} (characters {c0}..{c1}) maps to no token: every token that covers it starts "
                 "in a neighbouring step; merge it with a neighbour"
             )
-        step_spans.append((tokens[0], tokens[-1] + 1))
+        step_spans.append(span)
     answer_start = next((i for i, s in enumerate(starts) if s >= marker_end), n)
     if answer_start >= n:
         raise AlignmentError("no final-answer tokens after the end-of-thinking marker")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .alignment import AlignmentError, _encode, right_pad, tokenize_trace
+from .alignment import AlignmentError, _encode, placed_span, right_pad, tokenize_trace
 
 ROW_CHUNK = 128
 """Query rows per block of the reduction."""
@@ -81,10 +81,10 @@ def key_trace(
     _, starts, _ = _encode(tokenizer, prompt, response, True, False)
     key_spans = []
     for c0, c1 in key_chars:
-        tokens = [i for i, s in enumerate(starts) if c0 <= s < c1]
-        if not tokens:
+        span = placed_span(starts, c0, c1)
+        if span is None:
             raise AlignmentError(f"key span at characters {c0}..{c1} covers no token")
-        key_spans.append((tokens[0], tokens[-1] + 1))
+        key_spans.append(span)
     return KeyTrace(tokenized.input_ids, tokenized.prompt_len, [*tokenized.step_spans, tokenized.answer_span], key_spans, list(labels))
 
 

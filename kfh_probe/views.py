@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
-from .io import atomic_write_bytes
+from .io import atomic_write_png
 
 
 def sra_grid(manifest: dict, key: str = "sra") -> np.ndarray:
@@ -123,10 +122,8 @@ def plot_heatmap(manifest: dict, out: str | Path, top_n: int | None = None, pane
         ax.set_ylabel("layer")
         ax.set_title(f"{PANEL_TITLES.get(key, key)}: {manifest['model']['name_or_path']} (top {top_n} outlined)", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_png(out, fig, dpi=120)
     plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
 
 
 def compare_manifests(a: dict, b: dict, top_n: int | None = None) -> dict:

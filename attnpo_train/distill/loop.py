@@ -32,8 +32,8 @@ from attnpo_train.distill.objective import (
     MixtureOfLayers, fixed_layer_weights, layer_targets, shuffled_steps, transfer_loss,
 )
 from kfh_probe import (
-    DEFAULT_ORGANISM, TASKS, InputError, KeySpanRecorder, KeyTrace, atomic_write_json, atomic_write_jsonl,
-    attention_calls, built_model_dir, default_traces_path, generate_problems, key_batch, key_distribution,
+    DEFAULT_ORGANISM, InputError, KeySpanRecorder, KeyTrace, atomic_write_json, atomic_write_jsonl,
+    attention_calls, built_model_dir, default_traces_path, key_batch, key_distribution,
     load_model, load_tokenizer, model_folder, model_shape, pad_token_id, task_of,
 )
 
@@ -207,11 +207,10 @@ def step_loss(student: Student, batch_traces: list[KeyTrace], targets: list[torc
 @torch.no_grad()
 def greedy_accuracy(model: nn.Module, tokenizer, task: str, config: DistillConfig) -> float:
     """Greedy accuracy on ``eval_problems`` problems of the organism task (seed :data:`EVAL_SEED`)."""
-    from attnpo_train.data import Prompt
+    from attnpo_train.data import organism_prompts
     from attnpo_train.evaluate import evaluate
 
-    problems = generate_problems(config.eval_problems, EVAL_SEED, TASKS[task])
-    prompts = [Prompt(f"eval-{i}", p.prompt(), str(p.answer)) for i, p in enumerate(problems)]
+    prompts = organism_prompts(config.eval_problems, EVAL_SEED, task, "eval")
     was_training = model.training
     model.eval()
     result = evaluate(model, tokenizer, prompts, config.max_new_tokens, batch_size=50, grader="exact")

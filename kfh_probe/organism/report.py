@@ -180,7 +180,6 @@ def groups_report(groups: list[list[Sample]], essential: list[list[int]], credit
     return report
 
 
-
 def sampled_groups(model_dir: str | Path, n: int, group_size: int, seed: int) -> tuple[list[list[Sample]], list[list[int]]]:
     """``group_size`` samples at temperature 1 of each of ``n`` fresh problems of the organism's task, and
     each sample's essential-token count."""
